@@ -1,0 +1,219 @@
+"""The job contract: one set of pydantic models shared by the client, the worker and the dashboard.
+
+``JobRequest`` is what a user asks for; ``JobRecord`` and ``BatchRecord`` are what the farm
+keeps in Redis about it. Bounds are checked here, before anything is enqueued.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from renderfarm.errors import FieldError, InvalidJob
+
+SCHEDULERS = (
+    "euler",
+    "euler_a",
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "pndm",
+    "lms",
+    "unipc",
+    "heun",
+)
+SchedulerName = Literal[
+    "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "unipc", "heun"
+]
+HardwareClass = Literal["any", "gpu", "cpu", "jetson", "mps"]
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_SEED = 2**32 - 1
+MAX_PROMPT = 2000
+
+
+class Mode(str, Enum):
+    txt2img = "txt2img"
+    img2img = "img2img"
+
+
+class JobState(str, Enum):
+    """Where a job is. Terminal: ``succeeded``, ``failed``, ``cancelled``."""
+
+    queued = "queued"  #: accepted, waiting for a worker
+    started = "started"  #: a worker claimed it and is loading the model
+    rendering = "rendering"  #: denoising; the record has step i of n
+    uploading = "uploading"  #: images rendered, being stored
+    succeeded = "succeeded"  #: every image is stored
+    failed = "failed"  #: ended with an error; ``error`` says why
+    cancelled = "cancelled"  #: cancelled by a user; no images stored
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+RUNNING_STATES = frozenset({JobState.started, JobState.rendering, JobState.uploading})
+
+
+class JobRequest(BaseModel):
+    """One prompt job. Image ``k`` of the job is rendered with seed ``seed + k``."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    mode: Mode = Mode.txt2img
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT)
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="A model the farm has.")
+    width: int = Field(512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(512, ge=64, le=2048, multiple_of=8)
+    steps: int = Field(25, ge=1, le=150)
+    guidance_scale: float = Field(7.0, ge=0, le=30)
+    scheduler: SchedulerName = "euler_a"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: a random seed, recorded.")
+    num_images: int = Field(1, ge=1, le=16, description="Images rendered by this job.")
+    init_image: str | None = Field(
+        None, description="img2img: the init image, base64 PNG/JPEG/WebP (a data: URL is fine)."
+    )
+    strength: float = Field(0.75, ge=0, le=1, description="img2img: how much to change the image.")
+    priority: int = Field(5, ge=0, le=9, description="Higher runs first within a queue.")
+    hardware: HardwareClass = "any"
+    batch_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("init_image")
+    @classmethod
+    def _init_image_decodes(cls, value: str | None) -> str | None:
+        if value is not None:
+            from renderfarm.images import decode_init_image
+
+            decode_init_image(value)  # raises ValueError with the reason
+        return value
+
+    @model_validator(mode="after")
+    def _mode_matches_init_image(self) -> JobRequest:
+        if self.mode is Mode.img2img and self.init_image is None:
+            raise ValueError("init_image is required when mode is img2img")
+        if self.mode is Mode.txt2img and self.init_image is not None:
+            raise ValueError("init_image is only used when mode is img2img")
+        return self
+
+    def seeds(self) -> list[int]:
+        """The seed of each image; only meaningful once ``seed`` is set."""
+        assert self.seed is not None, "seed is resolved at submit time"
+        return [(self.seed + k) % (MAX_SEED + 1) for k in range(self.num_images)]
+
+
+class ImageResult(BaseModel):
+    key: str
+    seed: int
+    width: int
+    height: int
+    url: str | None = None
+
+
+class JobRecord(BaseModel):
+    """What the farm knows about a job; stored as a Redis hash, read by client and dashboard."""
+
+    id: str
+    batch_id: str
+    state: JobState
+    request: JobRequest
+    created_at: float
+    timestamps: dict[str, float] = Field(default_factory=dict, description="state -> time entered")
+    worker: str | None = None
+    attempts: int = 0
+    step: int = 0
+    steps_total: int = 0
+    results: list[ImageResult] = Field(default_factory=list)
+    error: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+
+class BatchRecord(BaseModel):
+    id: str
+    created_at: float
+    total: int
+    counts: dict[JobState, int] = Field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s, 0) for s in TERMINAL_STATES)
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+
+def now() -> float:
+    return time.time()
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be greater than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "multiple_of": "must be a multiple of {multiple_of}",
+    "string_too_long": "must be at most {max_length} characters",
+    "string_too_short": "must be at least {min_length} characters",
+    "string_pattern_mismatch": "must match {pattern}",
+    "literal_error": "must be one of {expected}",
+    "enum": "must be one of {expected}",
+    "extra_forbidden": "is not a known field",
+    "missing": "is required",
+}
+
+
+def field_errors(exc: ValidationError, index: int | None = None) -> list[FieldError]:
+    """Turn pydantic's errors into ones that name the field and the value."""
+    out = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "job"
+        template = _MESSAGES.get(err["type"])
+        if template:
+            message = template.format(**(err.get("ctx") or {}))
+        elif err["type"] == "value_error":
+            message = str(err["ctx"]["error"]) if err.get("ctx") else err["msg"]
+        else:
+            message = err["msg"][0].lower() + err["msg"][1:]
+        value = err.get("input")
+        if field == "job" and isinstance(value, dict):
+            field, message, value = _field_of_model_error(message, value)
+        out.append(FieldError(field, message, value, index))
+    return out
+
+
+def _field_of_model_error(message: str, data: dict) -> tuple[str, str, Any]:
+    """Cross-field errors read "<field> <message>": split them into field and message."""
+    for name in ("init_image", "mode"):
+        if message.startswith(name + " "):
+            return name, message[len(name) + 1 :], data.get(name)
+    return "job", message, None
+
+
+def parse_job(data: dict | JobRequest, index: int | None = None) -> JobRequest:
+    """Validate one job; raise :class:`InvalidJob` naming each bad field and its value."""
+    if isinstance(data, JobRequest):
+        data = data.model_dump(exclude_unset=True)
+    if not isinstance(data, dict):
+        raise InvalidJob([FieldError("job", "must be an object", data, index)])
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJob(field_errors(exc, index)) from None

@@ -1,0 +1,70 @@
+"""Every setting of the farm, in one typed place, read from ``RENDERFARM_*`` variables.
+
+The README's settings table documents the same fields; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The farm's settings. ``Settings()`` reads the environment; tests pass values directly."""
+
+    model_config = SettingsConfigDict(env_prefix="RENDERFARM_", extra="ignore")
+
+    redis_url: str | None = Field(
+        None,
+        description="Redis of the farm. Unset: the embedded farm's Redis in the data dir.",
+    )
+    data_dir: Path = Field(
+        Path("renderfarm-data"),
+        description="Embedded Redis files, local images and models live here.",
+    )
+    storage_url: str | None = Field(
+        None,
+        description="file:///abs/dir or s3://bucket/prefix. Unset: <data_dir>/images.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, R2, Ceph)."
+    )
+    s3_region: str | None = Field(None, description="Region for S3; boto3's default if unset.")
+    models_dir: Path | None = Field(None, description="Models live here. Unset: <data_dir>/models.")
+    default_model: str = Field("tiny", description="Model used when a job names none.")
+    max_attempts: int = Field(
+        3, ge=1, description="Deliveries a job gets before it is failed as a poison job."
+    )
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A running job's lease; renewed while it renders. Expired: the job is re-queued.",
+    )
+    task_time_limit: int = Field(3600, ge=1, description="Longest a single job may render (s).")
+    visibility_timeout: int = Field(
+        7200,
+        ge=1,
+        description="Redis transport visibility timeout (s); kept above the task time limit.",
+    )
+    presign_expires: int = Field(3600, ge=1, description="Lifetime of presigned S3 URLs (s).")
+    queue: str = Field("renderfarm", description="Name of the Celery queue jobs go to.")
+
+    @cached_property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def models_path(self) -> Path:
+        return (self.models_dir or self.data_path / "models").expanduser().resolve()
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_path / "images").as_uri()
+
+    @property
+    def farm_file(self) -> Path:
+        """Where the embedded farm writes its Redis URL for other processes to find."""
+        return self.data_path / "farm.json"
