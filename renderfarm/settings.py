@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         30.0,
         gt=0,
-        description="A running job's lease; renewed while it renders. Expired: the job is re-queued.",
+        description="A running job's lease (s), renewed while it runs; expired: job re-queued.",
     )
     task_time_limit: int = Field(3600, ge=1, description="Longest a single job may render (s).")
     visibility_timeout: int = Field(

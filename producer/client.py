@@ -1,0 +1,225 @@
+"""``FarmClient``: submit jobs and batches to the farm, follow them, fetch their images.
+
+The producer side imports no torch or diffusers: it runs on a laptop with no GPU stack.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterable
+from functools import cached_property
+
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from producer.enqueue import publish
+from renderfarm import keys
+from renderfarm.connection import celery_app, connect
+from renderfarm.errors import FarmUnavailable, FieldError, InvalidJob, JobFailed
+from renderfarm.records import Records
+from renderfarm.schema import (
+    MAX_SEED,
+    BatchRecord,
+    ImageResult,
+    JobRecord,
+    JobRequest,
+    parse_job,
+)
+from renderfarm.settings import Settings
+from worker.modelfiles import list_models
+
+IDEMPOTENCY_TTL = 7 * 24 * 3600
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class FarmClient:
+    """A connection to one farm. ``FarmClient()`` reads ``RENDERFARM_*`` from the environment."""
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+
+    @cached_property
+    def redis(self) -> Redis:
+        return connect(self.settings)
+
+    @cached_property
+    def records(self) -> Records:
+        return Records(self.redis)
+
+    @cached_property
+    def celery(self):
+        return celery_app(self.settings)
+
+    @cached_property
+    def storage(self):
+        from storage import open_storage
+
+        return open_storage(self.settings)
+
+    # -- submitting -------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """Models the farm knows: those workers advertise, and those in the models dir."""
+        advertised = {m.decode() for m in self.redis.hkeys(keys.MODELS)}
+        return sorted(advertised | set(list_models(self.settings.models_path)))
+
+    def validate(self, jobs: Iterable[JobRequest | dict]) -> list[JobRequest]:
+        """Check every job; raise :class:`InvalidJob` naming each bad field. Enqueues nothing."""
+        known = None
+        out, errors = [], []
+        for index, job in enumerate(jobs):
+            if isinstance(job, dict) and "model" not in job:
+                job = {**job, "model": self.settings.default_model}
+            try:
+                request = parse_job(job, index)
+            except InvalidJob as exc:
+                errors.extend(exc.errors)
+                continue
+            if known is None:
+                known = set(self.models())
+            if request.model not in known:
+                names = ", ".join(sorted(known)) or "none"
+                errors.append(FieldError(
+                    "model", f"is not a model the farm has (known: {names})", request.model, index
+                ))
+            out.append(request)
+        if errors:
+            if len(out) + len(errors) == 1 or all(e.index == 0 for e in errors):
+                for e in errors:
+                    e.index = None
+            raise InvalidJob(errors)
+        return out
+
+    def submit(self, job: JobRequest | dict) -> JobHandle:
+        """Submit one job (as a batch of one). Returns its handle; with an idempotency key
+        already used, the handle of the job first submitted with it."""
+        _, job_ids = self._submit([job], label="", batch_id=None)
+        return JobHandle(self, job_ids[0])
+
+    def submit_batch(
+        self, jobs: Iterable[JobRequest | dict], label: str = "", batch_id: str | None = None
+    ) -> BatchHandle:
+        """Validate every job, then record and enqueue them all, or none if any is invalid."""
+        batch_id, _ = self._submit(jobs, label, batch_id)
+        return BatchHandle(self, batch_id)
+
+    def _submit(
+        self, jobs: Iterable[JobRequest | dict], label: str, batch_id: str | None
+    ) -> tuple[str, list[str]]:
+        requests = self.validate(jobs)
+        if not requests:
+            raise InvalidJob([FieldError("jobs", "must not be empty", [])])
+        batch_id = batch_id or requests[0].batch_id or new_id()
+        pending = [(new_id(), _with_seed(r, batch_id)) for r in requests]
+        try:
+            owners = self._idempotency_owners(pending)
+            fresh = [(job_id, r) for job_id, r in pending if owners.get(job_id, job_id) == job_id]
+            if fresh:
+                self.records.add_jobs(batch_id, fresh, label=label)
+                publish(self.celery, self.settings, fresh)
+        except RedisConnectionError as exc:
+            raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc
+        return batch_id, [owners.get(job_id, job_id) for job_id, _ in pending]
+
+    def _idempotency_owners(self, pending: list[tuple[str, JobRequest]]) -> dict[str, str]:
+        """Job id -> the id of the job that first used its idempotency key."""
+        keyed = [(r.idempotency_key, job_id) for job_id, r in pending if r.idempotency_key]
+        if not keyed:
+            return {}
+        owners = self.records.claim_idempotency_keys(keyed, IDEMPOTENCY_TTL)
+        return {job_id: owner for (_, job_id), owner in zip(keyed, owners, strict=True)}
+
+    # -- following --------------------------------------------------------------------------
+    def job(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    def batch(self, batch_id: str) -> BatchHandle:
+        return BatchHandle(self, batch_id)
+
+    def urls(self, record: JobRecord) -> list[ImageResult]:
+        return [r.model_copy(update={"url": self.storage.url(r.key)}) for r in record.results]
+
+
+def _with_seed(request: JobRequest, batch_id: str) -> JobRequest:
+    seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
+    return request.model_copy(update={"seed": seed, "batch_id": batch_id})
+
+
+class JobHandle:
+    """A submitted job."""
+
+    def __init__(self, client: FarmClient, job_id: str):
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.id}>"
+
+    def status(self) -> JobRecord:
+        return self.client.records.job(self.id)
+
+    def wait(self, timeout: float | None = None, poll: float = 0.1) -> JobRecord:
+        """Block until the job ends; TimeoutError if it has not after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.status()
+            if record.terminal:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} is still {record.state.value} after {timeout}s")
+            time.sleep(poll)
+
+    def result(self, timeout: float | None = None) -> list[ImageResult]:
+        """The job's images with URLs; raises :class:`JobFailed` if it failed or was cancelled."""
+        record = self.wait(timeout)
+        if record.state.value != "succeeded":
+            reason = f": {record.error}" if record.error else ""
+            raise JobFailed(f"job {self.id} {record.state.value}{reason}")
+        return self.client.urls(record)
+
+    def cancel(self) -> str:
+        return self.client.records.cancel(self.id)
+
+
+class BatchHandle:
+    """A submitted batch of jobs."""
+
+    def __init__(self, client: FarmClient, batch_id: str):
+        self.client = client
+        self.id = batch_id
+
+    def __repr__(self) -> str:
+        return f"<BatchHandle {self.id}>"
+
+    def status(self) -> BatchRecord:
+        return self.client.records.batch(self.id)
+
+    def jobs(self) -> list[JobHandle]:
+        return [JobHandle(self.client, i) for i in self.client.records.batch_job_ids(self.id)]
+
+    def records(self) -> list[JobRecord]:
+        return self.client.records.batch_jobs(self.id)
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> BatchRecord:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.status()
+            if record.finished:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"batch {self.id}: {record.done} of {record.total} done after {timeout}s"
+                )
+            time.sleep(poll)
+
+    def result(self, timeout: float | None = None) -> dict[str, list[ImageResult]]:
+        """Job id -> its images, for the jobs that succeeded."""
+        self.wait(timeout)
+        return {r.id: self.client.urls(r) for r in self.records() if r.state.value == "succeeded"}
+
+    def cancel(self) -> dict[str, str]:
+        return {h.id: h.cancel() for h in self.jobs()}

@@ -1,0 +1,3 @@
+from renderfarm.cli import main
+
+main()

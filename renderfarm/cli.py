@@ -1,0 +1,231 @@
+"""The ``renderfarm`` command. Heavy imports (torch, diffusers, Celery's worker) happen only in
+the sub-commands that need them, so ``renderfarm submit`` starts fast on a laptop."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from renderfarm.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="renderfarm")
+def main() -> None:
+    """A render farm for Stable Diffusion: Redis + Celery workers running diffusers."""
+
+
+# -- submitting ---------------------------------------------------------------------------
+@main.command()
+@click.argument("prompts", nargs=-1)
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Prompts, one a line (.txt), or jobs, one JSON object a line (.jsonl).")
+@click.option("--count", default=1, show_default=True, type=int,
+              help="Images of each prompt, as separate jobs with seeds seed, seed+1, ...")
+@click.option("--steps", type=int)
+@click.option("--size", help="WIDTHxHEIGHT, e.g. 512x512.")
+@click.option("--seed", type=int, help="Seed of the first image; random if not given.")
+@click.option("--model", help="Model name (default: RENDERFARM_DEFAULT_MODEL).")
+@click.option("--negative", "negative_prompt", help="Negative prompt.")
+@click.option("--scheduler")
+@click.option("--cfg", "guidance_scale", type=float, help="Guidance scale (CFG).")
+@click.option("--priority", type=int, help="0-9; higher runs first.")
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="img2img: the init image.")
+@click.option("--strength", type=float, help="img2img strength, 0-1.")
+@click.option("--hardware", help="any, gpu, cpu, jetson or mps.")
+@click.option("--wait/--no-wait", default=False, help="Show progress until the batch ends.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
+def submit(prompts, file, count, size, init_image, wait, timeout, seed, **options) -> None:
+    """Submit prompts as a batch of jobs."""
+    from renderfarm.errors import FarmUnavailable, InvalidJob
+    from renderfarm.images import encode_init_image
+    from renderfarm.jobfile import read_jobs
+
+    base = {k: v for k, v in options.items() if v is not None}
+    if size:
+        try:
+            w, h = (int(x) for x in size.lower().split("x"))
+        except ValueError:
+            _fail(f"--size must look like 512x512, got {size!r}")
+        base.update(width=w, height=h)
+    if init_image:
+        base.update(mode="img2img", init_image=encode_init_image(init_image.read_bytes()))
+    jobs = [{**base, "prompt": p} for p in prompts]
+    if file:
+        try:
+            jobs += [{**base, **j} for j in read_jobs(file)]
+        except ValueError as exc:
+            _fail(str(exc))
+    if not jobs:
+        _fail("give at least one prompt, or --file")
+    if count < 1:
+        _fail(f"--count must be at least 1, got {count}")
+    expanded = []
+    for job in jobs:
+        first = job.get("seed", seed)
+        for k in range(count):
+            expanded.append({**job, **({"seed": first + k} if first is not None else {})})
+    from producer import FarmClient
+
+    client = FarmClient(_settings())
+    try:
+        batch = client.submit_batch(expanded)
+    except InvalidJob as exc:
+        for err in exc.errors:
+            click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except FarmUnavailable as exc:
+        _fail(str(exc))
+    click.echo(f"batch {batch.id}: {len(expanded)} jobs queued")
+    if wait:
+        from renderfarm.progress import follow_batch
+
+        ok = follow_batch(client, batch.id, timeout=timeout)
+        sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("ident")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+def status(ident: str, as_json: bool) -> None:
+    """Print a batch or a job."""
+    from producer import FarmClient
+    from renderfarm.errors import FarmUnavailable, JobNotFound
+    from renderfarm.progress import print_batch, print_job
+
+    client = FarmClient(_settings())
+    try:
+        if client.records.exists(ident):
+            record = client.records.job(ident)
+            if as_json:
+                click.echo(record.model_dump_json(indent=2, exclude={"request": {"init_image"}}))
+            else:
+                print_job(client, record)
+        else:
+            batch = client.records.batch(ident)
+            if as_json:
+                click.echo(batch.model_dump_json(indent=2))
+            else:
+                print_batch(client, batch)
+    except JobNotFound as exc:
+        _fail(str(exc))
+    except FarmUnavailable as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("ident")
+def cancel(ident: str) -> None:
+    """Cancel a job, or every unfinished job of a batch."""
+    from producer import FarmClient
+    from renderfarm.errors import JobNotFound
+
+    client = FarmClient(_settings())
+    try:
+        if client.records.exists(ident):
+            click.echo(f"{ident}: {client.job(ident).cancel()}")
+        else:
+            client.records.batch(ident)
+            outcomes = client.batch(ident).cancel()
+            click.echo(json.dumps(outcomes, indent=2))
+    except JobNotFound as exc:
+        _fail(str(exc))
+
+
+@main.command()
+def models() -> None:
+    """List the models the farm knows."""
+    from producer import FarmClient
+
+    for name in FarmClient(_settings()).models():
+        click.echo(name)
+
+
+# -- running the farm -----------------------------------------------------------------------
+@main.command()
+@click.option("--profile", default="auto", show_default=True,
+              type=click.Choice(["auto", "gpu", "cpu", "jetson", "mps"]))
+@click.option("--queues", help="Comma-separated queues to consume (default: the farm's queue).")
+@click.option("--preload", multiple=True, help="Load this model before taking jobs.")
+@click.option("--name", help="Worker name (default: from host and pid).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(profile, queues, preload, name, loglevel) -> None:
+    """Start a worker: one process, one device, solo pool."""
+    from renderfarm.errors import FarmUnavailable
+    from worker.main import run_worker
+
+    try:
+        run_worker(_settings(), profile=profile, queues=queues.split(",") if queues else None,
+                   preload=list(preload), loglevel=loglevel, name=name)
+    except FarmUnavailable as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.option("--workers", default=1, show_default=True, type=int, help="Worker processes.")
+@click.option("--profile", default="auto", show_default=True)
+def up(workers: int, profile: str) -> None:
+    """Start the embedded farm (Redis, workers) and keep it running until Ctrl-C."""
+    import signal
+    import threading
+
+    from renderfarm.farm import EmbeddedFarm
+
+    settings = _settings()
+    farm = EmbeddedFarm(settings, workers=workers, profile=profile)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with farm:
+            click.echo(f"farm up: Redis {_redact(farm.redis_url)}, {workers} worker(s), "
+                       f"data in {settings.data_path}")
+            click.echo("submit from another terminal with the same RENDERFARM_DATA_DIR, e.g.:")
+            click.echo('  renderfarm submit "a lighthouse at dawn" --count 4 --wait')
+            click.echo("Ctrl-C stops the farm.")
+            try:
+                stop.wait()
+            except KeyboardInterrupt:
+                pass
+            click.echo("stopping: workers finish their running jobs...")
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.option("--workers", default=1, show_default=True, type=int)
+def demo(workers: int) -> None:
+    """Start the embedded farm, render 8 prompts and one img2img, print where they are, stop."""
+    from renderfarm.demo import run_demo
+
+    sys.exit(run_demo(_settings(), workers=workers))
+
+
+@main.command("make-model")
+@click.argument("kind", type=click.Choice(["tiny", "sd15-random"]))
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def make_model(kind: str, directory: Path) -> None:
+    """Write a model with random weights: tiny (tests, demo) or sd15-random (benchmarks)."""
+    from worker.modelgen import make_model as build
+
+    path = build(kind, directory)
+    click.echo(f"wrote {kind} model to {path}")
+
+
+def _redact(url: str | None) -> str:
+    if not url or "@" not in url:
+        return url or ""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

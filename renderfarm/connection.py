@@ -1,0 +1,73 @@
+"""Finding the farm's Redis and building the Celery app that talks to it."""
+
+from __future__ import annotations
+
+from celery import Celery
+from redis import Redis
+
+from renderfarm.embedded import read_farm_file
+from renderfarm.errors import FarmUnavailable
+from renderfarm.settings import Settings
+
+TASK_NAME = "renderfarm.render"
+
+
+def redis_url(settings: Settings) -> str:
+    """``RENDERFARM_REDIS_URL``, else the embedded farm running in the data dir."""
+    if settings.redis_url:
+        return settings.redis_url
+    url = read_farm_file(settings.farm_file)
+    if url is None:
+        raise FarmUnavailable(
+            f"no farm found: RENDERFARM_REDIS_URL is not set and no embedded farm is running "
+            f"in {settings.data_path} (start one with `renderfarm up`)"
+        )
+    return url
+
+
+def connect(settings: Settings) -> Redis:
+    return Redis.from_url(
+        redis_url(settings),
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        retry_on_timeout=True,
+    )
+
+
+def celery_app(settings: Settings, url: str | None = None) -> Celery:
+    """The farm's Celery app. Safety settings follow ../shared/FIELD-NOTES.md."""
+    url = url or redis_url(settings)
+    transport = {
+        # Must exceed the longest render, or Redis re-delivers a running job; our own leases
+        # (records.py) recover jobs of dead workers long before this expires.
+        "visibility_timeout": settings.visibility_timeout,
+        "priority_steps": list(range(10)),
+        "queue_order_strategy": "priority",
+    }
+    app = Celery("renderfarm", broker=url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],  # never pickle from the broker (CVE-2021-23727)
+        result_serializer="json",
+        task_ignore_result=True,  # job records live in rf:job:*, not in Celery's backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        broker_transport_options=transport,
+        visibility_timeout=settings.visibility_timeout,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_soft_shutdown_timeout=0,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+def celery_priority(priority: int) -> int:
+    """Our priority: 9 runs first. Redis transport: 0 is consumed first."""
+    return 9 - priority

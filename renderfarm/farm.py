@@ -1,0 +1,148 @@
+"""The embedded farm: a private Redis, N worker processes and the dashboard, started together.
+
+``renderfarm up`` and ``renderfarm demo`` use it; so do the tests. With
+``RENDERFARM_REDIS_URL`` set it starts no Redis and uses that one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from renderfarm import keys
+from renderfarm.connection import connect
+from renderfarm.embedded import EmbeddedRedis, read_farm_file, write_farm_file
+from renderfarm.settings import Settings
+
+
+class EmbeddedFarm:
+    """Start with ``with EmbeddedFarm(settings, workers=2) as farm:``; everything stops on exit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        workers: int = 1,
+        profile: str = "auto",
+        preload: list[str] | None = None,
+        log_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
+        self.settings = settings
+        self.n_workers = workers
+        self.profile = profile
+        self.preload = preload or []
+        self.log_dir = log_dir or settings.data_path / "logs"
+        self.extra_env = extra_env or {}
+        self.redis_server: EmbeddedRedis | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.redis_url = settings.redis_url
+
+    # -- redis ------------------------------------------------------------------------------
+    def start_redis(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        running = read_farm_file(self.settings.farm_file)
+        if running:
+            raise RuntimeError(
+                f"a farm is already running in {self.settings.data_path}; "
+                "stop it first or use another RENDERFARM_DATA_DIR"
+            )
+        self.redis_server = EmbeddedRedis(self.settings.data_path / "redis")
+        self.redis_url = self.redis_server.start()
+        write_farm_file(self.settings.farm_file, self.redis_url)
+        self.settings = self.settings.model_copy(update={"redis_url": self.redis_url})
+        return self.redis_url
+
+    # -- workers ----------------------------------------------------------------------------
+    def worker_env(self) -> dict[str, str]:
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.n_workers))
+        env = {
+            **os.environ,
+            "RENDERFARM_REDIS_URL": self.redis_url or "",
+            "RENDERFARM_DATA_DIR": str(self.settings.data_path),
+            "OMP_NUM_THREADS": str(threads),
+            "HF_HUB_OFFLINE": "1",
+            **self.extra_env,
+        }
+        for name in ("storage_url", "models_dir", "s3_endpoint_url"):
+            value = getattr(self.settings, name)
+            if value is not None:
+                env[f"RENDERFARM_{name.upper()}"] = str(value)
+        env["RENDERFARM_LEASE_SECONDS"] = str(self.settings.lease_seconds)
+        env["RENDERFARM_MAX_ATTEMPTS"] = str(self.settings.max_attempts)
+        return env
+
+    def start_worker(self, index: int | None = None) -> subprocess.Popen:
+        index = len(self.workers) if index is None else index
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        args = [sys.executable, "-m", "renderfarm", "worker", "--profile", self.profile,
+                "--name", f"w{index}-{os.getpid()}"]
+        for model in self.preload:
+            args += ["--preload", model]
+        log = open(self.log_dir / f"worker-{index}.log", "ab")  # noqa: SIM115 (owned by the child)
+        proc = subprocess.Popen(args, env=self.worker_env(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        log.close()
+        if index < len(self.workers):
+            self.workers[index] = proc
+        else:
+            self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, count: int | None = None, timeout: float = 120.0) -> None:
+        """Block until ``count`` workers beat their heartbeat."""
+        count = self.n_workers if count is None else count
+        redis = connect(self.settings)
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = redis.zcount(keys.WORKERS, time.time() - 10, "+inf")
+            if alive >= count:
+                return
+            dead = [p for p in self.workers if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a worker exited with code {dead[0].returncode}; "
+                                   f"see the logs in {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{alive} of {count} workers ready after {timeout}s")
+            time.sleep(0.2)
+
+    # -- whole farm -------------------------------------------------------------------------
+    def start(self, wait: bool = True) -> EmbeddedFarm:
+        self.start_redis()
+        connect(self.settings).delete(keys.WORKERS)
+        for i in range(self.n_workers):
+            self.start_worker(i)
+        if wait:
+            self.wait_for_workers()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: the running job finishes
+        deadline = time.monotonic() + timeout
+        for proc in self.workers:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers = []
+        if self.redis_server:
+            self.redis_server.stop()
+            self.redis_server = None
+            self.settings.farm_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> EmbeddedFarm:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,31 @@
+"""Every Redis key the farm uses, in one place. All start with ``rf:``."""
+
+PREFIX = "rf:"
+BATCHES = "rf:batches"  #: zset batch id -> created_at (newest first listing)
+JOBS = "rf:jobs"  #: zset job id -> created_at (every job)
+RUNNING = "rf:running"  #: zset job id -> lease expiry, for jobs a worker holds
+MODELS = "rf:models"  #: hash model name -> last time a worker advertised it
+
+
+def job(job_id: str) -> str:
+    return f"rf:job:{job_id}"
+
+
+def batch(batch_id: str) -> str:
+    return f"rf:batch:{batch_id}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """List of a batch's job ids, in submit order."""
+    return f"rf:batch:{batch_id}:jobs"
+
+
+def idempotency(key: str) -> str:
+    return f"rf:idem:{key}"
+
+WORKERS = "rf:workers"  #: zset worker id -> time of its last heartbeat
+
+
+def worker(worker_id: str) -> str:
+    """Hash describing one worker: host, profile, device, models, current job, jobs done."""
+    return f"rf:worker:{worker_id}"

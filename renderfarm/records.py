@@ -1,0 +1,371 @@
+"""Job and batch records in Redis: what the client and the dashboard read, what workers update.
+
+A job record is a hash at ``rf:job:<id>``. Every state change goes through a Lua script so it
+is atomic with the batch's per-state counts and with the job's lease: a worker may move a job
+only while it holds the lease (``lease_owner``), and a job in a terminal state never moves again
+(except by an explicit :meth:`Records.retry`). That is what keeps a job from being done twice
+when Redis delivers its message twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from redis import Redis
+
+from renderfarm import keys
+from renderfarm.errors import JobNotFound
+from renderfarm.schema import BatchRecord, ImageResult, JobRecord, JobRequest, JobState, now
+
+# Every script gets KEYS = [job, running] and finds the job's batch from the record itself.
+_TERMINAL = """
+local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'cancelled' end
+local B = 'rf:batch:' .. (redis.call('HGET', KEYS[1], 'batch_id') or '_')
+"""
+
+_MOVE = """
+local function move(job, batch, from, to, t)
+  redis.call('HSET', job, 'state', to, 't:' .. to, t)
+  if from ~= to then
+    redis.call('HINCRBY', batch, 'n:' .. from, -1)
+    redis.call('HINCRBY', batch, 'n:' .. to, 1)
+  end
+end
+local function release(job, running, id)
+  redis.call('HDEL', job, 'lease_owner', 'lease_until')
+  redis.call('ZREM', running, id)
+end
+"""
+
+# ARGV: id, owner, now, lease_until, max_attempts
+_CLAIM = _TERMINAL + _MOVE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+if terminal(state) then return {'terminal', state} end
+if state ~= 'queued' then
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if lease > tonumber(ARGV[3]) then
+    return {'busy', redis.call('HGET', KEYS[1], 'lease_owner') or ''}
+  end
+end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  move(KEYS[1], B, state, 'cancelled', ARGV[3])
+  release(KEYS[1], KEYS[2], ARGV[1])
+  return {'cancelled', state}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[5]) then
+  move(KEYS[1], B, state, 'failed', ARGV[3])
+  redis.call('HSET', KEYS[1], 'error', 'gave up after ' .. (attempts - 1) ..
+    ' attempts: the worker running it was lost each time')
+  release(KEYS[1], KEYS[2], ARGV[1])
+  return {'poison', tostring(attempts - 1)}
+end
+move(KEYS[1], B, state, 'started', ARGV[3])
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease_owner', ARGV[2], 'lease_until', ARGV[4],
+  'step', 0)
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return {'ok', tostring(attempts)}
+"""
+
+# ARGV: id, owner, new_state, now, lease_until|'', field, value, ...
+# Returns {status, previous state, cancel flag}.
+_UPDATE = _TERMINAL + _MOVE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', '', ''} end
+if terminal(state) then return {'terminal', state, ''} end
+if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[2] then return {'lost', state, ''} end
+local new = ARGV[3]
+move(KEYS[1], B, state, new, ARGV[4])
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if terminal(new) then
+  release(KEYS[1], KEYS[2], ARGV[1])
+elseif ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'lease_until', ARGV[5])
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+end
+return {'ok', state, redis.call('HGET', KEYS[1], 'cancel') or ''}
+"""
+
+# ARGV: id, owner, lease_until. Keeps a running job's lease alive; returns the cancel flag,
+# or 'lost' when the caller no longer holds the job.
+_RENEW = _TERMINAL + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (not state) or terminal(state) then return 'lost' end
+if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[2] then return 'lost' end
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return redis.call('HGET', KEYS[1], 'cancel') or ''
+"""
+
+# ARGV: id, now
+_CANCEL = _TERMINAL + _MOVE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if terminal(state) then return state end
+if state == 'queued' then
+  move(KEYS[1], B, state, 'cancelled', ARGV[2])
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  return 'cancelled'
+end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+return 'cancelling'
+"""
+
+# ARGV: id, now, max_attempts
+# A running job whose lease ran out (its worker died or hung): back to queued, or failed when
+# it has used up its attempts. Returns 'requeued', 'failed' or ''.
+_REAP = _TERMINAL + _MOVE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (not state) or terminal(state) or state == 'queued' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return ''
+end
+local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+if lease > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[2], lease, ARGV[1])
+  return ''
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local host = redis.call('HGET', KEYS[1], 'lease_owner') or '?'
+release(KEYS[1], KEYS[2], ARGV[1])
+if attempts >= tonumber(ARGV[3]) then
+  move(KEYS[1], B, state, 'failed', ARGV[2])
+  redis.call('HSET', KEYS[1], 'error', 'gave up after ' .. attempts ..
+    ' attempts: the worker running it was lost each time (last: ' .. host .. ')')
+  return 'failed'
+end
+move(KEYS[1], B, state, 'queued', ARGV[2])
+redis.call('HSET', KEYS[1], 'step', 0)
+return 'requeued'
+"""
+
+# ARGV: now.  A failed or cancelled job goes back to queued, attempts reset.
+_RETRY = _TERMINAL + _MOVE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'failed' and state ~= 'cancelled' then return state or 'missing' end
+move(KEYS[1], B, state, 'queued', ARGV[1])
+redis.call('HDEL', KEYS[1], 'error', 'cancel', 'results')
+redis.call('HSET', KEYS[1], 'attempts', 0, 'step', 0)
+return 'queued'
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to a worker asking to run a job."""
+
+    status: str  #: ok | terminal | busy | cancelled | poison | missing
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class Records:
+    """Reads and writes the farm's records in one Redis."""
+
+    def __init__(self, redis: Redis):
+        self.redis = redis
+        self._claim = redis.register_script(_CLAIM)
+        self._update = redis.register_script(_UPDATE)
+        self._renew = redis.register_script(_RENEW)
+        self._cancel = redis.register_script(_CANCEL)
+        self._reap = redis.register_script(_REAP)
+        self._retry = redis.register_script(_RETRY)
+
+    # -- writing new work -------------------------------------------------------------------
+    def add_jobs(
+        self, batch_id: str, jobs: Sequence[tuple[str, JobRequest]], label: str = ""
+    ) -> None:
+        """Create (or extend) a batch and the records of its jobs, in one pipelined round trip."""
+        t = now()
+        pipe = self.redis.pipeline(transaction=True)
+        bkey = keys.batch(batch_id)
+        pipe.hsetnx(bkey, "id", batch_id)
+        pipe.hsetnx(bkey, "created_at", t)
+        if label:
+            pipe.hsetnx(bkey, "label", label)
+        pipe.hincrby(bkey, "total", len(jobs))
+        pipe.hincrby(bkey, "n:queued", len(jobs))
+        pipe.zadd(keys.BATCHES, {batch_id: t}, nx=True)
+        for job_id, request in jobs:
+            pipe.hset(
+                keys.job(job_id),
+                mapping={
+                    "id": job_id,
+                    "batch_id": batch_id,
+                    "state": JobState.queued.value,
+                    "request": request.model_dump_json(),
+                    "created_at": t,
+                    "t:queued": t,
+                    "attempts": 0,
+                    "step": 0,
+                    "steps_total": request.steps,
+                },
+            )
+        pipe.rpush(keys.batch_jobs(batch_id), *[job_id for job_id, _ in jobs])
+        pipe.zadd(keys.JOBS, {job_id: t for job_id, _ in jobs})
+        pipe.execute()
+
+    def claim_idempotency_keys(self, pairs: Sequence[tuple[str, str]], ttl: int) -> list[str]:
+        """For each (key, job id): the job id that owns the key (ours if we were first)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key, job_id in pairs:
+            pipe.set(keys.idempotency(key), job_id, nx=True, ex=ttl)
+            pipe.get(keys.idempotency(key))
+        out = pipe.execute()
+        return [v.decode() if isinstance(v, bytes) else v for v in out[1::2]]
+
+    # -- reading ----------------------------------------------------------------------------
+    def job(self, job_id: str) -> JobRecord:
+        data = self.redis.hgetall(keys.job(job_id))
+        if not data:
+            raise JobNotFound(job_id)
+        return _job_from_hash(data)
+
+    def jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        return [_job_from_hash(d) for d in pipe.execute() if d]
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(keys.job(job_id)))
+
+    def batch(self, batch_id: str) -> BatchRecord:
+        data = self.redis.hgetall(keys.batch(batch_id))
+        if not data:
+            raise JobNotFound(batch_id)
+        return _batch_from_hash(data)
+
+    def batch_job_ids(self, batch_id: str, offset: int = 0, limit: int = -1) -> list[str]:
+        stop = -1 if limit < 0 else offset + limit - 1
+        return [v.decode() for v in self.redis.lrange(keys.batch_jobs(batch_id), offset, stop)]
+
+    def batch_jobs(self, batch_id: str, offset: int = 0, limit: int = -1) -> list[JobRecord]:
+        return self.jobs(self.batch_job_ids(batch_id, offset, limit))
+
+    def batches(self, offset: int = 0, limit: int = 50) -> list[BatchRecord]:
+        """Batches, newest first."""
+        ids = self.redis.zrevrange(keys.BATCHES, offset, offset + limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hgetall(keys.batch(batch_id.decode()))
+        return [_batch_from_hash(d) for d in pipe.execute() if d]
+
+    def count_batches(self) -> int:
+        return int(self.redis.zcard(keys.BATCHES))
+
+    def count_jobs(self) -> int:
+        return int(self.redis.zcard(keys.JOBS))
+
+    # -- a worker's transitions -------------------------------------------------------------
+    def claim(self, job_id: str, owner: str, lease_seconds: float, max_attempts: int) -> Claim:
+        t = now()
+        status, detail = self._claim(
+            keys=self._keys(job_id), args=[job_id, owner, t, t + lease_seconds, max_attempts]
+        )
+        return Claim(status.decode(), detail.decode())
+
+    def update(
+        self,
+        job_id: str,
+        owner: str,
+        state: JobState,
+        lease_seconds: float | None = None,
+        **fields: str | int | float,
+    ) -> tuple[str, bool]:
+        """Move a job the caller holds. Returns (status, cancel requested).
+
+        status is ``ok``, or ``terminal`` / ``lost`` / ``missing`` when the caller no longer
+        holds the job: then nothing was written and the caller must stop working on it.
+        """
+        t = now()
+        lease = "" if lease_seconds is None else t + lease_seconds
+        args: list = [job_id, owner, state.value, t, lease]
+        for name, value in fields.items():
+            args += [name, value]
+        status, _, cancel = self._update(keys=self._keys(job_id), args=args)
+        return status.decode(), cancel == b"1"
+
+    def renew(self, job_id: str, owner: str, lease_seconds: float) -> str:
+        """Extend the caller's lease: returns 'ok', 'cancel' (a user asked to cancel) or 'lost'."""
+        out = self._renew(keys=self._keys(job_id), args=[job_id, owner, now() + lease_seconds])
+        return {b"lost": "lost", b"1": "cancel"}.get(out, "ok")
+
+    def succeed(self, job_id: str, owner: str, results: list[ImageResult]) -> str:
+        payload = json.dumps([r.model_dump(exclude={"url"}) for r in results])
+        return self.update(job_id, owner, JobState.succeeded, results=payload)[0]
+
+    def fail(self, job_id: str, owner: str, error: str) -> str:
+        return self.update(job_id, owner, JobState.failed, error=error[:2000])[0]
+
+    # -- users' and reapers' transitions ----------------------------------------------------
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job: at once if queued, at its next step if running. Returns the outcome."""
+        out = self._cancel(keys=self._keys(job_id), args=[job_id, now()]).decode()
+        if out == "missing":
+            raise JobNotFound(job_id)
+        return out
+
+    def retry(self, job_id: str) -> bool:
+        """Put a failed or cancelled job back in the queue; True if it was."""
+        return self._retry(keys=self._keys(job_id), args=[now()]) == b"queued"
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        ids = self.redis.zrangebyscore(keys.RUNNING, "-inf", now(), start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    def reap(self, job_id: str, max_attempts: int) -> str:
+        """Recover a job whose lease ran out: 'requeued' (caller re-sends it), 'failed' or ''."""
+        return self._reap(keys=self._keys(job_id), args=[job_id, now(), max_attempts]).decode()
+
+    @staticmethod
+    def _keys(job_id: str) -> list[str]:
+        return [keys.job(job_id), keys.RUNNING]
+
+
+def _s(data: dict, name: str, default: str = "") -> str:
+    value = data.get(name.encode())
+    return value.decode() if value is not None else default
+
+
+def _job_from_hash(data: dict) -> JobRecord:
+    timestamps = {
+        k.decode()[2:]: float(v) for k, v in data.items() if k.startswith(b"t:")
+    }
+    results = _s(data, "results")
+    return JobRecord(
+        id=_s(data, "id"),
+        batch_id=_s(data, "batch_id"),
+        state=JobState(_s(data, "state")),
+        request=JobRequest.model_validate_json(_s(data, "request")),
+        created_at=float(_s(data, "created_at", "0")),
+        timestamps=timestamps,
+        worker=_s(data, "worker") or None,
+        attempts=int(_s(data, "attempts", "0")),
+        step=int(_s(data, "step", "0")),
+        steps_total=int(_s(data, "steps_total", "0")),
+        results=[ImageResult.model_validate(r) for r in json.loads(results)] if results else [],
+        error=_s(data, "error") or None,
+        cancel_requested=_s(data, "cancel") == "1",
+    )
+
+
+def _batch_from_hash(data: dict) -> BatchRecord:
+    counts = {
+        JobState(k.decode()[2:]): int(v)
+        for k, v in data.items()
+        if k.startswith(b"n:") and int(v) > 0
+    }
+    return BatchRecord(
+        id=_s(data, "id"),
+        created_at=float(_s(data, "created_at", "0")),
+        total=int(_s(data, "total", "0")),
+        counts=counts,
+        label=_s(data, "label"),
+    )

@@ -1,0 +1,87 @@
+"""Shared fixtures: a real redis-server, a real S3 endpoint (moto's server), the tiny model,
+and a running farm of real Celery worker processes. Nothing here patches Redis, boto3 or Celery."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from renderfarm.embedded import EmbeddedRedis, free_port
+from renderfarm.settings import Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# boto3 in this process and in worker processes reads these: moto accepts any credentials.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+for _name in list(os.environ):
+    if _name.startswith("RENDERFARM_"):
+        del os.environ[_name]  # a developer's own farm settings must not leak into tests
+
+BUCKET = "renders"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> EmbeddedRedis:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    from worker.modelgen import make_model
+
+    directory = tmp_path_factory.mktemp("models")
+    make_model("tiny", directory / "tiny")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def farm_settings(tmp_path_factory, redis_url, s3_endpoint, models_dir) -> Settings:
+    from storage.s3 import S3Storage
+
+    S3Storage(BUCKET, "", endpoint_url=s3_endpoint).ensure_bucket()
+    return Settings(
+        redis_url=redis_url,
+        data_dir=tmp_path_factory.mktemp("farm"),
+        storage_url=f"s3://{BUCKET}/farm",
+        s3_endpoint_url=s3_endpoint,
+        models_dir=models_dir,
+        lease_seconds=3,
+    )
+
+
+@pytest.fixture(scope="session")
+def farm(farm_settings):
+    """One real Celery worker process running the tiny model, shared by the session."""
+    from renderfarm.farm import EmbeddedFarm
+
+    with EmbeddedFarm(farm_settings, workers=1, profile="cpu", preload=["tiny"]) as running:
+        yield running
+
+
+@pytest.fixture
+def client(farm_settings):
+    from producer import FarmClient
+
+    return FarmClient(farm_settings)

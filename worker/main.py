@@ -1,0 +1,51 @@
+"""``renderfarm worker``: one Celery worker process, solo pool, one device."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import signals
+
+from renderfarm.settings import Settings
+from worker.service import WorkerService
+from worker.tasks import register
+
+log = logging.getLogger("renderfarm.worker")
+
+
+def run_worker(
+    settings: Settings,
+    profile: str = "auto",
+    queues: list[str] | None = None,
+    preload: list[str] | None = None,
+    loglevel: str = "INFO",
+    name: str | None = None,
+) -> None:
+    """Start a worker and block until it is shut down (SIGTERM: warm shutdown)."""
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = WorkerService(settings, profile)
+    register(service.app, service)
+    models = service.advertise_models()
+    log.info("worker %s: profile %s, models %s", service.owner, service.profile.name, models)
+    service.preload(preload or [])
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        service.start_background()
+        log.info("worker %s ready", service.owner)
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _stopping(**_: object) -> None:
+        service.stop_background()
+
+    argv = [
+        "worker",
+        "--pool=solo",  # one process per device: CUDA does not survive fork
+        "--concurrency=1",
+        f"--queues={','.join(queues or [settings.queue])}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        f"--hostname={name or 'rf-' + service.owner.replace(':', '-')}@%h",
+    ]
+    service.app.worker_main(argv)
