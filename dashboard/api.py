@@ -1,0 +1,380 @@
+"""The JSON API under /api/v1. Views return dicts; errors are ``{"errors": [...]}``.
+
+The functions above the routes (``job_json``, ``workers``, ``queues``, ...) are shared with the
+pages in ui.py, so a page and the API never disagree about what the farm holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, request, url_for
+from werkzeug.exceptions import BadRequest
+
+from producer.client import FarmClient
+from producer.enqueue import publish
+from renderfarm import keys
+from renderfarm.errors import FieldError, InvalidJob
+from renderfarm.schema import TERMINAL_STATES, BatchRecord, JobRecord, JobState
+from storage.local import LocalStorage
+
+bp = Blueprint("api", __name__)
+
+#: A worker whose last heartbeat is older than this is reported lost (3 beats of 2 s).
+LOST_AFTER = 3 * 2.0
+#: kombu's Redis transport keeps priority n of queue q in the list "q\x06\x16n" (n = 1..9).
+PRIORITY_SEP = "\x06\x16"
+BATCH_FIELDS = frozenset({"jobs", "label"})
+MAX_LABEL = 200
+
+
+def client() -> FarmClient:
+    return current_app.extensions["renderfarm"]
+
+
+# -- shaping records for output --------------------------------------------------------------
+def image_url(key: str) -> str:
+    """Where a browser fetches an image: our /files/ route for local storage, else presigned."""
+    storage = client().storage
+    if isinstance(storage, LocalStorage):
+        return url_for("ui.file", key=key)
+    return storage.url(key)
+
+
+def timings(record: JobRecord) -> dict[str, float | None]:
+    t = record.timestamps
+    end = next((t[s.value] for s in TERMINAL_STATES if s.value in t), None)
+
+    def span(a: float | None, b: float | None) -> float | None:
+        return round(b - a, 3) if a is not None and b is not None else None
+
+    return {
+        "waited": span(t.get("queued"), t.get("started")),
+        "loaded": span(t.get("started"), t.get("rendering")),
+        "rendered": span(t.get("rendering"), t.get("uploading")),
+        "uploaded": span(t.get("uploading"), end if "uploading" in t else None),
+        "total": span(t.get("queued"), end),
+    }
+
+
+def job_json(record: JobRecord) -> dict[str, Any]:
+    """A job for the API; the init image (base64, up to MiBs) is left out, flagged instead."""
+    out = record.model_dump(mode="json", exclude={"request": {"init_image"}, "results": True})
+    out["has_init_image"] = record.request.init_image is not None
+    out["results"] = [
+        {**r.model_dump(mode="json"), "url": image_url(r.key)} for r in record.results
+    ]
+    out["timings"] = timings(record)
+    return out
+
+
+def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    counts = {s.value: batch.counts.get(s, 0) for s in JobState}
+    age = max(0.0, now - batch.created_at)
+    running = not batch.finished
+    return {
+        "id": batch.id,
+        "label": batch.label,
+        "created_at": batch.created_at,
+        "age": round(age, 1),
+        "total": batch.total,
+        "done": batch.done,
+        "finished": batch.finished,
+        "counts": counts,
+        # jobs ended per minute since the batch was submitted; only while it still runs
+        "jobs_per_minute": round(batch.done / age * 60, 2) if running and age > 0 else None,
+    }
+
+
+def page_args(default: int = 50, most: int = 1000) -> tuple[int, int]:
+    errors = []
+    values = {}
+    for name, fallback, high in (("offset", 0, None), ("limit", default, most)):
+        raw = request.args.get(name, str(fallback))
+        try:
+            value = int(raw)
+        except ValueError:
+            errors.append(FieldError(name, "must be an integer", raw))
+            continue
+        if value < 0 or (high is not None and not 1 <= value <= high):
+            bounds = f"between 1 and {high}" if high else "at least 0"
+            errors.append(FieldError(name, f"must be {bounds}", value))
+        values[name] = value
+    if errors:
+        raise InvalidJob(errors)
+    return values["offset"], values["limit"]
+
+
+# -- reading the fleet -----------------------------------------------------------------------
+def workers(now: float | None = None) -> list[dict[str, Any]]:
+    """Every worker that has beaten its heartbeat, newest beat first; stale ones ``lost``."""
+    now = time.time() if now is None else now
+    c = client()
+    beats = c.redis.zrevrange(keys.WORKERS, 0, -1, withscores=True)
+    pipe = c.redis.pipeline(transaction=False)
+    for worker_id, _ in beats:
+        pipe.hgetall(keys.worker(worker_id.decode()))
+    hashes = pipe.execute()
+    out = []
+    for (worker_id, beat), data in zip(beats, hashes, strict=True):
+        d = {k.decode(): v.decode() for k, v in data.items()}
+        out.append({
+            "id": worker_id.decode(),
+            "state": "live" if now - beat <= LOST_AFTER else "lost",
+            "host": d.get("host"),
+            "profile": d.get("profile"),
+            "device": d.get("device"),
+            "models": _json_list(d.get("models")),
+            "loaded": _json_list(d.get("loaded")),
+            "current_job": d.get("current_job") or None,
+            "jobs_done": int(d.get("jobs_done") or 0),
+            "beat": beat,
+            "seconds_since_beat": round(now - beat, 1),
+        })
+    _add_current_steps(c, out, now)
+    return out
+
+
+def _json_list(text: str | None) -> list:
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _add_current_steps(c: FarmClient, fleet: list[dict[str, Any]], now: float) -> None:
+    """Step i/n of each worker's current job, and its it/s since the job started rendering."""
+    ids = [w["current_job"] for w in fleet if w["current_job"] and w["state"] == "live"]
+    current = {r.id: r for r in c.records.jobs(ids)} if ids else {}
+    for w in fleet:
+        record = current.get(w["current_job"] or "")
+        w["step"] = record.step if record else None
+        w["steps_total"] = record.steps_total if record else None
+        started = record.timestamps.get("rendering") if record else None
+        if record and started and record.step and record.state is JobState.rendering:
+            w["its_per_second"] = round(record.step / max(1e-3, now - started), 2)
+        else:
+            w["its_per_second"] = None
+
+
+def queue_names(c: FarmClient) -> list[str]:
+    return [c.settings.queue]
+
+
+def queues(now: float | None = None) -> dict[str, Any]:
+    """Depth of each Celery queue (every priority sub-queue summed) and the oldest waiting job."""
+    now = time.time() if now is None else now
+    c = client()
+    names = queue_names(c)
+    pipe = c.redis.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+        for n in range(1, 10):
+            pipe.llen(f"{name}{PRIORITY_SEP}{n}")
+    lengths = pipe.execute()
+    out = []
+    for i, name in enumerate(names):
+        depths = lengths[i * 10 : i * 10 + 10]
+        out.append({"name": name, "depth": sum(depths),
+                    "by_priority": {str(9 - n): d for n, d in enumerate(depths) if d}})
+    return {"queues": out, "queued_jobs": _count_queued(c),
+            "oldest_waiting": _oldest_queued(c, now)}
+
+
+def _count_queued(c: FarmClient) -> int:
+    ids = c.redis.zrange(keys.BATCHES, 0, -1)
+    pipe = c.redis.pipeline(transaction=False)
+    for batch_id in ids:
+        pipe.hget(keys.batch(batch_id.decode()), "n:queued")
+    return sum(int(v or 0) for v in pipe.execute())
+
+
+def _oldest_queued(c: FarmClient, now: float, chunk: int = 200) -> dict[str, Any] | None:
+    """The oldest ``queued`` job: the first queued one of the oldest batch that has any."""
+    offset = 0
+    while True:
+        ids = [b.decode() for b in c.redis.zrange(keys.BATCHES, offset, offset + chunk - 1)]
+        if not ids:
+            return None
+        pipe = c.redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hget(keys.batch(batch_id), "n:queued")
+        for batch_id, n in zip(ids, pipe.execute(), strict=True):
+            if int(n or 0) > 0:
+                found = _first_queued_job(c, batch_id)
+                if found:
+                    queued_at = found.timestamps.get("queued", found.created_at)
+                    return {"id": found.id, "batch_id": batch_id, "queued_at": queued_at,
+                            "waiting": round(now - queued_at, 1)}
+        offset += chunk
+
+
+def _first_queued_job(c: FarmClient, batch_id: str, chunk: int = 500) -> JobRecord | None:
+    offset = 0
+    while True:
+        ids = c.records.batch_job_ids(batch_id, offset, chunk)
+        if not ids:
+            return None
+        pipe = c.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "state")
+        queued = [j for j, s in zip(ids, pipe.execute(), strict=True) if s == b"queued"]
+        if queued:
+            return c.records.job(queued[0])
+        offset += chunk
+
+
+# -- changing the farm -----------------------------------------------------------------------
+def retry_jobs(job_ids: list[str]) -> list[str]:
+    """Put failed/cancelled jobs back in the queue and re-send their messages. Returns those."""
+    c = client()
+    moved = [job_id for job_id in job_ids if c.records.retry(job_id)]
+    if moved:
+        publish(c.celery, c.settings, [(r.id, r.request) for r in c.records.jobs(moved)])
+    return moved
+
+
+def retryable(records: list[JobRecord]) -> list[str]:
+    return [r.id for r in records if r.state in (JobState.failed, JobState.cancelled)]
+
+
+def cancel_jobs(records: list[JobRecord]) -> dict[str, str]:
+    c = client()
+    return {r.id: c.records.cancel(r.id) for r in records if not r.terminal}
+
+
+def parse_batch_body(body: Any, max_jobs: int) -> tuple[list[dict], str]:
+    """Check the envelope ``{"jobs": [...], "label": "..."}``; the jobs are checked later."""
+    if not isinstance(body, dict):
+        raise InvalidJob([FieldError("body", "must be a JSON object", body)])
+    errors = [FieldError(k, "is not a known field (expected jobs, label)", body[k])
+              for k in body if k not in BATCH_FIELDS]
+    jobs, label = body.get("jobs"), body.get("label", "")
+    if not isinstance(jobs, list) or not jobs:
+        errors.append(FieldError("jobs", "must be a non-empty list of jobs", jobs))
+    elif len(jobs) > max_jobs:
+        errors.append(FieldError("jobs", f"must hold at most {max_jobs} jobs", len(jobs)))
+    if not isinstance(label, str) or len(label) > MAX_LABEL:
+        errors.append(FieldError("label", f"must be a string of at most {MAX_LABEL} characters",
+                                 label))
+    if errors:
+        raise InvalidJob(errors)
+    return jobs, label
+
+
+# -- routes ----------------------------------------------------------------------------------
+@bp.before_request
+def _authorize():
+    from dashboard.auth import check_api
+
+    check_api()
+
+
+@bp.post("/batches")
+def submit_batch():
+    if not request.is_json:
+        from dashboard import error_response
+
+        return error_response(415, "must be application/json", "Content-Type",
+                              request.content_type)
+    try:
+        body = request.get_json()
+    except BadRequest:
+        raise InvalidJob([FieldError("body", "is not valid JSON", None)]) from None
+    jobs, label = parse_batch_body(body, current_app.config["MAX_BATCH_JOBS"])
+    c = client()
+    handle = c.submit_batch(jobs, label=label)
+    batch = c.records.batch(handle.id)
+    location = url_for("api.get_batch", batch_id=handle.id)
+    out = {"id": handle.id, "url": location, "batch": batch_json(batch),
+           "job_ids": c.records.batch_job_ids(handle.id)}
+    return out, 201, {"Location": location}
+
+
+@bp.get("/batches")
+def list_batches():
+    offset, limit = page_args(default=50, most=200)
+    c = client()
+    now = time.time()
+    return {"batches": [batch_json(b, now) for b in c.records.batches(offset, limit)],
+            "total": c.records.count_batches(),
+            "offset": offset, "limit": limit}
+
+
+@bp.get("/batches/<batch_id>")
+def get_batch(batch_id: str):
+    offset, limit = page_args(default=100, most=1000)
+    c = client()
+    batch = c.records.batch(batch_id)
+    jobs = c.records.batch_jobs(batch_id, offset, limit)
+    return {"batch": batch_json(batch), "jobs": [job_json(r) for r in jobs],
+            "offset": offset, "limit": limit, "total": batch.total}
+
+
+@bp.post("/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str):
+    c = client()
+    c.records.batch(batch_id)
+    outcomes = cancel_jobs(c.records.batch_jobs(batch_id))
+    return {"id": batch_id, "outcomes": outcomes, "batch": batch_json(c.records.batch(batch_id))}
+
+
+@bp.post("/batches/<batch_id>/retry")
+def retry_batch(batch_id: str):
+    c = client()
+    c.records.batch(batch_id)
+    retried = retry_jobs(retryable(c.records.batch_jobs(batch_id)))
+    return {"id": batch_id, "retried": retried, "batch": batch_json(c.records.batch(batch_id))}
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    return job_json(client().records.job(job_id))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    c = client()
+    outcome = c.records.cancel(job_id)
+    return {"id": job_id, "outcome": outcome, "job": job_json(c.records.job(job_id))}
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str):
+    c = client()
+    record = c.records.job(job_id)
+    if record.state not in (JobState.failed, JobState.cancelled):
+        from dashboard import error_response
+
+        return error_response(409, "must be failed or cancelled to retry", "state",
+                              record.state.value)
+    retried = retry_jobs([job_id])
+    return {"id": job_id, "retried": bool(retried), "job": job_json(c.records.job(job_id))}
+
+
+@bp.get("/workers")
+def list_workers():
+    fleet = workers()
+    return {"workers": fleet, "live": sum(w["state"] == "live" for w in fleet),
+            "lost": sum(w["state"] == "lost" for w in fleet)}
+
+
+@bp.get("/queues")
+def list_queues():
+    return queues()
+
+
+@bp.get("/models")
+def list_models():
+    return {"models": client().models(), "default": client().settings.default_model}
+
+
+@bp.get("/openapi.json")
+def openapi():
+    from dashboard.openapi import spec
+
+    return spec(current_app)

@@ -1,0 +1,142 @@
+"""The OpenAPI 3.1 document of /api/v1, built from the same pydantic models the API validates with.
+
+OpenAPI 3.1 schemas are JSON Schema 2020-12, which is what ``model_json_schema()`` produces, so
+the job schema here *is* the one POST /batches checks (less ``model``, which the farm defaults).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from pydantic import BaseModel, Field
+
+from dashboard.api import MAX_LABEL
+from renderfarm.schema import BatchRecord, ImageResult, JobRecord, JobRequest
+
+REF = "#/components/schemas/{model}"
+
+
+class BatchSubmit(BaseModel):
+    """Body of POST /api/v1/batches: the jobs of one batch, all accepted or none."""
+
+    model_config = {"extra": "forbid"}
+    jobs: list[JobRequest] = Field(min_length=1)
+    label: str = Field("", max_length=MAX_LABEL, description="Shown in the batches list.")
+
+
+class FieldErrorOut(BaseModel):
+    field: str | None = Field(description="The field that was refused, e.g. `width`.")
+    message: str
+    value: Any = Field(None, description="The value that was refused.")
+    index: int | None = Field(None, description="For a batch: which job (0-based).")
+    error: str = Field(description="One readable sentence.")
+
+
+class Errors(BaseModel):
+    errors: list[FieldErrorOut]
+
+
+def _schemas() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in (BatchSubmit, JobRecord, BatchRecord, ImageResult, Errors):
+        schema = model.model_json_schema(ref_template=REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    job = schemas["JobRequest"]
+    job["required"] = [f for f in job.get("required", []) if f != "model"]
+    job["properties"]["model"]["description"] += " Default: the farm's default model."
+    return schemas
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_OBJ = {"type": "object"}
+_ERR = _ref("Errors")
+_PAGE = [
+    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+]
+
+
+def _id(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _op(summary: str, ok: dict[str, Any], *, params: list | None = None, body: dict | None = None,
+        errors: tuple[int, ...] = (404,), status: str = "200") -> dict[str, Any]:
+    responses = {status: _json(ok, "OK"), "401": _json(_ERR, "RENDERFARM_TOKEN is set and the "
+                                                       "bearer token is missing or wrong")}
+    for code in errors:
+        responses[str(code)] = _json(_ERR, {400: "A field was refused; nothing was enqueued",
+                                            404: "No such id", 409: "Not in a state for this",
+                                            413: "Body over the size limit",
+                                            415: "Body is not application/json"}[code])
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def spec(app: Flask) -> dict[str, Any]:
+    job_out = _ref("JobRecord")
+    paths = {
+        "/batches": {
+            "post": _op("Submit a batch of jobs", _OBJ, body=_ref("BatchSubmit"),
+                        errors=(400, 413, 415), status="201"),
+            "get": _op("Batches, newest first", _OBJ, params=_PAGE, errors=(400,)),
+        },
+        "/batches/{batch_id}": {
+            "get": _op("A batch with a page of its jobs (each a JobRecord, results with url)",
+                       _OBJ, params=[_id("batch_id"), *_PAGE], errors=(400, 404)),
+        },
+        "/batches/{batch_id}/cancel": {
+            "post": _op("Cancel every job of the batch that has not ended", _OBJ,
+                        params=[_id("batch_id")]),
+        },
+        "/batches/{batch_id}/retry": {
+            "post": _op("Re-queue the batch's failed and cancelled jobs", _OBJ,
+                        params=[_id("batch_id")]),
+        },
+        "/jobs/{job_id}": {
+            "get": _op("A job; init_image left out (has_init_image says if it had one)",
+                       job_out, params=[_id("job_id")]),
+        },
+        "/jobs/{job_id}/cancel": {
+            "post": _op("Cancel a job: at once if queued, at its next step if running", _OBJ,
+                        params=[_id("job_id")]),
+        },
+        "/jobs/{job_id}/retry": {
+            "post": _op("Re-queue a failed or cancelled job", _OBJ, params=[_id("job_id")],
+                        errors=(404, 409)),
+        },
+        "/workers": {"get": _op("Workers by heartbeat; a stale one is 'lost'", _OBJ, errors=())},
+        "/queues": {"get": _op("Depth of each queue and the oldest waiting job", _OBJ,
+                               errors=())},
+        "/models": {"get": _op("Models the farm has", _OBJ, errors=())},
+        "/openapi.json": {"get": _op("This document", _OBJ, errors=())},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "renderfarm dashboard API",
+            "version": "1",
+            "description": "Submit Stable Diffusion batches and follow them. Errors are "
+                           "`{\"errors\": [{field, message, value, index, error}]}`.",
+        },
+        "servers": [{"url": "/api/v1"}],
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}] if app.config["TOKEN"] else [],
+    }
