@@ -1,0 +1,178 @@
+// renderfarm dashboard: small live updates. Each page polls the JSON API (never faster than
+// every 2 s, and only after the previous answer came back) and updates its own part of the DOM.
+// Text goes in with textContent only, never innerHTML.
+"use strict";
+
+const body = document.body;
+const POLL_MS = Math.max(2000, parseInt(body.dataset.pollMs || "2000", 10));
+const STATES = ["queued", "started", "rendering", "uploading", "succeeded", "failed", "cancelled"];
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  const s = Math.floor(seconds);
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+}
+
+function secs(v) {
+  if (v === null || v === undefined) return "–";
+  return v < 60 ? `${v.toFixed(2)} s` : ago(v);
+}
+
+function pills(counts) {
+  const span = el("span", { class: "counts" });
+  for (const s of STATES) if (counts[s]) span.append(el("span", { class: `pill s-${s}` }, `${s} ${counts[s]}`));
+  return span;
+}
+
+// poll(url, onData): call onData(json) now and every POLL_MS; onData returns false to stop.
+function poll(url, onData) {
+  let stopped = false;
+  async function tick() {
+    try {
+      const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+      if (response.ok && onData(await response.json()) === false) stopped = true;
+    } catch (err) {
+      console.warn("poll failed", err);
+    }
+    if (!stopped) setTimeout(tick, POLL_MS);
+  }
+  setTimeout(tick, POLL_MS);
+}
+
+function batchesPage() {
+  const tbody = document.getElementById("batch-rows");
+  const { offset, limit } = body.dataset;
+  poll(`/api/v1/batches?offset=${offset}&limit=${limit}`, (data) => {
+    if (!data.batches.length) return;
+    tbody.replaceChildren(...data.batches.map((b) => {
+      const progress = el("progress", { max: b.total, value: b.done });
+      const tput = b.jobs_per_minute !== null ? `${b.jobs_per_minute} jobs/min` : b.finished ? "done" : "–";
+      return el("tr", { "data-id": b.id },
+        el("td", {}, el("a", { href: `/batches/${encodeURIComponent(b.id)}` }, el("code", {}, b.id))),
+        el("td", {}, b.label),
+        el("td", {}, progress, " ", el("span", { class: "done" }, `${b.done}/${b.total}`)),
+        el("td", { class: "states" }, pills(b.counts)),
+        el("td", { class: "age" }, ago(b.age)),
+        el("td", { class: "tput" }, tput));
+    }));
+  });
+}
+
+function updateTile(tile, job) {
+  tile.dataset.state = job.state;
+  tile.className = `tile s-${job.state}`;
+  tile.querySelector(".state").textContent = job.state;
+  tile.querySelector(".step").textContent = job.state === "rendering" ? `step ${job.step}/${job.steps_total}` : "";
+  const thumb = tile.querySelector(".thumb");
+  if (job.results.length && thumb.querySelectorAll("img").length !== job.results.length) {
+    thumb.replaceChildren(...job.results.map((r) => el("img", { src: r.url, alt: `seed ${r.seed}` })));
+  }
+}
+
+function batchPage() {
+  const { batch, offset, limit } = body.dataset;
+  const tiles = new Map([...document.querySelectorAll(".tile")].map((t) => [t.dataset.id, t]));
+  let lastRound = false;
+  poll(`/api/v1/batches/${encodeURIComponent(batch)}?offset=${offset}&limit=${limit}`, (data) => {
+    const b = data.batch;
+    const bar = document.getElementById("batch-progress");
+    bar.max = b.total;
+    bar.value = b.done;
+    document.getElementById("batch-done").textContent = `${b.done}/${b.total} done`;
+    document.getElementById("batch-counts").replaceChildren(pills(b.counts));
+    for (const job of data.jobs) {
+      const tile = tiles.get(job.id);
+      if (tile) updateTile(tile, job);
+    }
+    if (b.finished) {
+      if (lastRound) return false;  // one more round picks up the last results' URLs
+      lastRound = true;
+    }
+    return true;
+  });
+}
+
+function jobPage() {
+  const id = body.dataset.job;
+  if (TERMINAL.has(body.dataset.state)) return;
+  poll(`/api/v1/jobs/${encodeURIComponent(id)}`, (job) => {
+    const state = document.getElementById("job-state");
+    state.textContent = job.state;
+    state.className = `pill s-${job.state}`;
+    document.getElementById("job-step").textContent =
+      job.state === "rendering" ? `step ${job.step}/${job.steps_total}` : "";
+    document.getElementById("job-worker").textContent = job.worker || "–";
+    document.getElementById("job-attempts").textContent = job.attempts;
+    for (const k of ["waited", "loaded", "rendered", "uploaded"]) {
+      document.getElementById(`t-${k}`).textContent = secs(job.timings[k]);
+    }
+    if (TERMINAL.has(job.state)) {
+      // The image, the embedded parameters text and the buttons come with the finished page.
+      window.location.replace(window.location.href);
+      return false;
+    }
+    return true;
+  });
+}
+
+function workersPage() {
+  const tbody = document.getElementById("worker-rows");
+  poll("/api/v1/workers", (data) => {
+    document.getElementById("worker-summary").textContent = `${data.live} live, ${data.lost} lost`;
+    if (!data.workers.length) return;
+    tbody.replaceChildren(...data.workers.map((w) => el("tr", { class: `w-${w.state}` },
+      el("td", {}, el("code", {}, w.id)),
+      el("td", {}, el("span", { class: `pill w-${w.state}` }, w.state)),
+      el("td", {}, w.host || "–"),
+      el("td", {}, w.profile || "–"),
+      el("td", {}, w.device || "–"),
+      el("td", {}, w.loaded.join(", ") || "–"),
+      el("td", {}, w.current_job ? el("a", { href: `/jobs/${encodeURIComponent(w.current_job)}` }, el("code", {}, w.current_job)) : "idle"),
+      el("td", {}, w.steps_total ? `${w.step}/${w.steps_total}` : "–"),
+      el("td", {}, w.its_per_second ?? "–"),
+      el("td", {}, w.jobs_done),
+      el("td", {}, `${ago(w.seconds_since_beat)} ago`))));
+  });
+}
+
+function queuesPage() {
+  const tbody = document.getElementById("queue-rows");
+  poll("/api/v1/queues", (data) => {
+    tbody.replaceChildren(...data.queues.map((q) => {
+      const prio = Object.entries(q.by_priority).map(([p, n]) => el("span", { class: "pill" }, `p${p}: ${n}`));
+      return el("tr", {}, el("td", {}, el("code", {}, q.name)), el("td", { class: "depth" }, q.depth),
+        el("td", {}, ...(prio.length ? prio : ["–"])));
+    }));
+    document.getElementById("queued-jobs").textContent = data.queued_jobs;
+    const o = data.oldest_waiting;
+    document.getElementById("oldest-job").replaceChildren(o
+      ? el("span", {}, el("a", { href: `/jobs/${encodeURIComponent(o.id)}` }, el("code", {}, o.id)), `, waiting ${ago(o.waiting)}`)
+      : "none");
+  });
+}
+
+function submitPage() {
+  const size = document.getElementById("size");
+  const custom = document.getElementById("custom-size");
+  const sync = () => { custom.hidden = size.value !== "custom"; };
+  size.addEventListener("change", sync);
+  sync();
+}
+
+const pages = { batches: batchesPage, batch: batchPage, job: jobPage, workers: workersPage,
+  queues: queuesPage, submit: submitPage };
+(pages[body.dataset.page] || (() => {}))();
