@@ -1,0 +1,136 @@
+"""A real headless Chromium submits 3 prompts through the dashboard of a running farm and
+watches the 3 images appear in the batch grid. Screenshots go to test-artifacts/.
+
+Needs Debian's chromium (``apt-get install chromium``) and the ``playwright`` package; it is
+skipped, saying which is missing, without them. Never ``playwright install``: we drive the
+system browser.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from renderfarm.settings import Settings
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+BROWSER_DB = 8  # a Redis database of its own: this farm's queue and records stay apart
+
+pytest_plugins = ["tests.dashboard_fixtures"]
+
+
+def _require_browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing: pip install playwright")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def tiny_models(request, tmp_path_factory) -> Path:
+    """The lead's session ``models_dir`` (with the tiny model) if conftest has it, else ours."""
+    try:
+        return request.getfixturevalue("models_dir")
+    except pytest.FixtureLookupError:
+        from worker.modelgen import make_model
+
+        directory = tmp_path_factory.mktemp("models")
+        make_model("tiny", directory / "tiny")
+        return directory
+
+
+@pytest.fixture(scope="module")
+def running_farm(dashboard_redis_url, tiny_models, tmp_path_factory):
+    """A farm of one real worker process, local storage, and its dashboard on waitress."""
+    _require_browser()
+    import redis
+
+    from dashboard import create_app
+    from dashboard.serve import make_server
+    from renderfarm.farm import EmbeddedFarm
+
+    url = dashboard_redis_url.rsplit("/", 1)[0] + f"/{BROWSER_DB}"
+    redis.Redis.from_url(url).flushdb()
+    data = tmp_path_factory.mktemp("browser-farm")
+    settings = Settings(redis_url=url, data_dir=data, models_dir=tiny_models,
+                        storage_url=(data / "images").as_uri(), lease_seconds=5)
+    farm = EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"])
+    farm.start()
+    server = make_server(create_app({"SETTINGS": settings}), port=0)
+    thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}", farm
+    finally:
+        server.close()
+        farm.stop()
+
+
+@pytest.fixture(scope="module")
+def browser_page(running_farm):
+    sync_playwright = _require_browser()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield page
+        browser.close()
+        assert not errors, f"JavaScript errors on the pages: {errors}"
+
+
+def test_submit_three_prompts_and_watch_them_render(running_farm, browser_page):
+    base, _farm = running_farm
+    page = browser_page
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    page.goto(f"{base}/submit")
+    page.fill("#prompts", "a red cube\na blue sphere\na green cone")
+    page.select_option("#size", "64x64")
+    assert page.locator("#width").is_hidden()  # custom width/height only for "custom"
+    page.fill("#steps", "4")
+    page.fill("#label", "browser test")
+    page.select_option("#scheduler", "euler")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-submit.png"), full_page=True)
+    page.click("button[type=submit].primary")
+
+    page.wait_for_url(f"{base}/batches/*")
+    assert page.locator(".tile").count() == 3
+    # The grid fills in by polling, with no reload: the images arrive in the same document.
+    page.evaluate("window.__same_document = true")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.tile img').length === 3 && "
+        "[...document.querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=180_000,
+    )
+    assert page.evaluate("window.__same_document") is True
+    page.wait_for_function(
+        "() => document.getElementById('batch-done').textContent.startsWith('3/3')",
+        timeout=10_000)
+    states = page.locator(".tile .state").all_text_contents()
+    assert states == ["succeeded"] * 3
+    assert page.locator(".tile img").first.evaluate("i => i.naturalWidth") == 64
+    page.screenshot(path=str(ARTIFACTS / "dashboard-batch.png"), full_page=True)
+
+    page.locator(".tile").first.click()
+    page.wait_for_selector("#parameters")
+    assert "Sampler: Euler" in page.inner_text("#parameters")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-job.png"), full_page=True)
+
+    page.goto(f"{base}/workers")
+    assert page.locator("#worker-rows tr.w-live").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "dashboard-workers.png"), full_page=True)
+
+    page.goto(f"{base}/batches")
+    assert "browser test" in page.inner_text("#batch-rows")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-batches.png"), full_page=True)
+    assert (ARTIFACTS / "dashboard-batch.png").stat().st_size > 0
