@@ -1,0 +1,1 @@
+"""Render workers: load diffusers pipelines and render jobs."""
