@@ -1,0 +1,203 @@
+"""Real diffusers pipelines on the tiny model, on the CPU: cache, schedulers, seeds, progress."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from PIL import Image  # noqa: E402
+
+from renderfarm.errors import Cancelled  # noqa: E402
+from renderfarm.images import encode_init_image  # noqa: E402
+from renderfarm.schema import SCHEDULERS, JobRequest, Mode  # noqa: E402
+from worker.modelgen import make_model  # noqa: E402
+from worker.pipelines import PipelineCache, UnknownModel, set_scheduler  # noqa: E402
+from worker.profiles import Profile, detect_profile  # noqa: E402
+from worker.render import render  # noqa: E402
+
+CPU = Profile("cpu", "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine the default (one per core) spins and runs
+    these tests 7x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """Three copies of the tiny model: tiny, tiny2, tiny3."""
+    directory = tmp_path_factory.mktemp("models")
+    make_model("tiny", directory / "tiny")
+    for name in ("tiny2", "tiny3"):
+        shutil.copytree(directory / "tiny", directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cache(models) -> PipelineCache:
+    return PipelineCache(models, CPU, max_models=2)
+
+
+def job(**fields) -> JobRequest:
+    values = {
+        "prompt": "a lighthouse at dusk",
+        "model": "tiny",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "seed": 42,
+        "scheduler": "euler_a",
+    }
+    return JobRequest(**(values | fields))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize(("width", "height"), [(64, 64), (96, 64), (72, 128)])
+def test_txt2img_returns_images_of_the_requested_size(cache, width, height):
+    images = render(cache, job(width=width, height=height, num_images=2))
+    assert [im.size for im in images] == [(width, height)] * 2
+    assert all(im.mode == "RGB" for im in images)
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(cache):
+    first, again, other = (render(cache, job(seed=s))[0] for s in (7, 7, 8))
+    assert np.array_equal(pixels(first), pixels(again))
+    assert np.abs(pixels(first) - pixels(other)).mean() > 1
+
+
+def test_image_k_is_the_image_of_seed_plus_k(cache):
+    pair = render(cache, job(seed=42, num_images=2, negative_prompt="blurry"))
+    alone = render(cache, job(seed=43, num_images=1, negative_prompt="blurry"))
+    assert np.abs(pixels(pair[1]) - pixels(alone[0])).max() <= 2
+    assert np.abs(pixels(pair[0]) - pixels(pair[1])).mean() > 1
+
+
+def test_batches_split_by_max_batch_give_the_same_images(models, cache):
+    whole = render(cache, job(num_images=3, seed=5))
+    steps: list[tuple[int, int]] = []
+    small = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_batch=2))
+    split = render(small, job(num_images=3, seed=5), on_step=lambda i, n: steps.append((i, n)))
+    for a, b in zip(whole, split, strict=True):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 2
+    assert steps == [(i, 8) for i in range(1, 9)]  # two calls of 4 steps
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_renders_without_reloading(cache, name):
+    cache.get("tiny", Mode.txt2img)
+    loads = cache.loads
+    seen: list[tuple[int, int]] = []
+    images = render(cache, job(scheduler=name, steps=3), on_step=lambda i, n: seen.append((i, n)))
+    assert images[0].size == (64, 64)
+    assert np.isfinite(pixels(images[0])).all() and pixels(images[0]).std() > 0
+    assert cache.loads == loads
+    total = seen[-1][1]
+    assert seen == [(i, total) for i in range(1, total + 1)]
+    # Model calls: Heun makes 2 a step (1 for the last), PNDM (PLMS) 1 extra at the start.
+    assert total == {"heun": 5, "pndm": 4}.get(name, 3)
+
+
+def test_set_scheduler_reuses_instances_and_starts_from_the_models_config(cache):
+    pipe = cache.get("tiny", Mode.txt2img)
+    loads = cache.loads
+    set_scheduler(pipe, "dpmpp_2m_karras")
+    karras = pipe.scheduler
+    assert karras.config.use_karras_sigmas is True
+    set_scheduler(pipe, "euler")
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.scheduler.config.use_karras_sigmas is False  # not inherited from the last one
+    set_scheduler(pipe, "dpmpp_2m_karras")
+    assert pipe.scheduler is karras
+    with pytest.raises(ValueError, match="scheduler must be one of .*got 'k_dpm'"):
+        set_scheduler(pipe, "k_dpm")
+    assert cache.loads == loads
+
+
+def test_img2img_shares_weights_and_reports_every_step(cache):
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 48), (200, 40, 40)).save(buffer, format="PNG")
+    init = encode_init_image(buffer.getvalue())
+    txt2img = cache.get("tiny", Mode.txt2img)
+    loads = cache.loads
+    seen: list[tuple[int, int]] = []
+    request = job(mode="img2img", init_image=init, steps=10, strength=0.5, scheduler="ddim")
+    images = render(cache, request, on_step=lambda i, n: seen.append((i, n)))
+    assert images[0].size == (64, 64)
+    assert seen == [(i, 5) for i in range(1, 6)]
+    assert cache.get("tiny", Mode.img2img).unet is txt2img.unet
+    assert cache.loads == loads
+    with pytest.raises(ValueError, match="strength 0.05 of 10 steps runs no denoising step"):
+        render(cache, job(mode="img2img", init_image=init, steps=10, strength=0.05))
+
+
+def test_img2img_keeps_the_models_dtype(models):
+    half = PipelineCache(models, Profile("cpu", "cpu", torch.bfloat16))
+    txt2img = half.get("tiny", Mode.txt2img)
+    img2img = half.get("tiny", Mode.img2img)
+    assert txt2img.unet.dtype == img2img.unet.dtype == torch.bfloat16
+
+
+def test_cancel_stops_the_render_at_that_step(cache):
+    seen: list[int] = []
+
+    def on_step(i: int, n: int) -> None:
+        seen.append(i)
+        if i == 3:
+            raise Cancelled("job cancelled")
+
+    with pytest.raises(Cancelled):
+        render(cache, job(steps=20), on_step=on_step)
+    assert seen == [1, 2, 3]
+
+
+def test_lru_keeps_max_models_and_evicts_the_least_recently_used(models):
+    cache = PipelineCache(models, CPU, max_models=2)
+    for name in ("tiny", "tiny2", "tiny", "tiny3"):
+        cache.get(name, Mode.txt2img)
+    assert cache.loaded() == ["tiny", "tiny3"]  # tiny2 was least recently used
+    assert cache.loads == 3
+    cache.get("tiny", Mode.img2img)
+    assert cache.loads == 3 and cache.loaded() == ["tiny3", "tiny"]
+    cache.get("tiny2", Mode.txt2img)
+    assert cache.loaded() == ["tiny", "tiny2"] and cache.loads == 4
+
+
+def test_unknown_model_names_it_and_the_models_present(cache):
+    with pytest.raises(UnknownModel, match=r"'nope' is not in .*present: tiny, tiny2, tiny3"):
+        cache.get("nope", Mode.txt2img)
+
+
+def test_too_many_pixels_for_the_profile_is_refused(models):
+    small = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_pixels=64 * 64))
+    with pytest.raises(ValueError, match=r"96x64 = 6144 pixels, over the 4096"):
+        render(small, job(width=96, height=64))
+    assert small.loads == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_profile_is_cpu_here_and_gpu_is_refused():
+    profile = detect_profile()
+    assert (profile.name, profile.device, profile.dtype) == ("cpu", "cpu", torch.float32)
+    assert detect_profile("cpu") == profile
+    with pytest.raises(RuntimeError, match="profile 'gpu' needs CUDA"):
+        detect_profile("gpu")
+    with pytest.raises(ValueError, match="got 'tpu'"):
+        detect_profile("tpu")

@@ -1,0 +1,230 @@
+"""Keep diffusers pipelines warm, and swap their schedulers by name.
+
+Loading a model costs seconds (more when the page cache is cold); a step costs milliseconds.
+So a worker keeps its last ``max_models`` models resident in a :class:`PipelineCache` and
+swaps schedulers on the loaded pipeline (:func:`set_scheduler`) instead of reloading.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers import scheduling_lms_discrete
+from diffusers.utils import is_scipy_available
+
+from renderfarm.schema import SCHEDULERS, Mode
+from worker.modelfiles import list_models
+from worker.profiles import Profile
+
+
+class UnknownModel(LookupError):
+    """A job names a model this worker does not have."""
+
+    def __init__(self, model: str, models_dir: Path, present: list[str]):
+        self.model = model
+        self.models_dir = models_dir
+        self.present = present
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        present = ", ".join(self.present) or "none"
+        return f"model {self.model!r} is not in {self.models_dir}; models present: {present}"
+
+
+class LMSDiscreteSchedulerNumpy(scheduling_lms_discrete.LMSDiscreteScheduler):
+    """diffusers' LMS scheduler without scipy.
+
+    diffusers integrates each LMS coefficient with ``scipy.integrate.quad``. The integrand is a
+    polynomial of degree ``order - 1`` (at most 3), which 4-point Gauss-Legendre quadrature
+    integrates exactly, so numpy is enough. Used only where scipy is not installed.
+    """
+
+    _nodes, _weights = np.polynomial.legendre.leggauss(4)
+
+    def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
+        sigma = [float(self.sigmas[t - k]) for k in range(order)]
+        a, b = float(self.sigmas[t]), float(self.sigmas[t + 1])
+        tau = (b - a) / 2 * self._nodes + (a + b) / 2
+        prod = np.ones_like(tau)
+        for k in range(order):
+            if k != current_order:
+                prod *= (tau - sigma[k]) / (sigma[current_order] - sigma[k])
+        return float((b - a) / 2 * np.dot(self._weights, prod))
+
+
+LMSScheduler = (
+    scheduling_lms_discrete.LMSDiscreteScheduler
+    if is_scipy_available()
+    else LMSDiscreteSchedulerNumpy
+)
+
+#: Scheduler name (AUTOMATIC1111's sampler names) -> class and the options it is made with.
+SCHEDULER_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "lms": (LMSScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+}
+assert set(SCHEDULER_CLASSES) == set(SCHEDULERS), "keep in step with renderfarm.schema"
+
+# Per model (keyed by its UNet, which the txt2img and img2img pipelines share): the scheduler
+# config the model shipped with, and the schedulers made from it. Entries go with the model.
+_SCHEDULER_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _scheduler_entry(pipe: DiffusionPipeline) -> dict[str, Any]:
+    entry = _SCHEDULER_CACHE.get(pipe.unet)
+    if entry is None:
+        entry = _SCHEDULER_CACHE[pipe.unet] = {"config": pipe.scheduler.config, "made": {}}
+    return entry
+
+
+def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
+    """Give ``pipe`` the scheduler ``name``, made from the model's own scheduler config.
+
+    Nothing is reloaded. Each scheduler is made once per model and reused (a scheduler resets
+    its state in ``set_timesteps`` at the start of every call).
+    """
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    entry = _scheduler_entry(pipe)
+    scheduler = entry["made"].get(name)
+    if scheduler is None:
+        cls, options = SCHEDULER_CLASSES[name]
+        scheduler = entry["made"][name] = cls.from_config(entry["config"], **options)
+    pipe.scheduler = scheduler
+
+
+@dataclass
+class _Loaded:
+    txt2img: StableDiffusionPipeline
+    img2img: StableDiffusionImg2ImgPipeline | None = None
+    offloaded: DiffusionPipeline | None = None  # which pipeline holds the CPU-offload hooks
+
+
+class PipelineCache:
+    """The models a worker keeps loaded: at most ``max_models``, least recently used evicted.
+
+    ``loads`` counts loads from disk, so a test can prove a model stayed warm.
+    """
+
+    def __init__(self, models_dir: Path, profile: Profile, max_models: int = 2):
+        if max_models < 1:
+            raise ValueError(f"max_models must be at least 1, got {max_models!r}")
+        self.models_dir = Path(models_dir)
+        self.profile = profile
+        self.max_models = max_models
+        self.loads = 0
+        self._entries: OrderedDict[str, _Loaded] = OrderedDict()
+
+    def loaded(self) -> list[str]:
+        """Names of the loaded models, least recently used first."""
+        return list(self._entries)
+
+    def get(self, model: str, mode: Mode | str = Mode.txt2img) -> DiffusionPipeline:
+        """The pipeline of ``model`` for ``mode``, loading the model if it is not loaded.
+
+        img2img shares the txt2img pipeline's weights (``from_pipe``): one load serves both.
+        """
+        mode = Mode(mode)
+        entry = self._entries.get(model)
+        if entry is None:
+            entry = self._load(model)
+        self._entries.move_to_end(model)
+        if mode is Mode.txt2img:
+            pipe = entry.txt2img
+        else:
+            if entry.img2img is None:
+                # from_pipe casts to float32 unless told the dtype: it would upcast the shared
+                # weights of an fp16 model in place.
+                entry.img2img = StableDiffusionImg2ImgPipeline.from_pipe(
+                    entry.txt2img, dtype=self.profile.dtype
+                )
+                entry.img2img.set_progress_bar_config(disable=True)
+            pipe = entry.img2img
+        if self.profile.cpu_offload and entry.offloaded is not pipe:
+            # Offload hooks live on the shared modules; move them to the pipeline in use.
+            pipe.enable_model_cpu_offload(device=self.profile.device)
+            entry.offloaded = pipe
+        return pipe
+
+    def evict(self, model: str) -> None:
+        """Unload ``model`` and free its memory (no error if it is not loaded)."""
+        entry = self._entries.pop(model, None)
+        if entry is None:
+            return
+        if entry.offloaded is not None:
+            entry.offloaded.remove_all_hooks()
+        del entry
+        gc.collect()
+        if self.profile.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def clear(self) -> None:
+        for model in list(self._entries):
+            self.evict(model)
+
+    def _load(self, model: str) -> _Loaded:
+        models = list_models(self.models_dir)
+        path = models.get(model)
+        if path is None:
+            raise UnknownModel(model, self.models_dir, sorted(models))
+        while len(self._entries) >= self.max_models:  # free memory before loading
+            self.evict(next(iter(self._entries)))
+        options = {
+            "dtype": self.profile.dtype,
+            "safety_checker": None,
+            "requires_safety_checker": False,
+            "local_files_only": True,
+        }
+        if path.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(path, **options)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(path, **options)
+        self.loads += 1
+        _scheduler_entry(pipe)  # remember the model's own scheduler config before any swap
+        self._apply_profile(pipe)
+        entry = _Loaded(pipe)
+        self._entries[model] = entry
+        return entry
+
+    def _apply_profile(self, pipe: StableDiffusionPipeline) -> None:
+        profile = self.profile
+        if not profile.cpu_offload:
+            pipe.to(profile.device)
+        if profile.vae_slicing:
+            pipe.vae.enable_slicing()
+        if profile.vae_tiling:
+            pipe.vae.enable_tiling()
+        if profile.attention_slicing:
+            pipe.enable_attention_slicing()
+        pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,110 @@
+"""Hardware profiles: which device and dtype a worker renders with, and what it can take.
+
+``detect_profile()`` picks one for the machine it runs on; a worker can also be told which
+(``detect_profile("cpu")``). Asking for hardware the machine lacks is an error, never a
+silent fallback to something slower.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PROFILE_NAMES = ("gpu", "cpu", "jetson", "mps")
+JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
+# A Jetson with less free memory than this offloads idle models to the CPU side.
+JETSON_OFFLOAD_BELOW_BYTES = 12 * 2**30
+# A CUDA GPU with less memory than this gets the smaller limits.
+SMALL_GPU_BYTES = 16 * 2**30
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How a worker renders. ``max_pixels`` bounds width * height, ``max_batch`` the images
+    per pipeline call (a job with more images is rendered in several calls)."""
+
+    name: str  # "gpu" | "cpu" | "jetson" | "mps"
+    device: str  # "cuda" | "cpu" | "mps"
+    dtype: torch.dtype
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    attention_slicing: bool = False
+    cpu_offload: bool = False
+    max_pixels: int = 1024 * 1024
+    max_batch: int = 4
+
+
+def detect_profile(name: str = "auto") -> Profile:
+    """The profile ``name``, or for ``"auto"`` the best this machine has:
+    jetson (``/etc/nv_tegra_release`` and CUDA), then gpu (CUDA), then mps, then cpu.
+
+    Raises ``RuntimeError`` when the named hardware is missing and ``ValueError`` for an
+    unknown name.
+    """
+    if name == "auto":
+        if JETSON_RELEASE_FILE.exists() and torch.cuda.is_available():
+            return _jetson()
+        if torch.cuda.is_available():
+            return _gpu()
+        if _mps_available():
+            return _mps()
+        return _cpu()
+    if name not in PROFILE_NAMES:
+        raise ValueError(f"profile must be one of auto, {', '.join(PROFILE_NAMES)}, got {name!r}")
+    if name in ("gpu", "jetson") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"profile {name!r} needs CUDA, but torch {torch.__version__} sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+    if name == "mps" and not _mps_available():
+        raise RuntimeError(f"profile 'mps' needs Apple MPS, which torch {torch.__version__} lacks")
+    return {"gpu": _gpu, "jetson": _jetson, "mps": _mps, "cpu": _cpu}[name]()
+
+
+def _cpu() -> Profile:
+    return Profile("cpu", "cpu", torch.float32, max_pixels=1024 * 1024, max_batch=4)
+
+
+def _gpu() -> Profile:
+    total = torch.cuda.get_device_properties(0).total_memory
+    if total < SMALL_GPU_BYTES:  # decoding a large image whole would not fit
+        return Profile(
+            "gpu",
+            "cuda",
+            torch.float16,
+            vae_slicing=True,
+            vae_tiling=True,
+            max_pixels=1024 * 1024,
+            max_batch=4,
+        )
+    return Profile("gpu", "cuda", torch.float16, max_pixels=2048 * 2048, max_batch=8)
+
+
+def _jetson() -> Profile:
+    free, _total = torch.cuda.mem_get_info()
+    offload = free < JETSON_OFFLOAD_BELOW_BYTES
+    return Profile(
+        "jetson",
+        "cuda",
+        torch.float16,
+        vae_slicing=True,
+        vae_tiling=True,
+        attention_slicing=not offload,
+        cpu_offload=offload,
+        max_pixels=768 * 768,
+        max_batch=2,
+    )
+
+
+def _mps() -> Profile:
+    return Profile(
+        "mps", "mps", torch.float16, attention_slicing=True, max_pixels=1024 * 1024, max_batch=4
+    )
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
