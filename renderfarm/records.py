@@ -202,10 +202,7 @@ class Records:
                     "request": request.model_dump_json(),
                     "created_at": t,
                     "t:queued": t,
-                    "attempts": 0,
-                    "step": 0,
-                    "steps_total": request.steps,
-                },
+                },  # attempts, step, steps_total: absent means 0 / request.steps (see below)
             )
         pipe.rpush(keys.batch_jobs(batch_id), *[job_id for job_id, _ in jobs])
         pipe.zadd(keys.JOBS, {job_id: t for job_id, _ in jobs})
@@ -339,17 +336,18 @@ def _job_from_hash(data: dict) -> JobRecord:
         k.decode()[2:]: float(v) for k, v in data.items() if k.startswith(b"t:")
     }
     results = _s(data, "results")
+    request = JobRequest.model_validate_json(_s(data, "request"))
     return JobRecord(
         id=_s(data, "id"),
         batch_id=_s(data, "batch_id"),
         state=JobState(_s(data, "state")),
-        request=JobRequest.model_validate_json(_s(data, "request")),
+        request=request,
         created_at=float(_s(data, "created_at", "0")),
         timestamps=timestamps,
         worker=_s(data, "worker") or None,
         attempts=int(_s(data, "attempts", "0")),
         step=int(_s(data, "step", "0")),
-        steps_total=int(_s(data, "steps_total", "0")),
+        steps_total=int(_s(data, "steps_total", "0")) or request.steps,
         results=[ImageResult.model_validate(r) for r in json.loads(results)] if results else [],
         error=_s(data, "error") or None,
         cancel_requested=_s(data, "cancel") == "1",

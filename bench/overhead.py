@@ -1,0 +1,87 @@
+"""The farm's overhead against calling the pipeline directly, in one run.
+
+    .venv/bin/python bench/overhead.py --jobs 50 --rounds 2
+
+(a) direct: one process, one tiny-model pipeline, ``--jobs`` calls (64x64, 10 steps) in a loop;
+(b) farm: the same jobs submitted to an embedded farm with one worker process (real Redis,
+    Celery, local storage) and timed from submit until the last record says ``succeeded``
+    (the records' own timestamps, so no polling delay is counted).
+Rounds alternate (a) and (b); the medians are compared. Target: farm <= 1.10x direct.
+Each side has both cores: the farm's worker is idle while (a) runs, and (a) is idle during (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def job(i: int, size: int, steps: int) -> dict:
+    return {"prompt": f"a small test image number {i}", "model": "tiny", "width": size,
+            "height": size, "steps": steps, "seed": i, "scheduler": "euler"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from producer import FarmClient
+    from renderfarm.farm import EmbeddedFarm
+    from renderfarm.schema import JobRequest
+    from renderfarm.settings import Settings
+    from worker.modelgen import make_model
+    from worker.pipelines import PipelineCache
+    from worker.profiles import detect_profile
+    from worker.render import render
+
+    jobs = [job(i, args.size, args.steps) for i in range(args.jobs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=Path(tmp))
+        make_model("tiny", settings.models_path / "tiny")
+        cache = PipelineCache(settings.models_path, detect_profile("cpu"))
+        requests = [JobRequest(**j) for j in jobs]
+        render(cache, requests[0])  # warm, as the farm's worker is warmed by --preload
+
+        direct, farm_times = [], []
+        with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"]) as farm:
+            client = FarmClient(farm.settings)
+            client.submit_batch(jobs[:2]).wait(timeout=120)  # warm the worker's first call
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                for request in requests:
+                    render(cache, request)
+                direct.append(time.perf_counter() - t)
+
+                t0 = time.time()
+                batch = client.submit_batch(jobs)
+                batch.wait(timeout=600, poll=0.05)
+                records = batch.records()
+                assert all(r.state.value == "succeeded" for r in records)
+                farm_times.append(max(r.timestamps["succeeded"] for r in records) - t0)
+
+    d, f = statistics.median(direct), statistics.median(farm_times)
+    print(json.dumps({
+        "bench": "overhead", "jobs": args.jobs, "size": args.size, "steps": args.steps,
+        "direct_s": [round(x, 3) for x in direct], "farm_s": [round(x, 3) for x in farm_times],
+        "direct_images_per_s": round(args.jobs / d, 2), "farm_images_per_s": round(args.jobs / f, 2),
+        "ratio_farm_over_direct": round(f / d, 3), "target": "<= 1.10",
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "machine": platform.machine(), "torch": torch.__version__,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
