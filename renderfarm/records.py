@@ -145,7 +145,7 @@ return 'requeued'
 # ARGV: now.  A failed or cancelled job goes back to queued, attempts reset.
 _RETRY = _TERMINAL + _MOVE + """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'failed' and state ~= 'cancelled' then return state or 'missing' end
+if state ~= 'failed' and state ~= 'cancelled' then return 'no' end
 move(KEYS[1], B, state, 'queued', ARGV[1])
 redis.call('HDEL', KEYS[1], 'error', 'cancel', 'results')
 redis.call('HSET', KEYS[1], 'attempts', 0, 'step', 0)

@@ -1,0 +1,109 @@
+"""The record scripts against a real Redis: claims, leases, reaping, poison jobs, cancel."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis import Redis
+
+from renderfarm import keys
+from renderfarm.records import Records
+from renderfarm.schema import JobRequest, JobState
+
+
+@pytest.fixture
+def records(redis_url) -> Records:
+    redis = Redis.from_url(redis_url)
+    return Records(redis)
+
+
+def add(records: Records, job_id: str, batch_id: str = "b1") -> None:
+    request = JobRequest(prompt="x", model="tiny", seed=1)
+    records.redis.delete(keys.job(job_id), keys.batch(batch_id), keys.batch_jobs(batch_id))
+    records.add_jobs(batch_id, [(job_id, request)])
+
+
+def counts(records: Records, batch_id: str = "b1") -> dict:
+    return {s.value: n for s, n in records.batch(batch_id).counts.items()}
+
+
+def test_claim_then_second_delivery_is_dropped(records):
+    add(records, "j1")
+    assert records.claim("j1", "w1", 30, 3).ok
+    again = records.claim("j1", "w2", 30, 3)
+    assert (again.status, again.detail) == ("busy", "w1")
+    assert records.job("j1").attempts == 1
+    assert counts(records) == {"started": 1}
+
+
+def test_only_the_lease_owner_moves_the_job(records):
+    add(records, "j2")
+    records.claim("j2", "w1", 30, 3)
+    assert records.update("j2", "w2", JobState.rendering, step=1)[0] == "lost"
+    assert records.update("j2", "w1", JobState.rendering, step=1) == ("ok", False)
+    assert records.succeed("j2", "w1", []) == "ok"
+    assert records.claim("j2", "w3", 30, 3).status == "terminal"
+    assert records.update("j2", "w1", JobState.failed)[0] == "terminal"
+    record = records.job("j2")
+    assert record.state is JobState.succeeded
+    assert counts(records) == {"succeeded": 1}
+    assert records.redis.zscore(keys.RUNNING, "j2") is None
+
+
+def test_expired_lease_is_reaped_and_reclaimed(records):
+    add(records, "j3")
+    records.claim("j3", "dead-worker", 0.2, 3)
+    assert records.reap("j3", 3) == ""  # lease still live
+    time.sleep(0.3)
+    assert "j3" in records.expired_leases()
+    assert records.reap("j3", 3) == "requeued"
+    assert records.reap("j3", 3) == ""  # a second reaper does nothing
+    assert records.job("j3").state is JobState.queued
+    assert records.claim("j3", "w2", 30, 3).detail == "2"
+    assert records.update("j3", "dead-worker", JobState.uploading)[0] == "lost"
+
+
+def test_poison_job_fails_after_max_attempts(records):
+    add(records, "j4")
+    for _ in range(3):
+        assert records.claim("j4", "w", 0.05, 3).ok
+        time.sleep(0.1)
+        outcome = records.reap("j4", 3)
+    assert outcome == "failed"
+    record = records.job("j4")
+    assert record.state is JobState.failed
+    assert "gave up after 3 attempts" in record.error
+    assert counts(records) == {"failed": 1}
+
+
+def test_claim_counts_attempts_past_the_limit(records):
+    add(records, "j5")
+    for _ in range(2):
+        records.claim("j5", "w", 0.01, 2)
+        time.sleep(0.02)
+    claim = records.claim("j5", "w", 0.01, 2)
+    assert claim.status == "poison"
+    assert records.job("j5").state is JobState.failed
+
+
+def test_cancel_queued_and_running(records):
+    add(records, "j6")
+    assert records.cancel("j6") == "cancelled"
+    assert records.claim("j6", "w", 30, 3).status == "terminal"
+    add(records, "j7", "b2")
+    records.claim("j7", "w", 30, 3)
+    assert records.cancel("j7") == "cancelling"
+    assert records.renew("j7", "w", 30) == "cancel"
+    assert records.update("j7", "w", JobState.cancelled)[0] == "ok"
+    assert counts(records, "b2") == {"cancelled": 1}
+
+
+def test_retry_puts_a_failed_job_back(records):
+    add(records, "j8")
+    records.claim("j8", "w", 30, 3)
+    records.fail("j8", "w", "boom")
+    assert records.retry("j8")
+    record = records.job("j8")
+    assert (record.state, record.attempts, record.error) == (JobState.queued, 0, None)
+    assert not records.retry("j8")
