@@ -6,6 +6,7 @@ import io
 import re
 import zipfile
 
+import pytest
 from PIL import Image
 
 from renderfarm.schema import ImageResult, JobState
@@ -205,3 +206,24 @@ def test_security_headers(dash_client):
     rv = dash_client.get("/batches")
     assert "script-src 'self'" in rv.headers["Content-Security-Policy"]
     assert rv.headers["X-Frame-Options"] == "DENY"
+
+
+def test_token_from_environment(monkeypatch, dash_settings):
+    from dashboard import create_app
+
+    monkeypatch.setenv("RENDERFARM_TOKEN", "1234")  # from_prefixed_env would make this an int
+    with pytest.raises(RuntimeError, match="RENDERFARM_SECRET_KEY"):
+        create_app({"SETTINGS": dash_settings})
+    monkeypatch.setenv("RENDERFARM_SECRET_KEY", "from-env")
+    client = create_app({"SETTINGS": dash_settings}).test_client()
+    assert client.get("/api/v1/models").status_code == 401
+    assert client.get("/api/v1/models", headers={"Authorization": "Bearer 1234"}).status_code == 200
+
+
+def test_serve_binds_localhost_without_token(make_dash_app, caplog):
+    from dashboard.serve import resolve_host
+
+    with caplog.at_level("WARNING", logger="renderfarm.dashboard"):
+        assert resolve_host(make_dash_app(), None) == "127.0.0.1"
+    assert "no auth" in caplog.text and "127.0.0.1" in caplog.text
+    assert resolve_host(make_dash_app(TOKEN="t", SECRET_KEY="k"), "0.0.0.0") == "0.0.0.0"
