@@ -175,10 +175,29 @@ def worker(profile, queues, preload, name, loglevel) -> None:
 
 
 @main.command()
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1; with "
+              "RENDERFARM_TOKEN set you may bind 0.0.0.0).")
+@click.option("--port", default=8080, show_default=True, type=int)
+def dashboard(host: str | None, port: int) -> None:
+    """Serve the dashboard and its JSON API with waitress."""
+    import logging
+
+    from dashboard.serve import serve
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(_settings(), host=host, port=port)
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
+@main.command()
 @click.option("--workers", default=1, show_default=True, type=int, help="Worker processes.")
 @click.option("--profile", default="auto", show_default=True)
-def up(workers: int, profile: str) -> None:
-    """Start the embedded farm (Redis, workers) and keep it running until Ctrl-C."""
+@click.option("--dashboard/--no-dashboard", "with_dashboard", default=True, show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int, help="Dashboard port.")
+def up(workers: int, profile: str, with_dashboard: bool, port: int) -> None:
+    """Start the embedded farm (Redis, workers, dashboard) and keep it running until Ctrl-C."""
     import signal
     import threading
 
@@ -188,10 +207,19 @@ def up(workers: int, profile: str) -> None:
     farm = EmbeddedFarm(settings, workers=workers, profile=profile)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = None
     try:
         with farm:
             click.echo(f"farm up: Redis {_redact(farm.redis_url)}, {workers} worker(s), "
                        f"data in {settings.data_path}")
+            if with_dashboard:
+                from dashboard import create_app
+                from dashboard.serve import make_server
+
+                server = make_server(create_app({"SETTINGS": farm.settings}), port=port)
+                threading.Thread(target=server.run, name="dashboard", daemon=True).start()
+                click.echo(f"dashboard: http://127.0.0.1:{server.effective_port}/ "
+                           "(localhost only, no auth)")
             click.echo("submit from another terminal with the same RENDERFARM_DATA_DIR, e.g.:")
             click.echo('  renderfarm submit "a lighthouse at dawn" --count 4 --wait')
             click.echo("Ctrl-C stops the farm.")
@@ -200,6 +228,8 @@ def up(workers: int, profile: str) -> None:
             except KeyboardInterrupt:
                 pass
             click.echo("stopping: workers finish their running jobs...")
+            if server is not None:
+                server.close()
     except RuntimeError as exc:
         _fail(str(exc))
 

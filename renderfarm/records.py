@@ -336,7 +336,7 @@ def _job_from_hash(data: dict) -> JobRecord:
         k.decode()[2:]: float(v) for k, v in data.items() if k.startswith(b"t:")
     }
     results = _s(data, "results")
-    request = JobRequest.model_validate_json(_s(data, "request"))
+    request = JobRequest.model_validate_json(_s(data, "request"), context={"trusted": True})
     return JobRecord(
         id=_s(data, "id"),
         batch_id=_s(data, "batch_id"),
