@@ -146,6 +146,13 @@ class PipelineCache:
         self.loads = 0
         self._entries: OrderedDict[str, _Loaded] = OrderedDict()
 
+    def batch_size_for(self, images: int) -> int:
+        """The batch size a pipeline call of ``images`` images runs at: ``images`` itself,
+        or with a compiled UNet the smallest warmed-up batch size that holds them (a compiled
+        UNet recompiles for every new shape: padding a call is cheaper than a recompile)."""
+        buckets = [b for b in self.profile.batch_buckets() if b >= images]
+        return min(buckets) if self.profile.compile and buckets else images
+
     def loaded(self) -> list[str]:
         """Names of the loaded models, least recently used first."""
         return list(self._entries)

@@ -35,6 +35,17 @@ class Profile:
     cpu_offload: bool = False
     max_pixels: int = 1024 * 1024
     max_batch: int = 4
+    compile: bool = False
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Batch sizes a compiled UNet is warmed up for: powers of two up to ``max_batch``,
+        and ``max_batch``."""
+        sizes = {self.max_batch}
+        size = 1
+        while size < self.max_batch:
+            sizes.add(size)
+            size *= 2
+        return tuple(sorted(sizes))
 
 
 def detect_profile(name: str = "auto") -> Profile:

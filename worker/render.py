@@ -1,9 +1,13 @@
-"""Render one job: its request in, its PIL images out, with progress per denoising step.
+"""Render jobs: requests in, PIL images out, with progress per denoising step.
 
 Seeds: image ``k`` of a job is rendered with seed ``seed + k`` from its own ``torch.Generator``
 on the CPU, so it is the image that seed gives alone, in any batch, and the starting noise of
-a seed is the same on every device (CPU noise is moved to the GPU). Images of one job go
-through the pipeline together, ``profile.max_batch`` at a time.
+a seed is the same on every device (CPU noise is moved to the GPU).
+
+:func:`render_batch` renders several compatible txt2img jobs (equal
+:func:`worker.compat.compat_key`) in shared pipeline calls of at most ``profile.max_batch``
+images, each image with its own prompt, negative prompt and generator; :func:`render` renders
+one job (txt2img through :func:`render_batch`, img2img on its own).
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import torch
 
 from renderfarm.images import decode_init_image
 from renderfarm.schema import JobRequest, Mode
+from worker.compat import compat_key, incompatibilities
 from worker.pipelines import PipelineCache, set_scheduler
+from worker.profiles import Profile
+
+__all__ = ["compat_key", "render", "render_batch"]
+
+OnStep = Callable[[int, int], None]
 
 
 def render(
-    cache: PipelineCache,
-    request: JobRequest,
-    on_step: Callable[[int, int], None] | None = None,
+    cache: PipelineCache, request: JobRequest, on_step: OnStep | None = None
 ) -> list[PIL.Image.Image]:
     """Render ``request`` and return ``request.num_images`` images of width x height.
 
@@ -31,17 +39,12 @@ def render(
     An exception raised by ``on_step`` (``renderfarm.errors.Cancelled``) stops the render at
     that step and propagates.
     """
+    if request.mode is Mode.txt2img:
+        return render_batch(cache, [request], on_step)[0]
+
     # 1. Check the request against what this worker can do
-    if request.seed is None:
-        raise ValueError("seed must be set before a job is rendered, got None")
-    profile = cache.profile
-    pixels = request.width * request.height
-    if pixels > profile.max_pixels:
-        raise ValueError(
-            f"width x height is {request.width}x{request.height} = {pixels} pixels, over the "
-            f"{profile.max_pixels} this worker's {profile.name!r} profile takes"
-        )
-    if request.mode is Mode.img2img and int(request.steps * request.strength) < 1:
+    _check(request, cache.profile)
+    if int(request.steps * request.strength) < 1:
         raise ValueError(
             f"strength {request.strength} of {request.steps} steps runs no denoising step; "
             "raise strength or steps"
@@ -52,52 +55,148 @@ def render(
     set_scheduler(pipe, request.scheduler)
 
     # 3. Arguments shared by every call
+    init = decode_init_image(request.init_image).resize(
+        (request.width, request.height), PIL.Image.Resampling.LANCZOS
+    )
     kwargs = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt or None,
+        "image": init,
+        "strength": request.strength,
         "num_inference_steps": request.steps,
         "guidance_scale": request.guidance_scale,
-        "output_type": "pil",
     }
-    if request.mode is Mode.img2img:
-        init = decode_init_image(request.init_image).resize(
-            (request.width, request.height), PIL.Image.Resampling.LANCZOS
-        )
-        kwargs.update(image=init, strength=request.strength)
-    else:
-        kwargs.update(width=request.width, height=request.height)
 
     # 4. Render, max_batch images per call, one CPU generator per image
-    seeds = request.seeds()
-    chunks = [seeds[i : i + profile.max_batch] for i in range(0, len(seeds), profile.max_batch)]
+    chunks = _chunks(request.seeds(), cache.profile.max_batch)
     images: list[PIL.Image.Image] = []
     for index, chunk in enumerate(chunks):
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in chunk]
-
-        def step_end(p, i, t, callback_kwargs, index=index):
-            if on_step is not None:
-                per_call = p.num_timesteps
-                on_step(index * per_call + i + 1, per_call * len(chunks))
-            return callback_kwargs
-
-        try:
-            with torch.inference_mode():
-                out = pipe(
-                    **kwargs,
-                    num_images_per_prompt=len(chunk),
-                    generator=generators,
-                    callback_on_step_end=step_end,
-                )
-        except BaseException:
-            pipe.maybe_free_model_hooks()  # with CPU offload, put the models back
-            raise
-        images.extend(out.images)
+        images += _call(
+            pipe, kwargs | {"num_images_per_prompt": len(chunk), "generator": generators},
+            on_step, index, len(chunks),
+        )
 
     # 5. Check what came out
+    _check_sizes(images, request)
+    return images
+
+
+def render_batch(
+    cache: PipelineCache, requests: list[JobRequest], on_step: OnStep | None = None
+) -> list[list[PIL.Image.Image]]:
+    """Render compatible txt2img jobs together; return each job's images, in request order.
+
+    The jobs must have equal :func:`compat_key` (model, mode, size, steps, scheduler,
+    guidance), else ``ValueError``. Their images go through the pipeline ``profile.max_batch``
+    at a time, image ``k`` of a job with its own prompt, negative prompt and a CPU generator
+    seeded ``seed + k``, so each image equals the one :func:`render` gives for its job alone
+    (within floating-point tolerance: batched kernels may sum in another order).
+
+    ``on_step(done, total)`` counts steps over all the calls, as in :func:`render`; an
+    exception it raises stops every job of the batch.
+    """
+    # 1. Check the requests: each against this worker, all against the first
+    if not requests:
+        return []
+    first = requests[0]
+    for index, request in enumerate(requests):
+        _check(request, cache.profile)
+        if request.mode is not Mode.txt2img:
+            raise ValueError(
+                f"requests[{index}] has mode {request.mode.value!r}: only txt2img jobs are "
+                "batched; render img2img jobs one at a time with render()"
+            )
+        differences = incompatibilities(first, request)
+        if differences:
+            raise ValueError(
+                f"requests[{index}] cannot share a pipeline call with requests[0]: "
+                + ", ".join(differences)
+            )
+
+    # 2. The pipeline, with the jobs' scheduler
+    pipe = cache.get(first.model, Mode.txt2img)
+    set_scheduler(pipe, first.scheduler)
+
+    # 3. One entry per image: (job index, prompt, negative prompt, seed)
+    entries = [
+        (j, request.prompt, request.negative_prompt, seed)
+        for j, request in enumerate(requests)
+        for seed in request.seeds()
+    ]
+    kwargs = {
+        "width": first.width,
+        "height": first.height,
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance_scale,
+        "num_images_per_prompt": 1,
+    }
+
+    # 4. Render, max_batch images per call, padded to a compiled batch size if need be
+    chunks = _chunks(entries, cache.profile.max_batch)
+    out: list[list[PIL.Image.Image]] = [[] for _ in requests]
+    for index, chunk in enumerate(chunks):
+        size = cache.batch_size_for(len(chunk))
+        padded = chunk + [chunk[-1]] * (size - len(chunk))  # extra images are thrown away
+        negatives = [negative for _, _, negative, _ in padded]
+        images = _call(
+            pipe,
+            kwargs | {
+                "prompt": [prompt for _, prompt, _, _ in padded],
+                # "" is what diffusers uses for None; None skips building the list.
+                "negative_prompt": negatives if any(negatives) else None,
+                "generator": [torch.Generator("cpu").manual_seed(s) for *_, s in padded],
+            },
+            on_step, index, len(chunks),
+        )
+        for (j, *_), image in zip(chunk, images, strict=False):
+            out[j].append(image)
+
+    # 5. Check what came out
+    for request, images in zip(requests, out, strict=True):
+        _check_sizes(images, request)
+    return out
+
+
+def _check(request: JobRequest, profile: Profile) -> None:
+    if request.seed is None:
+        raise ValueError("seed must be set before a job is rendered, got None")
+    pixels = request.width * request.height
+    if pixels > profile.max_pixels:
+        raise ValueError(
+            f"width x height is {request.width}x{request.height} = {pixels} pixels, over the "
+            f"{profile.max_pixels} this worker's {profile.name!r} profile takes"
+        )
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _call(pipe, kwargs: dict, on_step: OnStep | None, index: int, calls: int):
+    """One pipeline call, reporting its steps as call ``index`` of ``calls``."""
+
+    def step_end(p, i, t, callback_kwargs):
+        if on_step is not None:
+            per_call = p.num_timesteps
+            on_step(index * per_call + i + 1, per_call * calls)
+        return callback_kwargs
+
+    try:
+        with torch.inference_mode():
+            return pipe(**kwargs, output_type="pil", callback_on_step_end=step_end).images
+    except BaseException:
+        pipe.maybe_free_model_hooks()  # with CPU offload, put the models back
+        raise
+
+
+def _check_sizes(images: list[PIL.Image.Image], request: JobRequest) -> None:
+    if len(images) != request.num_images:
+        raise RuntimeError(f"pipeline returned {len(images)} images for a job of "
+                           f"{request.num_images}")
     for image in images:
         if image.size != (request.width, request.height):
             raise RuntimeError(
                 f"pipeline returned a {image.size[0]}x{image.size[1]} image for a "
                 f"{request.width}x{request.height} job"
             )
-    return images
