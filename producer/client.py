@@ -14,10 +14,11 @@ from functools import cached_property
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from producer.enqueue import publish
+from producer.enqueue import publish, queue_for
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import FarmUnavailable, FieldError, InvalidJob, JobFailed
+from renderfarm.fleet import capability_errors, live_workers
 from renderfarm.records import Records
 from renderfarm.schema import (
     MAX_SEED,
@@ -28,6 +29,7 @@ from renderfarm.schema import (
     parse_job,
 )
 from renderfarm.settings import Settings
+from worker.compat import compat_key
 from worker.modelfiles import list_models
 
 IDEMPOTENCY_TTL = 7 * 24 * 3600
@@ -87,6 +89,8 @@ class FarmClient:
                     "model", f"is not a model the farm has (known: {names})", request.model, index
                 ))
             out.append(request)
+        if out and not errors:
+            errors = capability_errors(out, live_workers(self.redis))
         if errors:
             if len(out) + len(errors) == 1 or all(e.index == 0 for e in errors):
                 for e in errors:
@@ -119,7 +123,11 @@ class FarmClient:
             owners = self._idempotency_owners(pending)
             fresh = [(job_id, r) for job_id, r in pending if owners.get(job_id, job_id) == job_id]
             if fresh:
-                self.records.add_jobs(batch_id, fresh, label=label)
+                self.records.add_jobs(
+                    batch_id, fresh, label=label,
+                    queues=[queue_for(r, self.settings) for _, r in fresh],
+                    compat=[compat_key(r, job_id) for job_id, r in fresh],
+                )
                 publish(self.celery, self.settings, fresh)
         except RedisConnectionError as exc:
             raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc

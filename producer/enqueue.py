@@ -21,8 +21,17 @@ from renderfarm.settings import Settings
 
 
 def queue_for(request: JobRequest, settings: Settings) -> str:
-    """The one place that decides which queue a job goes to."""
-    return settings.queue
+    """The one place that decides which queue a job goes to: one queue per model, and per
+    hardware class when the job names one. Only workers that have the model (and are of that
+    class) consume it, so a job never lands on a worker that cannot run it."""
+    base = f"{settings.queue}.{request.model}"
+    return base if request.hardware == "any" else f"{base}.{request.hardware}"
+
+
+def worker_queues(settings: Settings, models: list[str], hardware: str) -> list[str]:
+    """The queues a worker of class ``hardware`` that has ``models`` consumes."""
+    base = settings.queue
+    return [q for m in models for q in (f"{base}.{m}", f"{base}.{m}.{hardware}")]
 
 
 def publish(app: Celery, settings: Settings, jobs: Sequence[tuple[str, JobRequest]]) -> None:

@@ -29,3 +29,13 @@ WORKERS = "rf:workers"  #: zset worker id -> time of its last heartbeat
 def worker(worker_id: str) -> str:
     """Hash describing one worker: host, profile, device, models, current job, jobs done."""
     return f"rf:worker:{worker_id}"
+
+QUEUES = "rf:queues"  #: set of the Celery queue names jobs have been sent to
+
+
+def pending(queue: str) -> str:
+    """Zset of the ids of a queue's ``queued`` jobs, best first (priority, then age).
+
+    Workers claim from it directly for micro-batches and model affinity; the Celery message of
+    a job claimed that way is dropped on delivery (the job is no longer ``queued``)."""
+    return f"rf:pending:{queue}"

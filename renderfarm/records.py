@@ -31,6 +31,15 @@ local function move(job, batch, from, to, t)
   if from ~= to then
     redis.call('HINCRBY', batch, 'n:' .. from, -1)
     redis.call('HINCRBY', batch, 'n:' .. to, 1)
+    local queue = redis.call('HGET', job, 'queue')
+    if queue then
+      local id = redis.call('HGET', job, 'id')
+      if to == 'queued' then
+        redis.call('ZADD', 'rf:pending:' .. queue, redis.call('HGET', job, 'score') or 0, id)
+      elseif from == 'queued' then
+        redis.call('ZREM', 'rf:pending:' .. queue, id)
+      end
+    end
   end
 end
 local function release(job, running, id)
@@ -153,6 +162,40 @@ return 'queued'
 """
 
 
+# KEYS: running, pending zsets...  ARGV: owner, now, lease_until, max_attempts, n, compat|'',
+# scan limit. Claims up to n queued jobs from the pending zsets in order, only those whose
+# 'compat' field equals ARGV[6] when it is given (micro-batch partners). Skips (and drops from
+# the zset) ids that are no longer queued. Returns the ids claimed.
+_CLAIM_MORE = _MOVE + """
+local out = {}
+local n = tonumber(ARGV[5])
+for k = 2, #KEYS do
+  local ids = redis.call('ZRANGE', KEYS[k], 0, tonumber(ARGV[7]) - 1)
+  for _, id in ipairs(ids) do
+    if #out >= n then return out end
+    local job = 'rf:job:' .. id
+    local state = redis.call('HGET', job, 'state')
+    if state ~= 'queued' or redis.call('HGET', job, 'cancel') == '1' then
+      redis.call('ZREM', KEYS[k], id)
+    elseif ARGV[6] == '' or redis.call('HGET', job, 'compat') == ARGV[6] then
+      local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+      if attempts <= tonumber(ARGV[4]) then
+        local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
+        move(job, B, state, 'started', ARGV[2])
+        redis.call('HSET', job, 'worker', ARGV[1], 'lease_owner', ARGV[1],
+          'lease_until', ARGV[3], 'step', 0)
+        redis.call('ZADD', KEYS[1], ARGV[3], id)
+        table.insert(out, id)
+      else
+        redis.call('HINCRBY', job, 'attempts', -1)
+      end
+    end
+  end
+end
+return out
+"""
+
+
 @dataclass(frozen=True)
 class Claim:
     """The answer to a worker asking to run a job."""
@@ -176,13 +219,23 @@ class Records:
         self._cancel = redis.register_script(_CANCEL)
         self._reap = redis.register_script(_REAP)
         self._retry = redis.register_script(_RETRY)
+        self._claim_more = redis.register_script(_CLAIM_MORE)
 
     # -- writing new work -------------------------------------------------------------------
     def add_jobs(
-        self, batch_id: str, jobs: Sequence[tuple[str, JobRequest]], label: str = ""
+        self,
+        batch_id: str,
+        jobs: Sequence[tuple[str, JobRequest]],
+        label: str = "",
+        queues: Sequence[str] | None = None,
+        compat: Sequence[str] | None = None,
     ) -> None:
-        """Create (or extend) a batch and the records of its jobs, in one pipelined round trip."""
+        """Create (or extend) a batch and the records of its jobs, in one pipelined round trip.
+
+        ``queues[i]`` is the Celery queue job i goes to, ``compat[i]`` its micro-batch key."""
         t = now()
+        queues = queues or ["renderfarm"] * len(jobs)
+        compat = compat or [job_id for job_id, _ in jobs]
         pipe = self.redis.pipeline(transaction=True)
         bkey = keys.batch(batch_id)
         pipe.hsetnx(bkey, "id", batch_id)
@@ -192,7 +245,9 @@ class Records:
         pipe.hincrby(bkey, "total", len(jobs))
         pipe.hincrby(bkey, "n:queued", len(jobs))
         pipe.zadd(keys.BATCHES, {batch_id: t}, nx=True)
-        for job_id, request in jobs:
+        pending: dict[str, dict[str, float]] = {}
+        for (job_id, request), queue, key in zip(jobs, queues, compat, strict=True):
+            score = pending_score(request.priority, t)
             pipe.hset(
                 keys.job(job_id),
                 mapping={
@@ -202,8 +257,15 @@ class Records:
                     "request": request.model_dump_json(),
                     "created_at": t,
                     "t:queued": t,
+                    "queue": queue,
+                    "compat": key,
+                    "score": score,
                 },  # attempts, step, steps_total: absent means 0 / request.steps (see below)
             )
+            pending.setdefault(queue, {})[job_id] = score
+        for queue, members in pending.items():
+            pipe.zadd(keys.pending(queue), members)
+        pipe.sadd(keys.QUEUES, *pending)
         pipe.rpush(keys.batch_jobs(batch_id), *[job_id for job_id, _ in jobs])
         pipe.zadd(keys.JOBS, {job_id: t for job_id, _ in jobs})
         pipe.execute()
@@ -268,6 +330,28 @@ class Records:
         )
         return Claim(status.decode(), detail.decode())
 
+    def claim_more(
+        self,
+        queues: Sequence[str],
+        owner: str,
+        lease_seconds: float,
+        max_attempts: int,
+        n: int,
+        compat: str = "",
+        scan: int = 200,
+    ) -> list[str]:
+        """Claim up to ``n`` queued jobs straight from the queues' pending sets (best first),
+        only micro-batch partners when ``compat`` is given. Their Celery messages, delivered
+        later, find them claimed and are dropped."""
+        if n <= 0 or not queues:
+            return []
+        t = now()
+        ids = self._claim_more(
+            keys=[keys.RUNNING, *[keys.pending(q) for q in queues]],
+            args=[owner, t, t + lease_seconds, max_attempts, n, compat, scan],
+        )
+        return [i.decode() for i in ids]
+
     def update(
         self,
         job_id: str,
@@ -326,6 +410,11 @@ class Records:
         return [keys.job(job_id), keys.RUNNING]
 
 
+def pending_score(priority: int, created_at: float) -> float:
+    """Lower is taken first: higher priority, then older."""
+    return (9 - priority) * 1e10 + created_at
+
+
 def _s(data: dict, name: str, default: str = "") -> str:
     value = data.get(name.encode())
     return value.decode() if value is not None else default
@@ -351,6 +440,8 @@ def _job_from_hash(data: dict) -> JobRecord:
         results=[ImageResult.model_validate(r) for r in json.loads(results)] if results else [],
         error=_s(data, "error") or None,
         cancel_requested=_s(data, "cancel") == "1",
+        queue=_s(data, "queue"),
+        compat=_s(data, "compat"),
     )
 
 

@@ -147,6 +147,8 @@ class JobRecord(BaseModel):
     results: list[ImageResult] = Field(default_factory=list)
     error: str | None = None
     cancel_requested: bool = False
+    queue: str = Field("", description="The Celery queue the job was sent to.")
+    compat: str = Field("", description="Jobs with equal keys may share a pipeline call.")
 
     @property
     def terminal(self) -> bool:

@@ -26,6 +26,9 @@ def run_worker(
     service = WorkerService(settings, profile)
     register(service.app, service)
     models = service.advertise_models()
+    if not models and not queues:
+        raise SystemExit(f"no models in {settings.models_path}: add one (e.g. `renderfarm "
+                         "make-model tiny DIR/tiny`) or set RENDERFARM_MODELS_DIR")
     log.info("worker %s: profile %s, models %s", service.owner, service.profile.name, models)
     service.preload(preload or [])
 
@@ -36,13 +39,17 @@ def run_worker(
 
     @signals.worker_shutting_down.connect(weak=False)
     def _stopping(**_: object) -> None:
-        service.stop_background()
+        service.stop_background()  # no more affinity jobs; the running one finishes
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stopped(**_: object) -> None:
+        service.drain()  # jobs rendered but not yet stored are stored before exit
 
     argv = [
         "worker",
         "--pool=solo",  # one process per device: CUDA does not survive fork
         "--concurrency=1",
-        f"--queues={','.join(queues or [settings.queue])}",
+        f"--queues={','.join(queues or service.queues)}",
         f"--loglevel={loglevel}",
         "--without-gossip",
         "--without-mingle",

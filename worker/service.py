@@ -4,12 +4,25 @@ Reliability rests on the job's lease (see renderfarm/records.py), not on Celery 
 - a job is run only by the worker that claimed it; a second delivery of the same message
   (Redis visibility timeout, a restored unacked message) finds it running or done and is
   dropped;
-- the lease is renewed every second by a background thread while the job runs; a worker that
-  dies stops renewing, and any live worker's reaper puts the job back in the queue once the
-  lease runs out — in ``lease_seconds``, not after Redis' visibility timeout;
-- each claim counts an attempt; a job whose worker was lost ``max_attempts`` times fails as
-  a poison job instead of killing workers forever;
+- the leases of every job this worker holds (rendering or uploading) are renewed every second
+  by a background thread; a worker that dies stops renewing, and any live worker's reaper puts
+  its jobs back in the queue once the leases run out — in ``lease_seconds``, not after Redis'
+  visibility timeout;
+- each claim counts an attempt; a job whose worker was lost ``max_attempts`` times fails as a
+  poison job instead of killing workers forever;
 - images are stored first-writer-wins, so two runs of one job leave one set of objects.
+
+Throughput (issue 6) without giving that up:
+- micro-batches: with a job in hand, the worker claims up to ``max_batch - 1`` queued jobs that
+  can share its pipeline call (same compat key) straight from the queue's pending set. Celery
+  prefetch stays at 1: prefetched-but-unstarted messages are the classic source of duplicates
+  with the Redis transport, while a claim is atomic, leased and counted like any other. The
+  partners' own messages are dropped when they arrive. A lone job waits for nobody.
+- model affinity (issue 4): after a job, the worker keeps taking queued jobs of the models it
+  has loaded, for up to ``AFFINITY_SECONDS``, before it takes the next message, so a mixed
+  workload does not make workers reload models back and forth.
+- PNG encoding and upload run in a background thread, so the device renders the next job
+  while the last one is stored.
 """
 
 from __future__ import annotations
@@ -17,16 +30,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 import traceback
 from secrets import token_hex
 
-from producer.enqueue import publish
+from producer.enqueue import publish, worker_queues
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import Cancelled, JobNotFound
+from renderfarm.fleet import HEARTBEAT_INTERVAL
 from renderfarm.records import Records
 from renderfarm.schema import ImageResult, JobRecord, JobState, now
 from renderfarm.settings import Settings
@@ -36,9 +51,9 @@ from worker.modelfiles import list_models
 
 log = logging.getLogger("renderfarm.worker")
 
-PROGRESS_INTERVAL = 0.25  # seconds between step-progress writes to the record
-RENEW_INTERVAL = 1.0  # seconds between lease renewals of the running job
-HEARTBEAT_INTERVAL = 2.0  # seconds between worker heartbeats
+PROGRESS_INTERVAL = 0.25  # seconds between step-progress writes to the records
+RENEW_INTERVAL = 1.0  # seconds between lease renewals of the held jobs
+AFFINITY_SECONDS = 120.0  # longest a worker keeps taking jobs of loaded models in one task
 
 
 class LostJob(Exception):
@@ -46,7 +61,8 @@ class LostJob(Exception):
 
 
 class WorkerService:
-    def __init__(self, settings: Settings, profile: str = "auto", max_models: int = 2):
+    def __init__(self, settings: Settings, profile: str = "auto", max_models: int = 2,
+                 affinity: bool = True):
         from worker.pipelines import PipelineCache
         from worker.profiles import detect_profile
 
@@ -57,21 +73,32 @@ class WorkerService:
         self.app = celery_app(settings)
         self.profile = detect_profile(profile)
         self.cache = PipelineCache(settings.models_path, self.profile, max_models=max_models)
+        self.affinity = affinity
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{os.getpid()}:{token_hex(2)}"
+        self.models: list[str] = []
+        self.queues: list[str] = []
         self.jobs_done = 0
-        self._current: str | None = None
+        self.speeds: dict[str, float] = {}
+        self._held: set[str] = set()  # jobs whose lease we renew
+        self._current: list[str] = []  # jobs on the device now
+        self._step = 0
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._uploads: queue.Queue = queue.Queue(maxsize=2)
+        self._uploader = threading.Thread(target=self._upload_loop, name="upload", daemon=True)
+        self._uploader.start()
 
     # -- lifecycle --------------------------------------------------------------------------
     def advertise_models(self) -> list[str]:
-        names = list(list_models(self.settings.models_path))
-        if names:
-            self.redis.hset(keys.MODELS, mapping={n: now() for n in names})
-        return names
+        """Find this worker's models and the queues it consumes (one per model and class)."""
+        self.models = list(list_models(self.settings.models_path))
+        self.queues = worker_queues(self.settings, self.models, self.profile.name)
+        if self.models:
+            self.redis.hset(keys.MODELS, mapping={n: now() for n in self.models})
+        return self.models
 
     def preload(self, models: list[str]) -> None:
         from renderfarm.schema import Mode
@@ -80,7 +107,7 @@ class WorkerService:
             self.cache.get(name, Mode.txt2img)
 
     def start_background(self) -> None:
-        """Start the thread that renews the running job's lease and reaps dead workers' jobs."""
+        """Start the thread that renews held leases, beats, and reaps dead workers' jobs."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._background, name="lease", daemon=True)
             self._thread.start()
@@ -88,11 +115,17 @@ class WorkerService:
     def stop_background(self) -> None:
         self._stop.set()
 
+    def drain(self, timeout: float = 600.0) -> None:
+        """Wait for the background uploads to finish (warm shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._uploads.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def _background(self) -> None:
         next_reap = next_beat = 0.0
         while True:
             try:
-                self._renew_current()
+                self._renew_held()
                 if time.monotonic() >= next_beat:
                     self.heartbeat()
                     next_beat = time.monotonic() + HEARTBEAT_INTERVAL
@@ -102,38 +135,49 @@ class WorkerService:
             except Exception:  # a Redis blip must not kill the thread
                 log.warning("lease thread: %s", traceback.format_exc(limit=1).strip())
             if self._stop.wait(RENEW_INTERVAL):
+                self.drain()
                 self.redis.zrem(keys.WORKERS, self.owner)
                 return
 
     def heartbeat(self) -> None:
-        """Publish what this worker is and does; the dashboard and ``up`` read it."""
+        """Publish what this worker is and does; the dashboard, ``up`` and routing read it."""
         t = now()
         with self._lock:
-            current = self._current or ""
+            current = self._current[0] if self._current else ""
+        total, free = _device_memory(self.profile.device)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.worker(self.owner), mapping={
             "id": self.owner,
             "host": self.host,
+            "hardware": self.profile.name,
             "profile": self.profile.name,
             "device": self.profile.device,
-            "models": json.dumps(list(list_models(self.settings.models_path))),
+            "device_name": _device_name(self.profile.device),
+            "memory_total": total if total is not None else "",
+            "memory_free": free if free is not None else "",
+            "max_pixels": self.profile.max_pixels,
+            "max_batch": self.profile.max_batch,
+            "models": json.dumps(self.models),
             "loaded": json.dumps(self.cache.loaded()),
+            "speeds": json.dumps(self.speeds),
             "current_job": current,
+            "step": self._step,
             "jobs_done": self.jobs_done,
+            "loads": self.cache.loads,
             "beat": t,
         })
         pipe.expire(keys.worker(self.owner), 300)
         pipe.zadd(keys.WORKERS, {self.owner: t})
         pipe.execute()
 
-    def _renew_current(self) -> None:
+    def _renew_held(self) -> None:
         with self._lock:
-            job_id = self._current
-        if job_id is None:
-            return
-        answer = self.records.renew(job_id, self.owner, self.settings.lease_seconds)
-        if answer in ("cancel", "lost"):
-            self._cancel.set()
+            held = list(self._held)
+            current = set(self._current)
+        for job_id in held:
+            answer = self.records.renew(job_id, self.owner, self.settings.lease_seconds)
+            if answer in ("cancel", "lost") and job_id in current:
+                self._cancel.set()
 
     def reap(self) -> int:
         """Re-queue jobs whose worker stopped renewing their lease. Returns how many."""
@@ -141,16 +185,18 @@ class WorkerService:
         for job_id in self.records.expired_leases():
             outcome = self.records.reap(job_id, self.settings.max_attempts)
             if outcome == "requeued":
-                publish(self.app, self.settings, [(job_id, self.records.job(job_id).request)])
+                record = self.records.job(job_id)
+                publish(self.app, self.settings, [(job_id, record.request)])
                 requeued += 1
                 log.warning("job %s: its worker was lost; re-queued", job_id)
             elif outcome == "failed":
                 log.error("job %s: failed, its worker was lost on every attempt", job_id)
         return requeued
 
-    # -- one job ----------------------------------------------------------------------------
+    # -- a delivered message ------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
-        """Run one delivered job to its end. Returns the outcome; never raises for job errors."""
+        """Run one delivered job (with its micro-batch partners) to its end, then jobs of the
+        loaded models while there are any. Returns the delivered job's outcome."""
         try:
             record = self.records.job(job_id)
         except JobNotFound:
@@ -162,50 +208,174 @@ class WorkerService:
         if not claim.ok:
             log.info("job %s not run: %s %s", job_id, claim.status, claim.detail)
             return claim.status
+        outcome = self._run_group([record, *self._partners(record)]).get(job_id, "failed")
+        if self.affinity:
+            deadline = time.monotonic() + AFFINITY_SECONDS
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                group = self._next_loaded_group()
+                if not group:
+                    break
+                self._run_group(group)
+        return outcome
+
+    def _partners(self, record: JobRecord) -> list[JobRecord]:
+        room = self.profile.max_batch - record.request.num_images
+        if room <= 0 or not record.compat.startswith("txt2img:"):
+            return []
+        ids = self.records.claim_more(
+            [record.queue], self.owner, self.settings.lease_seconds,
+            self.settings.max_attempts, n=room, compat=record.compat,
+        )
+        return self.records.jobs(ids)
+
+    def _next_loaded_group(self) -> list[JobRecord]:
+        loaded = set(self.cache.loaded())
+        queues = [q for m in self.models if m in loaded
+                  for q in worker_queues(self.settings, [m], self.profile.name)]
+        ids = self.records.claim_more(queues, self.owner, self.settings.lease_seconds,
+                                      self.settings.max_attempts, n=1)
+        if not ids:
+            return []
+        first = self.records.job(ids[0])
+        return [first, *self._partners(first)]
+
+    # -- rendering ----------------------------------------------------------------------------
+    def _run_group(self, group: list[JobRecord]) -> dict[str, str]:
+        """Render claimed jobs (together when there are several), hand them to the uploader.
+        Returns job id -> outcome ('uploading' means handed over)."""
+        ids = [r.id for r in group]
         with self._lock:
-            self._current = job_id
-            self._cancel.clear()
+            self._held.update(ids)
+        outcomes: dict[str, str] = {}
         try:
-            self._render_and_store(record)
-            return "succeeded"
-        except Cancelled:
-            self.records.update(job_id, self.owner, JobState.cancelled)
-            return "cancelled"
-        except LostJob:
-            log.warning("job %s: lease lost mid-run; left to its new owner", job_id)
-            return "lost"
-        except Exception as exc:
-            log.exception("job %s failed", job_id)
-            self.records.fail(job_id, self.owner, _describe(exc))
-            return "failed"
+            if len(group) > 1:
+                try:
+                    rendered = self._render(group)
+                    for record, images in zip(group, rendered, strict=True):
+                        outcomes[record.id] = self._hand_over(record, images)
+                    return outcomes
+                except Exception as exc:  # one bad partner must not fail the others
+                    log.info("batch of %d split after %s; rendering one by one",
+                             len(group), type(exc).__name__)
+            for record in group:
+                outcomes[record.id] = self._run_one(record)
+            return outcomes
         finally:
             with self._lock:
-                self._current = None
+                for job_id, outcome in outcomes.items():
+                    if outcome != "uploading":
+                        self._held.discard(job_id)
+                for job_id in ids:
+                    if job_id not in outcomes:
+                        self._held.discard(job_id)
+
+    def _run_one(self, record: JobRecord, retried: bool = False) -> str:
+        try:
+            [images] = self._render([record])
+            return self._hand_over(record, images)
+        except Cancelled:
+            self.records.update(record.id, self.owner, JobState.cancelled)
+            return "cancelled"
+        except LostJob:
+            log.warning("job %s: lease lost mid-run; left to its new owner", record.id)
+            return "lost"
+        except Exception as exc:
+            if _out_of_memory(exc) and not retried:
+                log.warning("job %s ran out of device memory; retrying with memory savers",
+                            record.id)
+                self._enable_memory_savers(record)
+                return self._run_one(record, retried=True)
+            log.exception("job %s failed", record.id)
+            self.records.fail(record.id, self.owner, _describe(exc))
+            return "failed"
+        finally:
             self.jobs_done += 1
 
-    def _render_and_store(self, record: JobRecord) -> None:
-        from worker.render import render
+    def _render(self, group: list[JobRecord]) -> list[list]:
+        from worker.render import render, render_batch
 
-        request = record.request
+        ids = [r.id for r in group]
+        with self._lock:
+            self._current = ids
+            self._cancel.clear()
         last_write = 0.0
 
         def on_step(step: int, total: int) -> None:
             nonlocal last_write
+            self._step = step
             if self._cancel.is_set():
-                self._check_still_ours(record.id)
+                self._check_still_ours(ids)
             t = time.monotonic()
             if step == 1 or step == total or t - last_write >= PROGRESS_INTERVAL:
                 last_write = t
-                status, cancel = self.records.update(
-                    record.id, self.owner, JobState.rendering, step=step, steps_total=total
-                )
-                if status != "ok":
-                    raise LostJob(status)
-                if cancel:
-                    raise Cancelled(record.id)
+                for job_id in ids:
+                    status, cancel = self.records.update(
+                        job_id, self.owner, JobState.rendering, step=step, steps_total=total
+                    )
+                    if status != "ok":
+                        raise LostJob(status)
+                    if cancel:
+                        raise Cancelled(job_id)
 
-        images = render(self.cache, request, on_step)
-        self._move(record.id, JobState.uploading)
+        started = time.monotonic()
+        try:
+            if len(group) == 1:
+                rendered = [render(self.cache, group[0].request, on_step)]
+            else:
+                rendered = render_batch(self.cache, [r.request for r in group], on_step)
+        finally:
+            with self._lock:
+                self._current = []
+            self._step = 0
+        request = group[0].request
+        calls = max(1, -(-sum(r.request.num_images for r in group) // self.profile.max_batch))
+        self.speeds[f"{request.model}@{request.width}x{request.height}"] = round(
+            request.steps * calls / max(1e-6, time.monotonic() - started), 2)
+        return rendered
+
+    def _check_still_ours(self, ids: list[str]) -> None:
+        for job_id in ids:
+            answer = self.records.renew(job_id, self.owner, self.settings.lease_seconds)
+            if answer == "cancel":
+                raise Cancelled(job_id)
+            if answer == "lost":
+                raise LostJob(job_id)
+        self._cancel.clear()
+
+    def _enable_memory_savers(self, record: JobRecord) -> None:
+        import torch
+
+        pipe = self.cache.get(record.request.model, record.request.mode)
+        pipe.enable_attention_slicing()
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- storing ------------------------------------------------------------------------------
+    def _hand_over(self, record: JobRecord, images: list) -> str:
+        status, _ = self.records.update(record.id, self.owner, JobState.uploading)
+        if status != "ok":
+            raise LostJob(status)
+        self._uploads.put((record, images))  # blocks while 2 are waiting: bounded memory
+        return "uploading"
+
+    def _upload_loop(self) -> None:
+        while True:
+            record, images = self._uploads.get()
+            try:
+                self._store(record, images)
+            except Exception as exc:
+                log.exception("job %s: storing failed", record.id)
+                self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
+            finally:
+                with self._lock:
+                    self._held.discard(record.id)
+                self.jobs_done += 1
+                self._uploads.task_done()
+
+    def _store(self, record: JobRecord, images: list) -> None:
+        request = record.request
         results = []
         for k, (image, seed) in enumerate(zip(images, request.seeds(), strict=True)):
             key = f"{record.batch_id}/{record.id}-{k}.png"
@@ -218,19 +388,6 @@ class WorkerService:
                          "application/json")
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
-
-    def _move(self, job_id: str, state: JobState) -> None:
-        status, cancel = self.records.update(job_id, self.owner, state)
-        if status != "ok":
-            raise LostJob(status)
-
-    def _check_still_ours(self, job_id: str) -> None:
-        answer = self.records.renew(job_id, self.owner, self.settings.lease_seconds)
-        if answer == "cancel":
-            raise Cancelled(job_id)
-        if answer == "lost":
-            raise LostJob(job_id)
-        self._cancel.clear()
 
     def _sidecar(self, record: JobRecord, results: list[ImageResult]) -> bytes:
         fresh = self.records.job(record.id)
@@ -260,8 +417,35 @@ def _span(t: dict[str, float], start: str, end: str) -> float | None:
     return round(t[end] - t[start], 4) if start in t and end in t else None
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+
+
 def _describe(exc: BaseException) -> str:
-    name = type(exc).__name__
-    if "OutOfMemory" in name:
+    if _out_of_memory(exc):
         return f"out of device memory: {exc}"
-    return f"{name}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def _device_memory(device: str) -> tuple[int | None, int | None]:
+    if device == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return total, free
+    try:
+        pages, free_pages = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
+        size = os.sysconf("SC_PAGE_SIZE")
+        return pages * size, free_pages * size
+    except (ValueError, OSError):
+        return None, None
