@@ -162,7 +162,8 @@ def _add_current_steps(c: FarmClient, fleet: list[dict[str, Any]], now: float) -
 
 
 def queue_names(c: FarmClient) -> list[str]:
-    return [c.settings.queue]
+    """Every queue jobs were sent to (one per model and hardware class; see enqueue.queue_for)."""
+    return sorted(q.decode() for q in c.redis.smembers(keys.QUEUES))
 
 
 def queues(now: float | None = None) -> dict[str, Any]:

@@ -95,9 +95,12 @@ def make_job():
 @pytest.fixture
 def queue_depth(dash_farm):
     """``queue_depth()``: messages waiting in the farm's queue, all priority sub-queues."""
-    name = dash_farm.settings.queue
-    names = [name] + [f"{name}\x06\x16{p}" for p in range(1, 10)]
-    return lambda: sum(dash_farm.redis.llen(n) for n in names)
+    def depth() -> int:
+        queues = [q.decode() for q in dash_farm.redis.smembers(keys.QUEUES)]
+        names = [n for q in queues for n in [q] + [f"{q}\x06\x16{p}" for p in range(1, 10)]]
+        return sum(dash_farm.redis.llen(n) for n in names)
+
+    return depth
 
 
 @pytest.fixture

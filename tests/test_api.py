@@ -198,7 +198,7 @@ def test_queues(dash_client, dash_farm, make_job):
     dash_client.post(f"/api/v1/jobs/{first['job_ids'][0]}/cancel")
     data = dash_client.get("/api/v1/queues").get_json()
     [queue] = data["queues"]
-    assert queue["name"] == dash_farm.settings.queue and queue["depth"] == 3
+    assert queue["name"] == f"{dash_farm.settings.queue}.tiny" and queue["depth"] == 3
     assert queue["by_priority"] == {"2": 1, "9": 1, "5": 1}
     assert data["queued_jobs"] == 2
     assert data["oldest_waiting"]["id"] == first["job_ids"][1]  # the cancelled one is not waiting
