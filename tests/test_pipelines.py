@@ -201,3 +201,119 @@ def test_profile_is_cpu_here_and_gpu_is_refused():
         detect_profile("gpu")
     with pytest.raises(ValueError, match="got 'tpu'"):
         detect_profile("tpu")
+
+
+# -- the fast path: SDPA, channels_last, torch.compile, warm-up -----------------------------
+
+def is_channels_last(module: torch.nn.Module) -> bool:
+    """Every 4-D weight with a kernel wider than 1x1 (where NCHW and NHWC differ) is NHWC."""
+    weights = [w for w in module.parameters() if w.dim() == 4 and w.shape[-1] > 1]
+    assert weights
+    return all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+               for w in weights)
+
+
+def uses_sdpa(module: torch.nn.Module) -> bool:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = module.attn_processors.values()
+    return bool(processors) and all(isinstance(p, AttnProcessor2_0) for p in processors)
+
+
+def test_cpu_profile_uses_sdpa_but_not_channels_last_or_compile(cache, monkeypatch):
+    monkeypatch.setenv("RENDERFARM_COMPILE", "1")  # the CPU profile ignores it
+    profile = detect_profile("cpu")
+    assert (profile.channels_last, profile.compile, profile.sdpa) == (False, False, True)
+    pipe = cache.get("tiny", Mode.txt2img)
+    assert uses_sdpa(pipe.unet) and uses_sdpa(pipe.vae)
+    assert not is_channels_last(pipe.unet) and not is_channels_last(pipe.vae)
+    assert pipe.unet._compiled_call_impl is None
+    assert cache.batch_size_for(3) == 3
+
+
+def test_channels_last_renders_the_same_images(models, cache):
+    nhwc = PipelineCache(models, Profile("cpu", "cpu", torch.float32, channels_last=True))
+    pipe = nhwc.get("tiny", Mode.txt2img)
+    assert is_channels_last(pipe.unet) and is_channels_last(pipe.vae)
+    a, b = render(nhwc, job(seed=11))[0], render(cache, job(seed=11))[0]
+    assert np.abs(pixels(a) - pixels(b)).max() <= 2
+
+
+def test_compile_flag_compiles_the_unet_in_place(models, monkeypatch):
+    calls: list[dict] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    profile = Profile("cpu", "cpu", torch.float32, compile=True, compile_mode="default")
+    compiled = PipelineCache(models, profile)
+    pipe = compiled.get("tiny", Mode.txt2img)
+    assert calls == [{"mode": "default", "fullgraph": True}]
+    assert compiled.get("tiny", Mode.img2img).unet is pipe.unet  # img2img shares it
+    with pytest.raises(ValueError, match="compile and cpu_offload cannot be combined"):
+        Profile("gpu", "cuda", torch.float16, compile=True, cpu_offload=True)
+
+
+def test_compile_env(monkeypatch):
+    from worker.profiles import compile_from_env
+
+    monkeypatch.delenv("RENDERFARM_COMPILE", raising=False)
+    assert compile_from_env() == (False, "max-autotune")
+    monkeypatch.setenv("RENDERFARM_COMPILE", "1")
+    monkeypatch.setenv("RENDERFARM_COMPILE_MODE", "reduce-overhead")
+    assert compile_from_env() == (True, "reduce-overhead")
+    monkeypatch.setenv("RENDERFARM_COMPILE", "maybe")
+    with pytest.raises(ValueError, match="RENDERFARM_COMPILE must be 1 or 0, got 'maybe'"):
+        compile_from_env()
+
+
+def test_warmup_renders_each_size_and_batch_once(models):
+    small = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_batch=2,
+                                          max_pixels=64 * 96))
+    timings = small.warmup("tiny", sizes=[(64, 64), (96, 64), (128, 128)], batch_sizes=[1, 2])
+    assert list(timings) == ["64x64x1", "64x64x2", "96x64x1", "96x64x2"]  # 128x128: too big
+    assert small.loads == 1 and small.warmed["tiny"] == timings
+    with pytest.raises(ValueError, match="batch size must be 1 to max_batch 2, got 3"):
+        small.warmup("tiny", sizes=[(64, 64)], batch_sizes=[3])
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_gpu_profile_applies_fp16_sdpa_channels_last_and_keeps_the_vae_on_the_gpu(models):
+    profile = detect_profile("gpu")
+    assert (profile.dtype, profile.sdpa, profile.channels_last, profile.cpu_offload) == (
+        torch.float16, True, True, False)
+    gpu = PipelineCache(models, profile)
+    pipe = gpu.get("tiny", Mode.txt2img)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert module.device.type == "cuda" and module.dtype == torch.float16
+    assert uses_sdpa(pipe.unet) and uses_sdpa(pipe.vae)
+    assert is_channels_last(pipe.unet) and is_channels_last(pipe.vae)
+    images = render(gpu, job(num_images=3))
+    assert [im.size for im in images] == [(64, 64)] * 3
+
+
+@needs_cuda
+def test_gpu_batched_images_match_unbatched(models):
+    from worker.render import render_batch
+
+    gpu = PipelineCache(models, detect_profile("gpu"))
+    requests = [job(seed=1, prompt="a red barn"), job(seed=2, num_images=2)]
+    batched = render_batch(gpu, requests)
+    for request, images in zip(requests, batched, strict=True):
+        for a, b in zip(images, render(gpu, request), strict=True):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 4  # fp16
+
+
+@needs_cuda
+def test_gpu_compiled_unet_does_not_recompile_after_warmup(models, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("RENDERFARM_COMPILE", "1")
+    monkeypatch.setenv("RENDERFARM_COMPILE_MODE", "default")  # minutes less than max-autotune
+    profile = detect_profile("gpu")
+    assert profile.compile
+    gpu = PipelineCache(models, profile)
+    gpu.warmup("tiny", sizes=[(64, 64)])
+    graphs = counters["stats"]["unique_graphs"]
+    render(gpu, job(num_images=3, scheduler="euler_a"))  # padded to a warmed batch of 4
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -3,11 +3,17 @@
 Loading a model costs seconds (more when the page cache is cold); a step costs milliseconds.
 So a worker keeps its last ``max_models`` models resident in a :class:`PipelineCache` and
 swaps schedulers on the loaded pipeline (:func:`set_scheduler`) instead of reloading.
+
+At load the profile's fast path is applied (:meth:`PipelineCache._apply_profile`): SDPA
+attention, channels_last, ``torch.compile`` of the UNet; :meth:`PipelineCache.warmup` then
+renders each size bucket once so a compiled UNet has compiled before the first job.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.schedulers import scheduling_lms_discrete
 from diffusers.utils import is_scipy_available
 
@@ -35,6 +42,7 @@ from renderfarm.schema import SCHEDULERS, Mode
 from worker.modelfiles import list_models
 from worker.profiles import Profile
 
+log = logging.getLogger("renderfarm.worker")
 
 class UnknownModel(LookupError):
     """A job names a model this worker does not have."""
@@ -144,6 +152,7 @@ class PipelineCache:
         self.profile = profile
         self.max_models = max_models
         self.loads = 0
+        self.warmed: dict[str, dict[str, float]] = {}  # model -> "WxHxB" -> seconds
         self._entries: OrderedDict[str, _Loaded] = OrderedDict()
 
     def batch_size_for(self, images: int) -> int:
@@ -224,14 +233,102 @@ class PipelineCache:
         self._entries[model] = entry
         return entry
 
+    def warmup(
+        self,
+        model: str,
+        sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...] | None = None,
+        batch_sizes: list[int] | tuple[int, ...] | None = None,
+        steps: int = 2,
+        guidance_scale: float = 7.0,
+    ) -> dict[str, float]:
+        """Render ``model`` once at each size and batch size; return seconds per ``"WxHxB"``.
+
+        Call at worker start. A compiled UNet compiles on the first call of each shape (latent
+        size, batch size, and classifier-free guidance on or off, which doubles the batch), so
+        a job of a warmed shape runs without compiling. By default: the profile's
+        ``warmup_sizes`` (or 512x512) at its :meth:`Profile.batch_buckets` when compiling, else
+        at batch 1 and ``max_batch``. Sizes over ``max_pixels`` are skipped.
+        """
+        profile = self.profile
+        if sizes is None:
+            sizes = profile.warmup_sizes or ((512, 512),)
+        if batch_sizes is None:
+            batch_sizes = profile.batch_buckets() if profile.compile else sorted(
+                {1, profile.max_batch})
+        for width, height in sizes:
+            if width % 8 or height % 8:
+                raise ValueError(f"warm-up size must be a multiple of 8, got {width}x{height}")
+        for batch in batch_sizes:
+            if not 1 <= batch <= profile.max_batch:
+                raise ValueError(f"warm-up batch size must be 1 to max_batch "
+                                 f"{profile.max_batch}, got {batch!r}")
+        pipe = self.get(model, Mode.txt2img)
+        timings = self.warmed.setdefault(model, {})
+        for width, height in sizes:
+            if width * height > profile.max_pixels:
+                log.info("warm-up: %dx%d skipped, over max_pixels %d", width, height,
+                         profile.max_pixels)
+                continue
+            for batch in batch_sizes:
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    pipe(
+                        prompt=["warm-up"] * batch,
+                        width=width,
+                        height=height,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
+                        generator=[torch.Generator("cpu").manual_seed(k) for k in range(batch)],
+                        output_type="pil",
+                    )
+                if profile.device == "cuda":
+                    torch.cuda.synchronize()
+                timings[f"{width}x{height}x{batch}"] = round(time.perf_counter() - t, 3)
+                log.info("warm-up %s %dx%d batch %d: %.1fs", model, width, height, batch,
+                         timings[f"{width}x{height}x{batch}"])
+        return dict(timings)
+
     def _apply_profile(self, pipe: StableDiffusionPipeline) -> None:
+        """Put a freshly loaded pipeline on the profile's device, in its fast path."""
         profile = self.profile
         if not profile.cpu_offload:
-            pipe.to(profile.device)
+            pipe.to(profile.device)  # the whole pipeline: the VAE decodes on the device too
         if profile.vae_slicing:
             pipe.vae.enable_slicing()
         if profile.vae_tiling:
             pipe.vae.enable_tiling()
         if profile.attention_slicing:
             pipe.enable_attention_slicing()
+        elif profile.sdpa:
+            # diffusers' default on torch 2 already; set explicitly so no other processor
+            # (xformers, a slicing one left by an earlier setting) is in use unnoticed.
+            pipe.unet.set_attn_processor(AttnProcessor2_0())
+            pipe.vae.set_attn_processor(AttnProcessor2_0())
+        if profile.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if profile.compile:
+            _compile_unet(pipe, profile)
         pipe.set_progress_bar_config(disable=True)
+
+
+def _compile_unet(pipe: StableDiffusionPipeline, profile: Profile) -> None:
+    """``torch.compile`` the UNet in place (``Module.compile``: the module, its weights and
+    ``pipe.unet`` stay the same objects, so img2img's ``from_pipe`` shares the compiled one).
+
+    Inductor options of diffusers' "accelerate inference of text-to-image diffusion models"
+    guide. Every size bucket and batch size is a shape of its own: allow that many compiled
+    graphs before dynamo falls back to eager.
+    """
+    import torch._dynamo.config
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = True
+    shapes = 2 * max(1, len(profile.warmup_sizes)) * len(profile.batch_buckets())
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 4 * shapes))
+    pipe.unet.compile(mode=profile.compile_mode, fullgraph=True)

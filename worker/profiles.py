@@ -3,6 +3,11 @@
 ``detect_profile()`` picks one for the machine it runs on; a worker can also be told which
 (``detect_profile("cpu")``). Asking for hardware the machine lacks is an error, never a
 silent fallback to something slower.
+
+The ``gpu`` profile is the fast path: fp16, PyTorch SDPA attention, channels_last UNet and VAE,
+the VAE decoding on the GPU (never offloaded), and with ``RENDERFARM_COMPILE=1`` a
+``torch.compile``d UNet warmed up at worker start for each size in ``warmup_sizes`` and each
+batch size in :meth:`Profile.batch_buckets` (``RENDERFARM_COMPILE_MODE`` picks the mode).
 """
 
 from __future__ import annotations
@@ -19,12 +24,22 @@ JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
 JETSON_OFFLOAD_BELOW_BYTES = 12 * 2**30
 # A CUDA GPU with less memory than this gets the smaller limits.
 SMALL_GPU_BYTES = 16 * 2**30
+# Sizes a compiled UNet is warmed up for at worker start (torch.compile compiles per shape).
+GPU_WARMUP_SIZES = ((512, 512), (768, 768))
 
 
 @dataclass(frozen=True)
 class Profile:
     """How a worker renders. ``max_pixels`` bounds width * height, ``max_batch`` the images
-    per pipeline call (a job with more images is rendered in several calls)."""
+    per pipeline call (a job with more images is rendered in several calls).
+
+    ``sdpa``: PyTorch's scaled-dot-product attention (``AttnProcessor2_0``), set explicitly;
+    ``attention_slicing`` replaces it. ``channels_last``: UNet and VAE weights in NHWC, which
+    tensor-core convolutions want. ``compile``: ``torch.compile`` the UNet with
+    ``compile_mode``; it compiles once per shape, so :meth:`PipelineCache.warmup` renders each
+    of ``warmup_sizes`` at each of :meth:`batch_buckets` at worker start, and a pipeline call is
+    padded up to a bucket (``worker.pipelines.PipelineCache.batch_size_for``).
+    """
 
     name: str  # "gpu" | "cpu" | "jetson" | "mps"
     device: str  # "cuda" | "cpu" | "mps"
@@ -35,7 +50,18 @@ class Profile:
     cpu_offload: bool = False
     max_pixels: int = 1024 * 1024
     max_batch: int = 4
+    sdpa: bool = True
+    channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "max-autotune"
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch!r}")
+        if self.compile and self.cpu_offload:
+            raise ValueError("compile and cpu_offload cannot be combined: offload hooks move "
+                             "the UNet between devices under the compiled graph")
 
     def batch_buckets(self) -> tuple[int, ...]:
         """Batch sizes a compiled UNet is warmed up for: powers of two up to ``max_batch``,
@@ -79,8 +105,22 @@ def _cpu() -> Profile:
     return Profile("cpu", "cpu", torch.float32, max_pixels=1024 * 1024, max_batch=4)
 
 
+def compile_from_env() -> tuple[bool, str]:
+    """``RENDERFARM_COMPILE`` (1/true/yes: on; off by default) and ``RENDERFARM_COMPILE_MODE``
+    (a ``torch.compile`` mode, default ``max-autotune``)."""
+    flag = os.environ.get("RENDERFARM_COMPILE", "0").strip().lower()
+    if flag not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"RENDERFARM_COMPILE must be 1 or 0, got {flag!r}")
+    mode = os.environ.get("RENDERFARM_COMPILE_MODE", "max-autotune")
+    return flag in ("1", "true", "yes"), mode
+
+
 def _gpu() -> Profile:
     total = torch.cuda.get_device_properties(0).total_memory
+    compile_, mode = compile_from_env()
+    # The VAE stays on the GPU: no cpu_offload here. Never offload on this profile.
+    fast = {"sdpa": True, "channels_last": True, "compile": compile_, "compile_mode": mode,
+            "warmup_sizes": GPU_WARMUP_SIZES}
     if total < SMALL_GPU_BYTES:  # decoding a large image whole would not fit
         return Profile(
             "gpu",
@@ -90,8 +130,9 @@ def _gpu() -> Profile:
             vae_tiling=True,
             max_pixels=1024 * 1024,
             max_batch=4,
+            **fast,
         )
-    return Profile("gpu", "cuda", torch.float16, max_pixels=2048 * 2048, max_batch=8)
+    return Profile("gpu", "cuda", torch.float16, max_pixels=2048 * 2048, max_batch=8, **fast)
 
 
 def _jetson() -> Profile:
@@ -107,6 +148,7 @@ def _jetson() -> Profile:
         cpu_offload=offload,
         max_pixels=768 * 768,
         max_batch=2,
+        channels_last=True,
     )
 
 
