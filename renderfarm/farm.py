@@ -76,16 +76,26 @@ class EmbeddedFarm:
         env["RENDERFARM_MAX_ATTEMPTS"] = str(self.settings.max_attempts)
         return env
 
-    def start_worker(self, index: int | None = None) -> subprocess.Popen:
+    def start_worker(
+        self,
+        index: int | None = None,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> subprocess.Popen:
+        """Start worker ``index`` (the next one by default). ``env`` is added to (and overrides)
+        :meth:`worker_env` for this worker only, and ``args`` are appended to its
+        ``renderfarm worker`` command line: two workers can then have different
+        ``RENDERFARM_MODELS_DIR``, ``--profile`` or other options."""
         index = len(self.workers) if index is None else index
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "renderfarm", "worker", "--profile", self.profile,
-                "--name", f"w{index}-{os.getpid()}"]
+        command = [sys.executable, "-m", "renderfarm", "worker", "--profile", self.profile,
+                   "--name", f"w{index}-{os.getpid()}"]
         for model in self.preload:
-            args += ["--preload", model]
+            command += ["--preload", model]
+        command += args or []
         log = open(self.log_dir / f"worker-{index}.log", "ab")  # noqa: SIM115 (owned by the child)
-        proc = subprocess.Popen(args, env=self.worker_env(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, env={**self.worker_env(), **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         if index < len(self.workers):
             self.workers[index] = proc
