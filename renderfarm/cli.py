@@ -162,14 +162,32 @@ def models() -> None:
 @click.option("--preload", multiple=True, help="Load this model before taking jobs.")
 @click.option("--name", help="Worker name (default: from host and pid).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(profile, queues, preload, name, loglevel) -> None:
+@click.option("--max-models", default=2, show_default=True, type=int,
+              help="Models kept loaded at once (an LRU); 1 where device memory is tight.")
+@click.option("--affinity/--no-affinity", default=True, show_default=True,
+              help="Keep taking jobs of loaded models before the next message (FIFO when off).")
+@click.option("--gpus", help="'all' or indices like 0,1: one worker process per GPU.")
+def worker(profile, queues, preload, name, loglevel, max_models, affinity, gpus) -> None:
     """Start a worker: one process, one device, solo pool."""
     from renderfarm.errors import FarmUnavailable
+
+    if gpus:
+        from worker.gpus import gpu_ids, run_per_gpu
+
+        args = ["--profile", "gpu" if profile == "auto" else profile, "--loglevel", loglevel,
+                "--max-models", str(max_models), "--affinity" if affinity else "--no-affinity"]
+        args += [a for m in preload for a in ("--preload", m)]
+        args += ["--queues", queues] if queues else []
+        try:
+            sys.exit(run_per_gpu(gpu_ids(gpus), args))
+        except (ValueError, RuntimeError) as exc:
+            _fail(str(exc))
     from worker.main import run_worker
 
     try:
         run_worker(_settings(), profile=profile, queues=queues.split(",") if queues else None,
-                   preload=list(preload), loglevel=loglevel, name=name)
+                   preload=list(preload), loglevel=loglevel, name=name, max_models=max_models,
+                   affinity=affinity)
     except FarmUnavailable as exc:
         _fail(str(exc))
 

@@ -20,10 +20,12 @@ def run_worker(
     preload: list[str] | None = None,
     loglevel: str = "INFO",
     name: str | None = None,
+    max_models: int = 2,
+    affinity: bool = True,
 ) -> None:
     """Start a worker and block until it is shut down (SIGTERM: warm shutdown)."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = WorkerService(settings, profile)
+    service = WorkerService(settings, profile, max_models=max_models, affinity=affinity)
     register(service.app, service)
     models = service.advertise_models()
     if not models and not queues:
