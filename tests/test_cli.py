@@ -1,0 +1,131 @@
+"""The `renderfarm` command, run as a user would: real subprocesses against real farms."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from renderfarm.schema import JobState
+
+RF = [sys.executable, "-m", "renderfarm"]
+
+
+def farm_env(settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RENDERFARM_")}
+    env.update({
+        "RENDERFARM_REDIS_URL": settings.redis_url,
+        "RENDERFARM_DATA_DIR": str(settings.data_path),
+        "RENDERFARM_STORAGE_URL": settings.storage_url,
+        "RENDERFARM_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "RENDERFARM_MODELS_DIR": str(settings.models_dir),
+    })
+    return env
+
+
+def run(args, env, timeout=120, check=True) -> subprocess.CompletedProcess:
+    out = subprocess.run([*RF, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def test_producer_side_never_imports_torch():
+    code = ("import sys, producer, renderfarm.cli, renderfarm.progress, storage; "
+            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_submit_count_wait_and_status(farm, farm_settings, client, tmp_path):
+    env = farm_env(farm_settings)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle\n\n# a comment\na forest\n")
+    out = run(["submit", "--file", str(prompts), "--count", "2", "--steps", "3", "--size",
+               "64x64", "--seed", "42", "--model", "tiny", "--wait", "--timeout", "120"], env)
+    batch_id = out.stdout.split()[1].rstrip(":")
+    records = client.batch(batch_id).records()
+    assert [r.request.seed for r in records] == [42, 43, 42, 43]
+    assert [r.request.prompt for r in records] == ["a castle"] * 2 + ["a forest"] * 2
+    assert all(r.state is JobState.succeeded for r in records)
+    for r in records:  # --wait ends by printing where every image is
+        assert r.results[0].key in out.stdout
+    status = run(["status", batch_id], env)
+    assert "4/4 done" in status.stdout
+    job = json.loads(run(["status", records[0].id, "--json"], env).stdout)
+    assert job["state"] == "succeeded" and job["request"]["seed"] == 42
+
+
+def test_jsonl_file_and_bad_input(farm, farm_settings, client, tmp_path):
+    env = farm_env(farm_settings)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "ok", "model": "tiny", "width": 64, "height": 64,
+                                "steps": 2}) + "\n" + json.dumps({"prompt": "bad", "width": 500})
+                    + "\n")
+    before = client.records.count_jobs()
+    out = run(["submit", "--file", str(jobs)], env, check=False)
+    assert out.returncode == 2
+    assert "job 1: width must be a multiple of 8, got 500" in out.stderr
+    assert client.records.count_jobs() == before  # nothing enqueued
+    out = run(["submit", "x", "--size", "big"], env, check=False)
+    assert out.returncode == 2 and "--size must look like 512x512, got 'big'" in out.stderr
+    out = run(["status", "nonexistent"], env, check=False)
+    assert out.returncode == 2 and "no job or batch with id 'nonexistent'" in out.stderr
+
+
+def test_no_farm_is_a_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RENDERFARM_")}
+    env["RENDERFARM_DATA_DIR"] = str(tmp_path)
+    out = run(["submit", "a prompt"], env, check=False)
+    assert out.returncode == 2
+    assert "no farm found" in out.stderr and "renderfarm up" in out.stderr
+
+
+def test_up_is_found_by_submit_in_another_terminal(models_dir, tmp_path):
+    """`renderfarm up` with no RENDERFARM_REDIS_URL starts its own Redis; a submit with the same
+    data dir finds it; Ctrl-C stops everything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RENDERFARM_")}
+    env["RENDERFARM_DATA_DIR"] = str(tmp_path / "data")
+    shutil.copytree(models_dir, tmp_path / "data" / "models")
+    up = subprocess.Popen([*RF, "up", "--workers", "1", "--port", "0"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while not any("dashboard: http://127.0.0.1:" in line for line in lines):
+            assert up.poll() is None, "".join(lines) + up.stdout.read()
+            assert time.monotonic() < deadline, "".join(lines)
+            lines.append(up.stdout.readline())
+        assert (tmp_path / "data" / "farm.json").exists()
+        out = run(["submit", "a lighthouse", "--size", "64x64", "--steps", "2", "--wait",
+                   "--timeout", "60"], env)
+        assert str(tmp_path / "data" / "images") in out.stdout
+        assert list((tmp_path / "data" / "images").glob("*/*-0.png"))
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    assert up.returncode == 0
+    assert not (tmp_path / "data" / "farm.json").exists()
+    out = run(["submit", "after"], env, check=False)
+    assert "no farm found" in out.stderr
+
+
+@pytest.mark.timeout(240)
+def test_demo(tmp_path):
+    """The README's main job, end to end: makes the tiny model, starts the embedded farm,
+    renders 8 prompts and an img2img, prints where they are, stops."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RENDERFARM_")}
+    env["RENDERFARM_DATA_DIR"] = str(tmp_path / "data")
+    out = run(["demo"], env, timeout=230)
+    images = sorted(Path(tmp_path / "data" / "images").glob("*/*.png"))
+    assert len(images) == 9
+    assert "demo finished" in out.stdout
+    for image in images:
+        assert str(image) in out.stdout.replace("\n", "")
