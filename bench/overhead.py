@@ -76,7 +76,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "overhead", "jobs": args.jobs, "size": args.size, "steps": args.steps,
         "direct_s": [round(x, 3) for x in direct], "farm_s": [round(x, 3) for x in farm_times],
-        "direct_images_per_s": round(args.jobs / d, 2), "farm_images_per_s": round(args.jobs / f, 2),
+        "direct_images_per_s": round(args.jobs / d, 2),
+        "farm_images_per_s": round(args.jobs / f, 2),
         "ratio_farm_over_direct": round(f / d, 3), "target": "<= 1.10",
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "machine": platform.machine(), "torch": torch.__version__,
