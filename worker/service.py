@@ -248,25 +248,27 @@ class WorkerService:
             self._held.update(ids)
         outcomes: dict[str, str] = {}
         try:
+            rendered = None
             if len(group) > 1:
                 try:
                     rendered = self._render(group)
-                    for record, images in zip(group, rendered, strict=True):
-                        outcomes[record.id] = self._hand_over(record, images)
-                    return outcomes
                 except Exception as exc:  # one bad partner must not fail the others
                     log.info("batch of %d split after %s; rendering one by one",
                              len(group), type(exc).__name__)
-            for record in group:
-                outcomes[record.id] = self._run_one(record)
+            if rendered is None:
+                for record in group:
+                    outcomes[record.id] = self._run_one(record)
+                return outcomes
+            for record, images in zip(group, rendered, strict=True):
+                try:
+                    outcomes[record.id] = self._hand_over(record, images)
+                except LostJob:
+                    outcomes[record.id] = "lost"
             return outcomes
         finally:
             with self._lock:
-                for job_id, outcome in outcomes.items():
-                    if outcome != "uploading":
-                        self._held.discard(job_id)
                 for job_id in ids:
-                    if job_id not in outcomes:
+                    if outcomes.get(job_id) != "uploading":
                         self._held.discard(job_id)
 
     def _run_one(self, record: JobRecord, retried: bool = False) -> str:
@@ -288,8 +290,6 @@ class WorkerService:
             log.exception("job %s failed", record.id)
             self.records.fail(record.id, self.owner, _describe(exc))
             return "failed"
-        finally:
-            self.jobs_done += 1
 
     def _render(self, group: list[JobRecord]) -> list[list]:
         from worker.render import render, render_batch
