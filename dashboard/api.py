@@ -17,13 +17,14 @@ from producer.client import FarmClient
 from producer.enqueue import publish
 from renderfarm import keys
 from renderfarm.errors import FieldError, InvalidJob
+from renderfarm.fleet import HEARTBEAT_INTERVAL, LOST_AFTER_BEATS, WorkerInfo
 from renderfarm.schema import TERMINAL_STATES, BatchRecord, JobRecord, JobState
 from storage.local import LocalStorage
 
 bp = Blueprint("api", __name__)
 
 #: A worker whose last heartbeat is older than this is reported lost (3 beats of 2 s).
-LOST_AFTER = 3 * 2.0
+LOST_AFTER = LOST_AFTER_BEATS * HEARTBEAT_INTERVAL
 #: kombu's Redis transport keeps priority n of queue q in the list "q\x06\x16n" (n = 1..9).
 PRIORITY_SEP = "\x06\x16"
 BATCH_FIELDS = frozenset({"jobs", "label"})
@@ -121,12 +122,21 @@ def workers(now: float | None = None) -> list[dict[str, Any]]:
     out = []
     for (worker_id, beat), data in zip(beats, hashes, strict=True):
         d = {k.decode(): v.decode() for k, v in data.items()}
+        info = WorkerInfo.model_validate({**{k: v for k, v in d.items() if v != ""
+                                             and k not in ("models", "loaded", "speeds")},
+                                          "id": worker_id.decode()})
         out.append({
             "id": worker_id.decode(),
             "state": "live" if now - beat <= LOST_AFTER else "lost",
             "host": d.get("host"),
             "profile": d.get("profile"),
             "device": d.get("device"),
+            "device_name": info.device_name or None,
+            "memory_total": info.memory_total,
+            "memory_free": info.memory_free,
+            "max_pixels": info.max_pixels or None,
+            "speeds": _json_dict(d.get("speeds")),
+            "loads": info.loads,
             "models": _json_list(d.get("models")),
             "loaded": _json_list(d.get("loaded")),
             "current_job": d.get("current_job") or None,
@@ -136,6 +146,14 @@ def workers(now: float | None = None) -> list[dict[str, Any]]:
         })
     _add_current_steps(c, out, now)
     return out
+
+
+def _json_dict(text: str | None) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _json_list(text: str | None) -> list:
