@@ -173,6 +173,9 @@ def main() -> None:
     parser.add_argument("--scheduler", default="euler")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--rounds", type=int, default=2, help="alternating (a)/(b) runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of both sides (torch threads of (a), OMP_NUM_THREADS "
+                             "of the farm's worker); default: one per core")
     args = parser.parse_args()
     args.size = args.size or (64 if args.model == "tiny" else 512)
     args.steps = args.steps or (10 if args.model == "tiny" else 25)
@@ -190,6 +193,10 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
     profile = "gpu" if device == "cuda" else "cpu"
+    extra_env = {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        extra_env["OMP_NUM_THREADS"] = str(args.threads)
     jobs = [job(i, args) for i in range(args.jobs)]
 
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp_name:
@@ -198,7 +205,8 @@ def main() -> None:
         settings = Settings(data_dir=tmp / "farm", models_dir=models)
         # The farm's worker idles while (a) runs, and (a) idles while (b) runs: each side has
         # the whole machine. Rounds alternate (a) and (b); medians are compared.
-        with EmbeddedFarm(settings, workers=1, profile=profile, preload=[args.model]) as farm:
+        with EmbeddedFarm(settings, workers=1, profile=profile, preload=[args.model],
+                          extra_env=extra_env) as farm:
             client = FarmClient(farm.settings)
             farm_run(client, [job(10_000 + i, args) for i in range(2)])  # warm the worker
             plain = PlainLoop(args, device, models / args.model, tmp / "plain")
@@ -238,7 +246,7 @@ def main() -> None:
         "gpu_busy_source": plain_busy.source,
         "targets": {"cpu_tiny_ratio": ">= 0.9",
                     "h100_sd15_512_25_64jobs": "ratio >= 2, farm >= 8 images/s, gpu_busy >= 0.9"},
-        "torch": torch.__version__, "torch_threads_plain": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "compile": os.environ.get("RENDERFARM_COMPILE", "0"),
     }, indent=2))
