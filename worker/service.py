@@ -105,6 +105,8 @@ class WorkerService:
 
         for name in models:
             self.cache.get(name, Mode.txt2img)
+            if self.profile.compile:  # torch.compile compiles per shape: do it before jobs come
+                log.info("warm-up of %s: %s", name, self.cache.warmup(name))
 
     def start_background(self) -> None:
         """Start the thread that renews held leases, beats, and reaps dead workers' jobs."""
