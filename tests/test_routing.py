@@ -1,0 +1,234 @@
+"""Routing, refusals, priorities, model affinity and heartbeats, with real worker processes.
+
+Each farm here has its own Redis database on this module's own redis-server, local storage in
+a temp dir, and workers started one by one with their own models dir and options, so the
+workers of one test never take the jobs of another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from producer import FarmClient
+from renderfarm import keys
+from renderfarm.connection import connect
+from renderfarm.embedded import EmbeddedRedis
+from renderfarm.errors import InvalidJob
+from renderfarm.farm import EmbeddedFarm
+from renderfarm.fleet import WorkerInfo, live_workers, read_workers
+from renderfarm.schema import JobState, now
+from renderfarm.settings import Settings
+
+JOB = {"width": 64, "height": 64, "steps": 3, "scheduler": "euler"}
+HEARTBEAT_FIELDS = {"id", "host", "hardware", "device", "device_name", "memory_total",
+                    "memory_free", "max_pixels", "max_batch", "models", "loaded", "speeds",
+                    "current_job", "step", "jobs_done", "loads", "beat"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Models dirs: ``a`` holds tiny, ``b`` holds tiny2 (another tiny model), ``ab`` both."""
+    from worker.modelgen import make_model
+
+    root = tmp_path_factory.mktemp("routing-models")
+    make_model("tiny", root / "a" / "tiny")
+    make_model("tiny", root / "b" / "tiny2")
+    (root / "ab").mkdir()
+    (root / "ab" / "tiny").symlink_to(root / "a" / "tiny")
+    (root / "ab" / "tiny2").symlink_to(root / "b" / "tiny2")
+    return {"a": root / "a", "b": root / "b", "ab": root / "ab"}
+
+
+@pytest.fixture(scope="module")
+def routing_redis(tmp_path_factory):
+    server = EmbeddedRedis(tmp_path_factory.mktemp("routing-redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+_databases = itertools.count(1)
+
+
+def new_farm(redis: EmbeddedRedis, models_dir: Path, data_dir: Path) -> EmbeddedFarm:
+    """A started farm with no worker, on a Redis database of its own."""
+    url = redis.url.rsplit("/", 1)[0] + f"/{next(_databases)}"
+    settings = Settings(redis_url=url, data_dir=data_dir, models_dir=models_dir, lease_seconds=3)
+    connect(settings).flushdb()
+    return EmbeddedFarm(settings, workers=0, profile="cpu").start()
+
+
+@pytest.fixture
+def farms(routing_redis, models, tmp_path):
+    """Make farms (models dir ``ab`` for the client); all stop when the test ends."""
+    made: list[EmbeddedFarm] = []
+
+    def make() -> EmbeddedFarm:
+        made.append(new_farm(routing_redis, models["ab"], tmp_path / f"farm{len(made)}"))
+        return made[-1]
+
+    yield make
+    for farm in made:
+        farm.stop()
+
+
+@pytest.fixture
+def farm(farms) -> EmbeddedFarm:
+    return farms()
+
+
+def start_worker(farm: EmbeddedFarm, models_dir: Path, *args: str) -> int:
+    """Start a worker process with its own models dir; returns its pid."""
+    env = {"RENDERFARM_MODELS_DIR": str(models_dir), "OMP_NUM_THREADS": "1"}
+    return farm.start_worker(env=env, args=list(args)).pid
+
+
+def heartbeat(farm: EmbeddedFarm, pid: int, after: float = 0.0, timeout: float = 60) -> WorkerInfo:
+    """The live heartbeat of the worker process ``pid`` (its id is host:pid:random), the first
+    one written after ``after``."""
+    redis = connect(farm.settings)
+    deadline = time.monotonic() + timeout
+    while True:
+        for info in live_workers(redis):
+            if info.id.split(":")[1] == str(pid) and info.beat > after:
+                return info
+        if any(p.pid == pid and p.poll() is not None for p in farm.workers):
+            raise RuntimeError(f"worker {pid} exited; see the logs in {farm.log_dir}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no heartbeat from worker {pid} after {timeout}s")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def fleet(routing_redis, models, tmp_path_factory):
+    """Worker A has only tiny, worker B only tiny2. Yields (farm, A's beat, B's beat)."""
+    farm = new_farm(routing_redis, models["ab"], tmp_path_factory.mktemp("fleet"))
+    try:
+        pids = start_worker(farm, models["a"]), start_worker(farm, models["b"])
+        yield farm, *(heartbeat(farm, pid) for pid in pids)
+    finally:
+        farm.stop()
+
+
+def test_each_job_runs_on_a_worker_that_has_its_model(fleet):
+    farm, a, b = fleet
+    assert (a.models, b.models) == (["tiny"], ["tiny2"])
+    client = FarmClient(farm.settings)
+    jobs = [{**JOB, "model": m, "prompt": f"job {i}", "steps": 2 + i}
+            for i, m in enumerate(["tiny", "tiny2"] * 4)]
+    jobs.append({**JOB, "model": "tiny2", "prompt": "cpu only", "hardware": "cpu"})
+    batch = client.submit_batch(jobs)
+    assert batch.wait(timeout=60).counts == {JobState.succeeded: 9}
+    owner = {"tiny": a.id, "tiny2": b.id}
+    queue = farm.settings.queue
+    for record in batch.records():
+        assert record.worker == owner[record.request.model], record.request.prompt
+    assert {r.queue for r in batch.records()} == {
+        f"{queue}.tiny", f"{queue}.tiny2", f"{queue}.tiny2.cpu"}
+
+
+def test_a_job_no_live_worker_can_run_is_refused_at_submit(fleet):
+    farm, *_ = fleet
+    client = FarmClient(farm.settings)
+    client.redis.hset(keys.MODELS, "ghost", now())  # a model a worker that left once had
+    before = client.records.count_jobs()
+    cases = [
+        ({"model": "ghost"}, "model", "ghost"),
+        ({"model": "tiny", "hardware": "gpu"}, "hardware", "gpu"),
+        ({"model": "tiny2", "width": 2048, "height": 1024}, "width", 2048),
+    ]
+    for fields, field, value in cases:
+        with pytest.raises(InvalidJob) as refused:
+            client.submit({**JOB, "prompt": "refused", **fields})
+        [error] = refused.value.errors
+        assert (error.field, error.value) == (field, value), str(error)
+    with pytest.raises(InvalidJob) as refused:  # one job the fleet cannot run refuses the batch
+        client.submit_batch([{**JOB, "model": "tiny", "prompt": "fine"},
+                             {**JOB, "model": "tiny", "prompt": "gpu", "hardware": "gpu"}])
+    assert [(e.field, e.index) for e in refused.value.errors] == [("hardware", 1)]
+    assert client.records.count_jobs() == before  # nothing was enqueued
+
+
+def test_without_live_workers_jobs_wait_in_their_queue_then_run(farm, models):
+    client = FarmClient(farm.settings)
+    batch = client.submit_batch([{**JOB, "model": "tiny", "prompt": f"early {i}", "steps": 2 + i}
+                                 for i in range(3)])
+    queue = f"{farm.settings.queue}.tiny"
+    assert {r.state for r in batch.records()} == {JobState.queued}
+    assert client.redis.zcard(keys.pending(queue)) == 3  # visible: the queues page reads these
+    assert queue.encode() in client.redis.smembers(keys.QUEUES)
+    start_worker(farm, models["a"])
+    assert batch.wait(timeout=60).counts == {JobState.succeeded: 3}
+    assert client.redis.zcard(keys.pending(queue)) == 0
+
+
+def test_higher_priority_jobs_run_first(farm, models):
+    client = FarmClient(farm.settings)
+    # Other steps than the high ones: a micro-batch never mixes the two groups.
+    low = client.submit_batch([{**JOB, "model": "tiny", "prompt": f"low {i}", "priority": 1}
+                               for i in range(4)])
+    high = client.submit_batch([{**JOB, "model": "tiny", "prompt": f"high {i}", "priority": 9,
+                                 "steps": 4} for i in range(3)])
+    start_worker(farm, models["a"])
+    assert high.wait(timeout=60).counts == {JobState.succeeded: 3}
+    assert low.wait(timeout=60).counts == {JobState.succeeded: 4}
+    for state in ("started", "succeeded"):
+        last_high = max(r.timestamps[state] for r in high.records())
+        first_low = min(r.timestamps[state] for r in low.records())
+        assert last_high < first_low, state
+
+
+def test_affinity_loads_each_model_once_where_fifo_reloads(farms, models):
+    """One model slot (max_models 1) and jobs of two models whose priorities alternate (9, 8,
+    ... 0), so the broker hands them out A, B, A, B; steps differ per job so micro-batching
+    cannot group them. The same workload runs beside it with affinity off."""
+    with_affinity, fifo = farms(), farms()
+    pids = (start_worker(with_affinity, models["ab"], "--max-models", "1"),
+            start_worker(fifo, models["ab"], "--max-models", "1", "--no-affinity"))
+    for f, pid in zip((with_affinity, fifo), pids, strict=True):
+        assert heartbeat(f, pid).models == ["tiny", "tiny2"]
+    jobs = [{**JOB, "model": ("tiny", "tiny2")[i % 2], "prompt": f"job {i}", "steps": 2 + i,
+             "priority": 9 - i} for i in range(10)]
+    batches = [FarmClient(f.settings).submit_batch(jobs) for f in (with_affinity, fifo)]
+    for batch in batches:
+        assert batch.wait(timeout=90).counts == {JobState.succeeded: 10}
+    done = time.time()
+    loads = [heartbeat(f, pid, after=done).loads
+             for f, pid in zip((with_affinity, fifo), pids, strict=True)]
+    assert loads[0] <= 2, loads
+    assert loads[1] >= 8, loads  # the baseline really reloads: the test can tell them apart
+
+
+def test_heartbeat_describes_the_worker_and_a_killed_one_shows_lost(farm, models):
+    pid = start_worker(farm, models["a"])
+    client = FarmClient(farm.settings)
+    assert client.submit({**JOB, "model": "tiny", "prompt": "beat"}).wait(60).state is \
+        JobState.succeeded
+    info = heartbeat(farm, pid, after=time.time())
+    fields = {k.decode() for k in client.redis.hkeys(keys.worker(info.id))}
+    assert HEARTBEAT_FIELDS <= fields
+    assert (info.host, info.hardware) == (socket.gethostname(), "cpu")
+    assert info.device_name and info.memory_total > 0
+    assert info.max_pixels == 1024 * 1024
+    assert (info.models, info.loaded, info.loads) == (["tiny"], ["tiny"], 1)
+    assert info.speeds["tiny@64x64"] > 0
+    assert not info.lost
+
+    [proc] = farm.workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    while True:
+        [shown] = [w for w in read_workers(client.redis) if w.id == info.id]  # still listed
+        if shown.lost:
+            break
+        assert time.monotonic() - killed < 15, "a killed worker was not shown as lost"
+        time.sleep(0.2)
+    assert 3 < time.monotonic() - killed < 10  # 3 missed beats of 2 s, not at once
+    assert info.id not in {w.id for w in live_workers(client.redis)}
