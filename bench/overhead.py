@@ -7,7 +7,10 @@
     Celery, local storage) and timed from submit until the last record says ``succeeded``
     (the records' own timestamps, so no polling delay is counted).
 Rounds alternate (a) and (b); the medians are compared. Target: farm <= 1.10x direct.
-Each side has both cores: the farm's worker is idle while (a) runs, and (a) is idle during (b).
+Each side gets ``--threads`` torch threads (default 1: OpenMP threads spinning against other
+processes make 2-thread runs on a shared 2-core box swing by 10x); the farm's worker is idle
+while (a) runs, and (a) is idle during (b). ``--max-batch 1`` (default) turns micro-batching
+off, so the ratio is the farm's own overhead; a larger value shows what batching adds.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on each side (1 is steady on a shared 2-core box)")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="the worker's micro-batch; 1 measures the farm's pure overhead")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,16 +54,18 @@ def main() -> None:
     from worker.profiles import detect_profile
     from worker.render import render
 
+    torch.set_num_threads(args.threads)
     jobs = [job(i, args.size, args.steps) for i in range(args.jobs)]
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp))
+        settings = Settings(data_dir=Path(tmp), max_batch=args.max_batch)
         make_model("tiny", settings.models_path / "tiny")
         cache = PipelineCache(settings.models_path, detect_profile("cpu"))
         requests = [JobRequest(**j) for j in jobs]
         render(cache, requests[0])  # warm, as the farm's worker is warmed by --preload
 
         direct, farm_times = [], []
-        with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"]) as farm:
+        with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"],
+                          extra_env={"OMP_NUM_THREADS": str(args.threads)}) as farm:
             client = FarmClient(farm.settings)
             client.submit_batch(jobs[:2]).wait(timeout=120)  # warm the worker's first call
             for _ in range(args.rounds):
@@ -79,6 +88,8 @@ def main() -> None:
         "direct_images_per_s": round(args.jobs / d, 2),
         "farm_images_per_s": round(args.jobs / f, 2),
         "ratio_farm_over_direct": round(f / d, 3), "target": "<= 1.10",
+        "farm_max_batch": args.max_batch,
+        "per_job_overhead_ms": round((f - d) / args.jobs * 1000, 1),
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "machine": platform.machine(), "torch": torch.__version__,
     }, indent=2))

@@ -68,7 +68,7 @@ class EmbeddedFarm:
             "HF_HUB_OFFLINE": "1",
             **self.extra_env,
         }
-        for name in ("storage_url", "models_dir", "s3_endpoint_url"):
+        for name in ("storage_url", "models_dir", "s3_endpoint_url", "max_batch"):
             value = getattr(self.settings, name)
             if value is not None:
                 env[f"RENDERFARM_{name.upper()}"] = str(value)

@@ -50,7 +50,10 @@ class Settings(BaseSettings):
         description="Redis transport visibility timeout (s); kept above the task time limit.",
     )
     presign_expires: int = Field(3600, ge=1, description="Lifetime of presigned S3 URLs (s).")
-    queue: str = Field("renderfarm", description="Name of the Celery queue jobs go to.")
+    queue: str = Field("renderfarm", description="Prefix of the Celery queues jobs go to.")
+    max_batch: int | None = Field(
+        None, ge=1, description="Images per pipeline call (micro-batch). Unset: the profile's."
+    )
 
     @cached_property
     def data_path(self) -> Path:

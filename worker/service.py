@@ -27,6 +27,7 @@ Throughput (issue 6) without giving that up:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ class WorkerService:
         self.storage = open_storage(settings)
         self.app = celery_app(settings)
         self.profile = detect_profile(profile)
+        if settings.max_batch is not None:
+            self.profile = dataclasses.replace(self.profile, max_batch=settings.max_batch)
         self.cache = PipelineCache(settings.models_path, self.profile, max_models=max_models)
         self.affinity = affinity
         self.host = socket.gethostname()
