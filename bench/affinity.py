@@ -8,11 +8,11 @@ worker processes that keep one model loaded (``--max-models 1``, so memory press
 Each workload runs once with affinity (the default) and once with ``--no-affinity``.
 
 Orders:
-- ``equal``: every job at priority 5. The workers consume their model queues in a fixed order
-  (kombu's ``queue_order_strategy: priority`` never rotates queues of equal priority), so even
-  without affinity a worker drains one model's queue before the other's.
-- ``alternating``: priorities 9, 8, ..., 0 repeating, model A on odd ones and B on even ones,
-  so the broker really hands the jobs out A, B, A, B: the FIFO worst case.
+- ``equal``: every job at priority 5. kombu rotates a worker's queues of equal priority, so
+  without affinity the broker hands a worker A, B, A, B: the case affinity is for.
+- ``alternating``: priorities 9, 8, ..., 0 repeating, model A on odd ones and B on even ones.
+  Priority beats affinity (a worker leaves its loaded model when a job of higher priority
+  waits for another), so here both modes reload: the price of honouring priorities.
 
 Reported per run and worker: model loads (heartbeat ``loads``), jobs run, model switches seen
 in the jobs' start order; and the wall time from submit to the last ``succeeded`` timestamp.

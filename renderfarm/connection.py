@@ -42,8 +42,9 @@ def celery_app(settings: Settings, url: str | None = None) -> Celery:
         # Must exceed the longest render, or Redis re-delivers a running job; our own leases
         # (records.py) recover jobs of dead workers long before this expires.
         "visibility_timeout": settings.visibility_timeout,
+        # kombu polls priority 9 of every queue before priority 8 of any, and rotates the
+        # queues of equal priority (its default round_robin): no model's queue starves.
         "priority_steps": list(range(10)),
-        "queue_order_strategy": "priority",
     }
     app = Celery("renderfarm", broker=url, set_as_current=False)
     app.conf.update(

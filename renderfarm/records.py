@@ -165,7 +165,9 @@ return 'queued'
 # KEYS: running, pending zsets...  ARGV: owner, now, lease_until, max_attempts, n, compat|'',
 # scan limit. Claims up to n queued jobs from the pending zsets in order, only those whose
 # 'compat' field equals ARGV[6] when it is given (micro-batch partners). Skips (and drops from
-# the zset) ids that are no longer queued. Returns the ids claimed.
+# the zset) ids that are no longer queued. Partners are only jobs never tried before: a job
+# whose worker was lost runs alone, so a poison job cannot take partners down with it.
+# Returns the ids claimed.
 _CLAIM_MORE = _MOVE + """
 local out = {}
 local n = tonumber(ARGV[5])
@@ -177,7 +179,8 @@ for k = 2, #KEYS do
     local state = redis.call('HGET', job, 'state')
     if state ~= 'queued' or redis.call('HGET', job, 'cancel') == '1' then
       redis.call('ZREM', KEYS[k], id)
-    elseif ARGV[6] == '' or redis.call('HGET', job, 'compat') == ARGV[6] then
+    elseif ARGV[6] == '' or (redis.call('HGET', job, 'compat') == ARGV[6]
+        and tonumber(redis.call('HGET', job, 'attempts') or '0') == 0) then
       local attempts = redis.call('HINCRBY', job, 'attempts', 1)
       if attempts <= tonumber(ARGV[4]) then
         local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
@@ -351,6 +354,14 @@ class Records:
             args=[owner, t, t + lease_seconds, max_attempts, n, compat, scan],
         )
         return [i.decode() for i in ids]
+
+    def best_priority(self, queues: Sequence[str]) -> int:
+        """The highest priority among the queues' queued jobs; -1 when none waits."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zrange(keys.pending(queue), 0, 0, withscores=True)
+        scores = [found[0][1] for found in pipe.execute() if found]
+        return 9 - int(min(scores) // 1e10) if scores else -1
 
     def update(
         self,

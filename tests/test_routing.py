@@ -185,16 +185,18 @@ def test_higher_priority_jobs_run_first(farm, models):
 
 
 def test_affinity_loads_each_model_once_where_fifo_reloads(farms, models):
-    """One model slot (max_models 1) and jobs of two models whose priorities alternate (9, 8,
-    ... 0), so the broker hands them out A, B, A, B; steps differ per job so micro-batching
-    cannot group them. The same workload runs beside it with affinity off."""
+    """One model slot (max_models 1) and jobs of two models at equal priority: kombu rotates
+    the two models' queues, so the broker hands them out A, B, A, B; steps differ per job so
+    micro-batching cannot group them. The same workload runs beside it with affinity off.
+    (Affinity orders jobs of equal priority only: a higher-priority job of another model
+    makes a worker leave its loaded model — see WorkerService._next_loaded_group.)"""
     with_affinity, fifo = farms(), farms()
     pids = (start_worker(with_affinity, models["ab"], "--max-models", "1"),
             start_worker(fifo, models["ab"], "--max-models", "1", "--no-affinity"))
     for f, pid in zip((with_affinity, fifo), pids, strict=True):
         assert heartbeat(f, pid).models == ["tiny", "tiny2"]
     jobs = [{**JOB, "model": ("tiny", "tiny2")[i % 2], "prompt": f"job {i}", "steps": 2 + i,
-             "priority": 9 - i} for i in range(10)]
+             "priority": 5} for i in range(10)]
     batches = [FarmClient(f.settings).submit_batch(jobs) for f in (with_affinity, fifo)]
     for batch in batches:
         assert batch.wait(timeout=90).counts == {JobState.succeeded: 10}

@@ -140,9 +140,14 @@ class WorkerService:
             except Exception:  # a Redis blip must not kill the thread
                 log.warning("lease thread: %s", traceback.format_exc(limit=1).strip())
             if self._stop.wait(RENEW_INTERVAL):
-                self.drain()
-                self.redis.zrem(keys.WORKERS, self.owner)
-                return
+                # Stopping (warm shutdown): keep the leases of the jobs still rendering or
+                # uploading until they are released, or another worker would take them over.
+                with self._lock:
+                    idle = not self._held
+                if idle:
+                    self.redis.zrem(keys.WORKERS, self.owner)
+                    return
+                time.sleep(RENEW_INTERVAL)
 
     def heartbeat(self) -> None:
         """Publish what this worker is and does; the dashboard, ``up`` and routing read it."""
@@ -213,7 +218,10 @@ class WorkerService:
         if not claim.ok:
             log.info("job %s not run: %s %s", job_id, claim.status, claim.detail)
             return claim.status
-        outcome = self._run_group([record, *self._partners(record)]).get(job_id, "failed")
+        # A job that was lost before (its worker died) runs alone: were it a poison job, its
+        # micro-batch partners would die with it and use up their own attempts.
+        partners = self._partners(record) if claim.detail == "1" else []
+        outcome = self._run_group([record, *partners]).get(job_id, "failed")
         if self.affinity:
             deadline = time.monotonic() + AFFINITY_SECONDS
             while not self._stop.is_set() and time.monotonic() < deadline:
@@ -234,15 +242,20 @@ class WorkerService:
         return self.records.jobs(ids)
 
     def _next_loaded_group(self) -> list[JobRecord]:
+        """Claim the best queued job of a loaded model, unless a job of higher priority waits
+        for another model: then affinity yields and the next message (priority first) wins."""
         loaded = set(self.cache.loaded())
         queues = [q for m in self.models if m in loaded
                   for q in worker_queues(self.settings, [m], self.profile.name)]
+        others = [q for q in self.queues if q not in queues]
+        if others and self.records.best_priority(others) > self.records.best_priority(queues):
+            return []
         ids = self.records.claim_more(queues, self.owner, self.settings.lease_seconds,
                                       self.settings.max_attempts, n=1)
         if not ids:
             return []
         first = self.records.job(ids[0])
-        return [first, *self._partners(first)]
+        return [first, *self._partners(first)] if first.attempts == 1 else [first]
 
     # -- rendering ----------------------------------------------------------------------------
     def _run_group(self, group: list[JobRecord]) -> dict[str, str]:
@@ -372,7 +385,10 @@ class WorkerService:
                 self._store(record, images)
             except Exception as exc:
                 log.exception("job %s: storing failed", record.id)
-                self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
+                try:
+                    self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
+                except Exception:  # Redis is away too: the lease runs out and the job comes back
+                    log.exception("job %s: could not record the failure", record.id)
             finally:
                 with self._lock:
                     self._held.discard(record.id)
