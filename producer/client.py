@@ -114,7 +114,10 @@ class FarmClient:
     def _submit(
         self, jobs: Iterable[JobRequest | dict], label: str, batch_id: str | None
     ) -> tuple[str, list[str]]:
-        requests = self.validate(jobs)
+        try:
+            requests = self.validate(jobs)  # reads the known models and live workers
+        except RedisConnectionError as exc:
+            raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc
         if not requests:
             raise InvalidJob([FieldError("jobs", "must not be empty", [])])
         batch_id = batch_id or requests[0].batch_id or new_id()
