@@ -1,0 +1,153 @@
+"""Fixtures of the fault tests: a farm of N real worker processes on its own redis-server and its
+own S3 prefix, which a test may kill, restart and starve without disturbing the session farm.
+
+Test modules load them with ``pytest_plugins = ["tests.fault_fixtures"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from renderfarm import keys
+from renderfarm.embedded import EmbeddedRedis
+from renderfarm.farm import EmbeddedFarm
+from renderfarm.schema import JobRecord, JobState
+from renderfarm.settings import Settings
+
+FAULT_BUCKET = "faults"
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], timeout: float, what: str, poll: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout}s")
+        time.sleep(poll)
+
+
+class FaultFarm:
+    """One farm under test: its Redis, its workers (``farm.workers``) and a client."""
+
+    def __init__(self, settings: Settings, redis_server: EmbeddedRedis, workers: int,
+                 extra_env: dict[str, str] | None = None):
+        from producer import FarmClient
+
+        self.redis_server = redis_server
+        self.settings = settings
+        self.farm = EmbeddedFarm(settings, workers=workers, profile="cpu", preload=["tiny"],
+                                 extra_env=extra_env)
+        self.client = FarmClient(settings)
+
+    # -- processes --------------------------------------------------------------------------
+    def start(self) -> FaultFarm:
+        self.farm.start()
+        return self
+
+    def stop(self) -> None:
+        self.farm.stop(timeout=15)
+        self.redis_server.stop()
+
+    def pid_of(self, record: JobRecord) -> int | None:
+        """The pid of the worker named in the job's record (owner ``host:pid:tag``)."""
+        return int(record.worker.split(":")[1]) if record.worker else None
+
+    def index_of(self, pid: int | None) -> int | None:
+        for i, proc in enumerate(self.farm.workers):
+            if proc.pid == pid:
+                return i
+        return None
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> subprocess.Popen:
+        proc = self.farm.workers[index]
+        os.kill(proc.pid, sig)
+        return proc
+
+    def restart(self, index: int, wait: bool = True) -> subprocess.Popen:
+        """Start worker ``index`` again (after it died); wait for its first heartbeat."""
+        proc = self.farm.start_worker(index)
+        if wait:
+            self.wait_ready(proc)
+        return proc
+
+    def wait_ready(self, proc: subprocess.Popen, timeout: float = 90) -> None:
+        redis = self.client.redis
+
+        def beating() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {proc.pid} exited with {proc.returncode}")
+            return any(f":{proc.pid}:".encode() in w for w in redis.zrange(keys.WORKERS, 0, -1))
+
+        wait_for(beating, timeout, f"worker {proc.pid} ready", poll=0.2)
+
+    def log(self, index: int) -> str:
+        path = self.farm.log_dir / f"worker-{index}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self) -> str:
+        return "\n".join(self.log(i) for i in range(len(self.farm.workers)))
+
+    # -- jobs -------------------------------------------------------------------------------
+    def wait_state(self, job_id: str, states: set[JobState], timeout: float = 60) -> JobRecord:
+        def reached() -> JobRecord | None:
+            record = self.client.records.job(job_id)
+            return record if record.state in states else None
+
+        return wait_for(reached, timeout, f"job {job_id} in {sorted(s.value for s in states)}")
+
+    def objects(self, record: JobRecord) -> list[str]:
+        """The job's objects in storage, as keys relative to its batch."""
+        prefix = f"{record.batch_id}/{record.id}"
+        return [k.split("/", 1)[1] for k in self.client.storage.list(prefix)]
+
+    def expected_objects(self, record: JobRecord) -> list[str]:
+        """One PNG per image and the JSON sidecar: exactly one set."""
+        n = record.request.num_images
+        return sorted([f"{record.id}-{k}.png" for k in range(n)] + [f"{record.id}.json"])
+
+
+@pytest.fixture
+def make_fault_farm(tmp_path: Path, models_dir: Path, s3_endpoint: str):
+    """``make_fault_farm(workers=2, **settings)``: a started farm of its own, stopped after
+    the test. ``s3_endpoint=`` picks another S3 endpoint, ``models_dir=`` another models dir,
+    ``env=`` extra worker environment."""
+    from storage.s3 import S3Storage
+
+    made: list[FaultFarm] = []
+
+    def make(workers: int = 2, env: dict[str, str] | None = None, start: bool = True,
+             **overrides) -> FaultFarm:
+        endpoint = overrides.pop("s3_endpoint", s3_endpoint)
+        S3Storage(FAULT_BUCKET, "", endpoint_url=endpoint).ensure_bucket()
+        server = EmbeddedRedis(tmp_path / f"redis-{len(made)}")
+        url = server.start()
+        fields = {
+            "redis_url": url,
+            "data_dir": tmp_path / f"farm-{len(made)}",
+            "storage_url": f"s3://{FAULT_BUCKET}/{uuid.uuid4().hex[:8]}",
+            "s3_endpoint_url": endpoint,
+            "models_dir": models_dir,
+            "lease_seconds": 2,
+            **overrides,
+        }
+        settings = Settings(**fields)
+        fault_farm = FaultFarm(settings, server, workers, extra_env=env)
+        made.append(fault_farm)
+        return fault_farm.start() if start else fault_farm
+
+    yield make
+    for fault_farm in made:
+        fault_farm.stop()

@@ -1,0 +1,243 @@
+"""Faults the farm must survive, each against real processes: a redis-server, Celery worker
+processes rendering the tiny model, and an S3 endpoint (moto's server). Every farm here is its
+own (tests/fault_fixtures.py), so killing and restarting things leaves the session farm alone.
+
+The promise checked throughout: every accepted job ends succeeded, failed with a reason, or
+cancelled — with exactly one set of objects in storage when it succeeded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from producer.enqueue import publish
+from renderfarm.errors import FarmUnavailable
+from renderfarm.schema import JobState
+from tests.fault_fixtures import FaultFarm, wait_for
+
+pytest_plugins = ["tests.fault_fixtures"]
+
+SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 4, "scheduler": "euler"}
+SLOW = {**SMALL, "width": 256, "height": 256, "steps": 60}  # ≈ 4-8 s on 2 CPU cores
+RUNNING = {JobState.started, JobState.rendering}
+ENDED = {JobState.succeeded, JobState.failed, JobState.cancelled}
+
+
+def assert_one_set(ff: FaultFarm, job_id: str) -> None:
+    record = ff.client.records.job(job_id)
+    assert record.state is JobState.succeeded, (record.state, record.error)
+    assert ff.objects(record) == ff.expected_objects(record)
+
+
+def test_sigkill_mid_render_runs_again_once(make_fault_farm):
+    ff = make_fault_farm(workers=2)
+    job = ff.client.submit({**SLOW, "prompt": "killed once"})
+    first = wait_for(lambda: (r := job.status()).state is JobState.rendering and r.step >= 2
+                     and r, 60, "job rendering")
+    victim = ff.index_of(ff.pid_of(first))
+    ff.kill(victim).wait()
+    ff.restart(victim, wait=False)
+
+    record = job.wait(timeout=90)
+    assert record.state is JobState.succeeded, record.error
+    assert record.attempts == 2
+    assert record.worker != first.worker
+    assert ff.objects(record) == ff.expected_objects(record)
+    assert "its worker was lost; re-queued" in ff.logs()
+
+
+def test_render_longer_than_visibility_timeout_runs_once(make_fault_farm):
+    # Past the 2 s visibility timeout, the Redis transport's sweep (run by every worker at
+    # start and then periodically; run here by the test, to not wait for it) restores the
+    # message of the job being rendered, and the idle worker is handed it: its claim finds the
+    # job busy and drops the message.
+    ff = make_fault_farm(workers=2, visibility_timeout=2,
+                         env={"RENDERFARM_VISIBILITY_TIMEOUT": "2"})
+    job = ff.client.submit({**SLOW, "prompt": "long", "steps": 120})
+    rendering = ff.wait_state(job.id, {JobState.rendering}, timeout=30)
+    idle = 1 - ff.index_of(ff.pid_of(rendering))
+    time.sleep(2.5)  # the message is now past the visibility timeout
+    with ff.client.celery.connection_for_write() as connection:
+        connection.default_channel.qos.restore_visible(num=100, interval=1)
+
+    wait_for(lambda: f"job {job.id} not run: busy" in ff.log(idle), 30, "redelivery dropped")
+    record = job.wait(timeout=120)
+    assert record.state is JobState.succeeded, record.error
+    assert record.attempts == 1
+    assert record.worker == rendering.worker
+    assert ff.objects(record) == ff.expected_objects(record)
+
+
+def test_same_message_twice_at_once(make_fault_farm):
+    ff = make_fault_farm(workers=2)
+    job = ff.client.submit({**SMALL, "prompt": "twice", "width": 128, "height": 128,
+                            "steps": 20})
+    publish(ff.client.celery, ff.settings, [(job.id, job.status().request)])
+
+    record = job.wait(timeout=60)
+    assert record.state is JobState.succeeded, record.error
+    assert record.attempts == 1
+    assert ff.objects(record) == ff.expected_objects(record)
+    wait_for(lambda: f"job {job.id} not run:" in ff.logs(), 20, "the second delivery dropped")
+    assert ff.client.records.batch(record.batch_id).counts == {JobState.succeeded: 1}
+
+
+def test_poison_job_fails_after_max_attempts_and_others_flow(make_fault_farm):
+    # A job that kills whichever worker runs it: the test plays the crash, with SIGKILL.
+    ff = make_fault_farm(workers=2, max_attempts=3)
+    poison = ff.client.submit({**SLOW, "prompt": "poison"})
+    others = ff.client.submit_batch([{**SLOW, "prompt": f"innocent {i}"} for i in range(3)])
+    kills: list[int] = []
+    stop = threading.Event()
+
+    def watcher() -> None:
+        while not stop.is_set():
+            record = poison.status()
+            if record.terminal:
+                return
+            if record.state is JobState.rendering and record.attempts > len(kills):
+                index = ff.index_of(ff.pid_of(record))
+                if index is not None:
+                    ff.kill(index).wait()
+                    kills.append(index)
+                    ff.restart(index, wait=False)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watcher, daemon=True)
+    thread.start()
+    try:
+        record = poison.wait(timeout=150)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert record.state is JobState.failed
+    assert "gave up after 3 attempts" in record.error
+    assert len(kills) == 3
+    assert ff.objects(record) == []
+    others.wait(timeout=120)
+    for other in others.records():
+        assert_one_set(ff, other.id)
+
+
+def test_exception_in_pipeline_fails_job_and_worker_serves_on(make_fault_farm, models_dir,
+                                                              tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(models_dir / "tiny", models / "tiny")
+    shutil.copytree(models_dir / "tiny", models / "broken")
+    weights = models / "broken" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    ff = make_fault_farm(workers=1, models_dir=models)
+
+    bad = ff.client.submit({**SMALL, "model": "broken", "prompt": "bad weights"}).wait(60)
+    assert bad.state is JobState.failed
+    assert bad.error and "safetensors" in bad.error.lower(), bad.error
+    good = ff.client.submit({**SMALL, "prompt": "after the bad one"}).wait(60)
+    assert good.state is JobState.succeeded, good.error
+    assert good.worker == bad.worker
+    assert ff.farm.workers[0].poll() is None
+
+
+def test_redis_restart_every_job_completes(make_fault_farm):
+    ff = make_fault_farm(workers=2, lease_seconds=3)
+    batch = ff.client.submit_batch(
+        [{**SMALL, "prompt": f"through a restart {i}", "steps": 4 + i % 5} for i in range(40)]
+        + [{**SLOW, "prompt": f"slow {i}", "steps": 30 + i} for i in range(4)])
+    wait_for(lambda: batch.status().counts.get(JobState.succeeded, 0) >= 3, 60, "3 done")
+
+    ff.redis_server.stop()
+    with pytest.raises(FarmUnavailable, match="Redis"):
+        ff.client.submit({**SMALL, "prompt": "while Redis is down"})
+    time.sleep(2)
+    ff.redis_server.start()
+
+    after = ff.client.submit({**SMALL, "prompt": "after the restart"})
+    record = batch.wait(timeout=180)
+    assert record.counts == {JobState.succeeded: 44}, record.counts
+    for job in batch.records():
+        assert ff.objects(job) == ff.expected_objects(job), job.id
+    assert after.wait(timeout=60).state is JobState.succeeded
+    assert all(p.poll() is None for p in ff.farm.workers), "a worker died with Redis"
+
+
+def test_s3_down_during_uploads(make_fault_farm, tmp_path):
+    from moto.server import ThreadedMotoServer
+
+    from renderfarm.embedded import free_port
+
+    port = free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    s3.start()
+    try:
+        ff = make_fault_farm(workers=2, s3_endpoint=f"http://127.0.0.1:{port}")
+        batch = ff.client.submit_batch(
+            [{**SMALL, "prompt": f"upload {i}", "width": 128, "height": 128, "steps": 6 + i}
+             for i in range(16)])
+        wait_for(lambda: batch.status().counts.get(JobState.succeeded, 0) >= 2, 60, "2 done")
+        s3.stop()
+        succeeded_while_down = set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            succeeded_while_down |= {r.id for r in batch.records()
+                                     if r.state is JobState.succeeded}
+            time.sleep(0.2)
+        s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        s3.start()  # moto's state lives in the process: the bucket and objects are still there
+
+        record = batch.wait(timeout=150)
+        assert record.counts == {JobState.succeeded: 16}, [
+            (r.state.value, r.error) for r in batch.records() if r.error]
+        for job in batch.records():
+            assert ff.objects(job) == ff.expected_objects(job), job.id
+        assert succeeded_while_down  # jobs done before the outage are still there, whole
+    finally:
+        s3.stop()
+
+
+def test_cancel_running_job_writes_nothing_and_worker_goes_on(make_fault_farm):
+    ff = make_fault_farm(workers=1)
+    running = ff.client.submit({**SLOW, "prompt": "cancelled mid-render", "steps": 150})
+    queued = ff.client.submit({**SMALL, "prompt": "cancelled in the queue"})
+    after = ff.client.submit({**SMALL, "prompt": "runs after the cancel", "steps": 5})
+    assert queued.cancel() == "cancelled"
+    ff.wait_state(running.id, {JobState.rendering}, timeout=30)
+    assert running.cancel() == "cancelling"
+
+    record = running.wait(timeout=30)
+    assert record.state is JobState.cancelled
+    assert record.step < 150
+    assert ff.objects(record) == []
+    assert queued.wait(timeout=5).state is JobState.cancelled
+    assert queued.status().attempts == 0
+    done = after.wait(timeout=60)
+    assert done.state is JobState.succeeded, done.error
+    assert done.worker == record.worker
+    time.sleep(ff.settings.lease_seconds + 1.5)  # a reaper would have found a dangling lease
+    assert running.status().state is JobState.cancelled
+    assert ff.client.storage.list(f"{record.batch_id}/") == []
+
+
+def test_warm_shutdown_finishes_running_job(make_fault_farm):
+    ff = make_fault_farm(workers=2)
+    running = ff.client.submit({**SLOW, "prompt": "finishes on SIGTERM", "steps": 100})
+    first = ff.wait_state(running.id, {JobState.rendering}, timeout=30)
+    behind = ff.client.submit_batch(
+        [{**SMALL, "prompt": f"behind {i}", "width": 128, "height": 128, "steps": 8 + i}
+         for i in range(6)])
+    stopping = ff.index_of(ff.pid_of(first))
+    proc = ff.kill(stopping, signal.SIGTERM)
+
+    record = running.wait(timeout=90)
+    assert record.state is JobState.succeeded, record.error
+    assert record.worker == first.worker, "the job was taken from the stopping worker"
+    assert record.attempts == 1
+    assert ff.objects(record) == ff.expected_objects(record)
+    assert proc.wait(30) == 0
+    behind.wait(timeout=90)
+    for job in behind.records():
+        assert_one_set(ff, job.id)
+        assert job.worker != first.worker
