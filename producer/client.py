@@ -131,10 +131,24 @@ class FarmClient:
                     queues=[queue_for(r, self.settings) for _, r in fresh],
                     compat=[compat_key(r, job_id) for job_id, r in fresh],
                 )
-                publish(self.celery, self.settings, fresh)
+                self._publish_or_abandon(fresh)
         except RedisConnectionError as exc:
             raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc
         return batch_id, [owners.get(job_id, job_id) for job_id, _ in pending]
+
+    def _publish_or_abandon(self, jobs: list[tuple[str, JobRequest]]) -> None:
+        """Send the jobs' messages. If Redis fails part-way, the recorded jobs are failed with
+        the reason (a job never sits ``queued`` with no message) and the caller is told."""
+        try:
+            publish(self.celery, self.settings, jobs)
+        except Exception as exc:  # kombu's OperationalError / BatchPublishError, redis errors
+            reason = f"not enqueued: the farm's Redis failed during submit ({exc})"
+            try:
+                self.records.abandon([job_id for job_id, _ in jobs], reason)
+                outcome = "its jobs are marked failed; submit them again"
+            except Exception:  # Redis is gone altogether: nothing more can be written
+                outcome = "its records may remain queued; check the batch and submit again"
+            raise FarmUnavailable(f"{reason}: {outcome}") from exc
 
     def _idempotency_owners(self, pending: list[tuple[str, JobRequest]]) -> dict[str, str]:
         """Job id -> the id of the job that first used its idempotency key."""

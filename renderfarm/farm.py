@@ -59,21 +59,16 @@ class EmbeddedFarm:
 
     # -- workers ----------------------------------------------------------------------------
     def worker_env(self) -> dict[str, str]:
+        """The workers' environment: this farm's settings (every one of them) over ours."""
         threads = max(1, (os.cpu_count() or 1) // max(1, self.n_workers))
-        env = {
-            **os.environ,
-            "RENDERFARM_REDIS_URL": self.redis_url or "",
-            "RENDERFARM_DATA_DIR": str(self.settings.data_path),
-            "OMP_NUM_THREADS": str(threads),
-            "HF_HUB_OFFLINE": "1",
-            **self.extra_env,
-        }
-        for name in ("storage_url", "models_dir", "s3_endpoint_url", "max_batch"):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        for name in type(self.settings).model_fields:
             value = getattr(self.settings, name)
             if value is not None:
                 env[f"RENDERFARM_{name.upper()}"] = str(value)
-        env["RENDERFARM_LEASE_SECONDS"] = str(self.settings.lease_seconds)
-        env["RENDERFARM_MAX_ATTEMPTS"] = str(self.settings.max_attempts)
+        env["RENDERFARM_REDIS_URL"] = self.redis_url or ""
+        env["RENDERFARM_DATA_DIR"] = str(self.settings.data_path)
+        env.update(self.extra_env)
         return env
 
     def start_worker(

@@ -199,6 +199,16 @@ return out
 """
 
 
+# ARGV: now, reason. A queued job whose message could not be sent: failed, with the reason.
+_ABANDON = _TERMINAL + _MOVE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' then return 0 end
+move(KEYS[1], B, state, 'failed', ARGV[1])
+redis.call('HSET', KEYS[1], 'error', ARGV[2])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Claim:
     """The answer to a worker asking to run a job."""
@@ -223,6 +233,7 @@ class Records:
         self._reap = redis.register_script(_REAP)
         self._retry = redis.register_script(_RETRY)
         self._claim_more = redis.register_script(_CLAIM_MORE)
+        self._abandon = redis.register_script(_ABANDON)
 
     # -- writing new work -------------------------------------------------------------------
     def add_jobs(
@@ -407,6 +418,11 @@ class Records:
     def retry(self, job_id: str) -> bool:
         """Put a failed or cancelled job back in the queue; True if it was."""
         return self._retry(keys=self._keys(job_id), args=[now()]) == b"queued"
+
+    def abandon(self, job_ids: Sequence[str], reason: str) -> int:
+        """Fail queued jobs whose messages were never sent (so none waits for nothing)."""
+        t = now()
+        return sum(self._abandon(keys=self._keys(i), args=[t, reason]) for i in job_ids)
 
     def expired_leases(self, limit: int = 100) -> list[str]:
         ids = self.redis.zrangebyscore(keys.RUNNING, "-inf", now(), start=0, num=limit)

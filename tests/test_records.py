@@ -107,3 +107,13 @@ def test_retry_puts_a_failed_job_back(records):
     record = records.job("j8")
     assert (record.state, record.attempts, record.error) == (JobState.queued, 0, None)
     assert not records.retry("j8")
+
+
+def test_abandon_fails_only_queued_jobs(records):
+    add(records, "j9")
+    add(records, "j10", "b3")
+    records.claim("j10", "w", 30, 3)
+    assert records.abandon(["j9", "j10"], "not enqueued: boom") == 1
+    assert records.job("j9").state is JobState.failed
+    assert records.job("j9").error == "not enqueued: boom"
+    assert records.job("j10").state is JobState.started
