@@ -148,12 +148,20 @@ def test_redis_restart_every_job_completes(make_fault_farm):
         [{**SMALL, "prompt": f"through a restart {i}", "steps": 4 + i % 5} for i in range(40)]
         + [{**SLOW, "prompt": f"slow {i}", "steps": 30 + i} for i in range(4)])
     wait_for(lambda: batch.status().counts.get(JobState.succeeded, 0) >= 3, 60, "3 done")
+    from dashboard import create_app
+
+    dashboard = create_app({"SETTINGS": ff.settings, "TESTING": True}).test_client()
+    assert dashboard.get(f"/api/v1/batches/{batch.id}").status_code == 200
 
     ff.redis_server.stop()
     with pytest.raises(FarmUnavailable, match="Redis"):
         ff.client.submit({**SMALL, "prompt": "while Redis is down"})
+    down = dashboard.get(f"/api/v1/batches/{batch.id}")
+    assert down.status_code == 503 and "Redis" in down.get_data(as_text=True)
     time.sleep(2)
     ff.redis_server.start()
+    # the dashboard reconnects by itself: the same app, no restart
+    assert dashboard.get(f"/api/v1/batches/{batch.id}").status_code == 200
 
     after = ff.client.submit({**SMALL, "prompt": "after the restart"})
     record = batch.wait(timeout=180)
