@@ -12,12 +12,14 @@ a record.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from celery import Celery
+from typing import TYPE_CHECKING
 
 from renderfarm.connection import TASK_NAME, celery_priority
 from renderfarm.schema import JobRequest
 from renderfarm.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 def queue_for(request: JobRequest, settings: Settings) -> str:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import TYPE_CHECKING
+
 from redis import Redis
 
 from renderfarm.embedded import read_farm_file
 from renderfarm.errors import FarmUnavailable
 from renderfarm.settings import Settings
+
+if TYPE_CHECKING:  # Celery is imported when an app is made: the CLI starts faster without it
+    from celery import Celery
 
 TASK_NAME = "renderfarm.render"
 
@@ -37,6 +41,8 @@ def connect(settings: Settings) -> Redis:
 
 def celery_app(settings: Settings, url: str | None = None) -> Celery:
     """The farm's Celery app. Safety settings follow ../shared/FIELD-NOTES.md."""
+    from celery import Celery
+
     url = url or redis_url(settings)
     transport = {
         # Must exceed the longest render, or Redis re-delivers a running job; our own leases
