@@ -6,9 +6,7 @@ every 2 s) to fill in what changes. Forms are Flask-WTF forms, so each POST carr
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import zipfile
 from collections.abc import Iterator
 
@@ -41,6 +39,7 @@ from wtforms.validators import NumberRange, Optional
 from dashboard import api
 from renderfarm.errors import FieldError, InvalidJob, JobNotFound
 from renderfarm.images import MAX_INIT_IMAGE_BYTES, encode_init_image
+from renderfarm.jobfile import parse_jobs
 from renderfarm.schema import SCHEDULERS, JobRecord, JobState
 from storage import check_key
 from storage.local import LocalStorage
@@ -113,35 +112,9 @@ FORM_FIELD = {"prompt": "prompts", "mode": "init_image", "width": "size", "heigh
 
 def _read_prompts_file(name: str, data: bytes) -> list[dict]:
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InvalidJob([FieldError("prompts_file", "must be UTF-8 text", name)]) from None
-    lower = name.lower()
-    if lower.endswith(".jsonl"):
-        jobs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                job = json.loads(line)
-            except ValueError:
-                raise InvalidJob([FieldError("prompts_file", f"line {n} is not valid JSON",
-                                             line[:80])]) from None
-            if not isinstance(job, dict):
-                raise InvalidJob([FieldError("prompts_file", f"line {n} must be a JSON object",
-                                             line[:80])])
-            jobs.append(job)
-        return jobs
-    if lower.endswith(".csv"):
-        rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip()]
-        if rows and "prompt" in [c.strip().lower() for c in rows[0]]:
-            column = [c.strip().lower() for c in rows[0]].index("prompt")
-            rows = rows[1:]
-        else:
-            column = 0
-        return [{"prompt": r[column].strip()} for r in rows if len(r) > column]
-    return [{"prompt": line.strip()} for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+        return parse_jobs(name, data)
+    except ValueError as exc:
+        raise InvalidJob([FieldError("prompts_file", str(exc), name)]) from None
 
 
 def _init_image(form: SubmitForm) -> str | None:

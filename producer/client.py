@@ -174,6 +174,18 @@ def _with_seed(request: JobRequest, batch_id: str) -> JobRequest:
     return request.model_copy(update={"seed": seed, "batch_id": batch_id})
 
 
+def _poll(fetch, done, timeout: float | None, poll: float, describe):
+    """``fetch()`` until ``done(record)``; TimeoutError with ``describe(record)`` after timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        record = fetch()
+        if done(record):
+            return record
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(describe(record))
+        time.sleep(poll)
+
+
 class JobHandle:
     """A submitted job."""
 
@@ -189,14 +201,8 @@ class JobHandle:
 
     def wait(self, timeout: float | None = None, poll: float = 0.1) -> JobRecord:
         """Block until the job ends; TimeoutError if it has not after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            record = self.status()
-            if record.terminal:
-                return record
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {self.id} is still {record.state.value} after {timeout}s")
-            time.sleep(poll)
+        return _poll(self.status, lambda r: r.terminal, timeout, poll,
+                     lambda r: f"job {self.id} is still {r.state.value} after {timeout}s")
 
     def result(self, timeout: float | None = None) -> list[ImageResult]:
         """The job's images with URLs; raises :class:`JobFailed` if it failed or was cancelled."""
@@ -230,16 +236,9 @@ class BatchHandle:
         return self.client.records.batch_jobs(self.id)
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> BatchRecord:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            record = self.status()
-            if record.finished:
-                return record
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"batch {self.id}: {record.done} of {record.total} done after {timeout}s"
-                )
-            time.sleep(poll)
+        """Block until every job of the batch has ended."""
+        return _poll(self.status, lambda r: r.finished, timeout, poll,
+                     lambda r: f"batch {self.id}: {r.done} of {r.total} done after {timeout}s")
 
     def result(self, timeout: float | None = None) -> dict[str, list[ImageResult]]:
         """Job id -> its images, for the jobs that succeeded."""
