@@ -41,6 +41,7 @@ from diffusers.utils import is_scipy_available
 from renderfarm.schema import SCHEDULERS, Mode
 from worker.modelfiles import list_models
 from worker.profiles import Profile
+from worker.singlefile import single_file_options
 
 log = logging.getLogger("renderfarm.worker")
 
@@ -214,18 +215,22 @@ class PipelineCache:
         path = models.get(model)
         if path is None:
             raise UnknownModel(model, self.models_dir, sorted(models))
-        while len(self._entries) >= self.max_models:  # free memory before loading
-            self.evict(next(iter(self._entries)))
         options = {
             "dtype": self.profile.dtype,
             "safety_checker": None,
             "requires_safety_checker": False,
             "local_files_only": True,
         }
+        if not path.is_dir():
+            # The configs found locally (worker.singlefile), so nothing is downloaded. Before
+            # any eviction: a checkpoint that cannot load must not cost a warm model.
+            options |= single_file_options(path, self.models_dir)
+        while len(self._entries) >= self.max_models:  # free memory before loading
+            self.evict(next(iter(self._entries)))
         if path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(path, **options)
         else:
-            pipe = StableDiffusionPipeline.from_single_file(path, **options)
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **options)
         self.loads += 1
         _scheduler_entry(pipe)  # remember the model's own scheduler config before any swap
         self._apply_profile(pipe)
