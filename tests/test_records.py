@@ -14,7 +14,9 @@ from renderfarm.schema import JobRequest, JobState
 
 @pytest.fixture
 def records(redis_url) -> Records:
-    redis = Redis.from_url(redis_url)
+    """A database of its own: the session farm's workers reap expired leases in database 0."""
+    redis = Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
+    redis.flushdb()
     return Records(redis)
 
 
