@@ -439,7 +439,13 @@ def _span(t: dict[str, float], start: str, end: str) -> float | None:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    return "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower()
+    """Whether ``exc`` says the device ran out of memory: CUDA's ``OutOfMemoryError`` ("CUDA
+    out of memory"), MPS's "out of memory", torch's CPU allocator ("DefaultCPUAllocator: can't
+    allocate memory: you tried to allocate N bytes", a plain ``RuntimeError``) and Python's
+    ``MemoryError``."""
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+            or "out of memory" in text or "can't allocate memory" in text)
 
 
 def _describe(exc: BaseException) -> str:
