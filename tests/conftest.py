@@ -85,3 +85,16 @@ def client(farm_settings):
     from producer import FarmClient
 
     return FarmClient(farm_settings)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for in-process renders: on a busy 2-core machine the default (one per
+    core) spins and runs the pipeline tests several times slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

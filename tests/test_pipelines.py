@@ -28,14 +28,7 @@ from worker.render import render  # noqa: E402
 CPU = Profile("cpu", "cpu", torch.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine the default (one per core) spins and runs
-    these tests 7x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
