@@ -28,6 +28,7 @@ Throughput (issue 6) without giving that up:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -300,14 +301,17 @@ class WorkerService:
             log.warning("job %s: lease lost mid-run; left to its new owner", record.id)
             return "lost"
         except Exception as exc:
-            if _out_of_memory(exc) and not retried:
-                log.warning("job %s ran out of device memory; retrying with memory savers",
-                            record.id)
-                self._enable_memory_savers(record)
-                return self._run_one(record, retried=True)
-            log.exception("job %s failed", record.id)
-            self.records.fail(record.id, self.owner, _describe(exc))
-            return "failed"
+            if retried or not _out_of_memory(exc):
+                log.exception("job %s failed", record.id)
+                self.records.fail(record.id, self.owner, _describe(exc))
+                return "failed"
+            log.warning("job %s ran out of device memory; retrying with memory savers",
+                        record.id)
+        # Retry outside the except block: its traceback's frames still hold the failed
+        # attempt's tensors, which would leave the retry no more room than the first try had.
+        gc.collect()
+        self._enable_memory_savers(record)
+        return self._run_one(record, retried=True)
 
     def _render(self, group: list[JobRecord]) -> list[list]:
         from worker.render import render, render_batch
