@@ -6,7 +6,6 @@ pages in ui.py, so a page and the API never disagree about what the farm holds.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from producer.client import FarmClient
 from producer.enqueue import publish
 from renderfarm import keys
 from renderfarm.errors import FieldError, InvalidJob
-from renderfarm.fleet import HEARTBEAT_INTERVAL, LOST_AFTER_BEATS, WorkerInfo
+from renderfarm.fleet import HEARTBEAT_INTERVAL, LOST_AFTER_BEATS, read_workers
 from renderfarm.schema import TERMINAL_STATES, BatchRecord, JobRecord, JobState
 from storage.local import LocalStorage
 
@@ -114,54 +113,21 @@ def workers(now: float | None = None) -> list[dict[str, Any]]:
     """Every worker that has beaten its heartbeat, newest beat first; stale ones ``lost``."""
     now = time.time() if now is None else now
     c = client()
-    beats = c.redis.zrevrange(keys.WORKERS, 0, -1, withscores=True)
-    pipe = c.redis.pipeline(transaction=False)
-    for worker_id, _ in beats:
-        pipe.hgetall(keys.worker(worker_id.decode()))
-    hashes = pipe.execute()
     out = []
-    for (worker_id, beat), data in zip(beats, hashes, strict=True):
-        d = {k.decode(): v.decode() for k, v in data.items()}
-        info = WorkerInfo.model_validate({**{k: v for k, v in d.items() if v != ""
-                                             and k not in ("models", "loaded", "speeds")},
-                                          "id": worker_id.decode()})
+    for info in sorted(read_workers(c.redis), key=lambda w: w.beat, reverse=True):
         out.append({
-            "id": worker_id.decode(),
-            "state": "live" if now - beat <= LOST_AFTER else "lost",
-            "host": d.get("host"),
-            "profile": d.get("profile"),
-            "device": d.get("device"),
+            **info.model_dump(include={"id", "host", "device", "memory_total", "memory_free",
+                                       "speeds", "loads", "models", "loaded", "jobs_done",
+                                       "beat"}),
+            "state": "live" if now - info.beat <= LOST_AFTER else "lost",
+            "profile": info.hardware,
             "device_name": info.device_name or None,
-            "memory_total": info.memory_total,
-            "memory_free": info.memory_free,
             "max_pixels": info.max_pixels or None,
-            "speeds": _json_dict(d.get("speeds")),
-            "loads": info.loads,
-            "models": _json_list(d.get("models")),
-            "loaded": _json_list(d.get("loaded")),
-            "current_job": d.get("current_job") or None,
-            "jobs_done": int(d.get("jobs_done") or 0),
-            "beat": beat,
-            "seconds_since_beat": round(now - beat, 1),
+            "current_job": info.current_job or None,
+            "seconds_since_beat": round(now - info.beat, 1),
         })
     _add_current_steps(c, out, now)
     return out
-
-
-def _json_dict(text: str | None) -> dict:
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _json_list(text: str | None) -> list:
-    try:
-        value = json.loads(text) if text else []
-    except ValueError:
-        return []
-    return value if isinstance(value, list) else []
 
 
 def _add_current_steps(c: FarmClient, fleet: list[dict[str, Any]], now: float) -> None:

@@ -110,7 +110,7 @@ def fake_beat(dash_farm):
     def beat(worker_id: str, age: float, current_job: str = "") -> None:
         t = time.time() - age
         dash_farm.redis.hset(keys.worker(worker_id), mapping={
-            "id": worker_id, "host": "testhost", "profile": "cpu", "device": "cpu",
+            "id": worker_id, "host": "testhost", "hardware": "cpu", "device": "cpu",
             "models": json.dumps(["tiny"]), "loaded": json.dumps(["tiny"]),
             "current_job": current_job, "jobs_done": 3, "beat": t,
         })
