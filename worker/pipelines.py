@@ -318,22 +318,58 @@ class PipelineCache:
 
 
 def _compile_unet(pipe: StableDiffusionPipeline, profile: Profile) -> None:
-    """``torch.compile`` the UNet in place (``Module.compile``: the module, its weights and
+    """``torch.compile`` the UNet's ``forward`` in place (the module, its weights and
     ``pipe.unet`` stay the same objects, so img2img's ``from_pipe`` shares the compiled one).
 
-    Inductor options of diffusers' "accelerate inference of text-to-image diffusion models"
-    guide. Every size bucket and batch size is a shape of its own: allow that many compiled
-    graphs before dynamo falls back to eager.
+    Three choices keep a warmed-up worker from ever compiling again (checked on CPU with real
+    dynamo in ``tests/test_compile.py``):
+
+    - ``dynamic=False``: one static graph per shape. By default dynamo turns the batch
+      dimension symbolic after its second shape, and a dynamic-shape graph is the slower one
+      (no CUDA graphs, generic kernels); here every size bucket x batch size gets its own.
+    - Inputs are made steady outside the compiled region (:func:`_steady_inputs`): the
+      sample contiguous, timesteps float32 tensors. Euler-type schedulers give float
+      timesteps, DDIM, PNDM, DPM++ and UniPC int64 ones, and a dtype change fails dynamo's
+      guards, so swapping the scheduler recompiled. The UNet's ``Timesteps`` projection casts
+      to float32 first thing, so this changes no number.
+    - The recompile limit is raised to the number of shapes warmed up, so no shape falls
+      back to eager.
+
+    Inductor options are those of diffusers' "accelerate inference of text-to-image diffusion
+    models" guide. ``profile.compile_backend`` other than ``inductor`` (tests use ``eager``)
+    keeps dynamo's tracing and guards but skips code generation.
     """
     import torch._dynamo.config
-    import torch._inductor.config as inductor
 
-    inductor.conv_1x1_as_mm = True
-    inductor.coordinate_descent_tuning = True
-    inductor.epilogue_fusion = False
-    inductor.coordinate_descent_check_all_directions = True
+    if profile.compile_backend == "inductor":
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+        options: dict[str, Any] = {"mode": profile.compile_mode}
+    else:
+        options = {"backend": profile.compile_backend}
     shapes = 2 * max(1, len(profile.warmup_sizes)) * len(profile.batch_buckets())
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 4 * shapes))
-    pipe.unet.compile(mode=profile.compile_mode, fullgraph=True)
+    unet = pipe.unet
+    compiled = torch.compile(unet.forward, fullgraph=True, dynamic=False, **options)
+    unet.forward = _steady_inputs(compiled)
+    unet.renderfarm_compiled = compiled  # how a test (or a log line) tells it is compiled
+
+
+def _steady_inputs(forward: Any) -> Any:
+    """Wrap a UNet ``forward(sample, timestep, ...)`` so its inputs always look the same to
+    dynamo's guards: the timestep a float32 tensor on the sample's device whatever the
+    scheduler made it, the sample contiguous (img2img's latents come out of the VAE with the
+    image's NHWC strides, which would fail a stride guard)."""
+
+    def call(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (torch.is_tensor(timestep) and timestep.dtype == torch.float32):
+            timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
+        return forward(sample.contiguous(), timestep, *args, **kwargs)
+
+    return call

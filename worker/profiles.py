@@ -36,7 +36,8 @@ class Profile:
     ``sdpa``: PyTorch's scaled-dot-product attention (``AttnProcessor2_0``), set explicitly;
     ``attention_slicing`` replaces it. ``channels_last``: UNet and VAE weights in NHWC, which
     tensor-core convolutions want. ``compile``: ``torch.compile`` the UNet with
-    ``compile_mode``; it compiles once per shape, so :meth:`PipelineCache.warmup` renders each
+    ``compile_mode`` (``compile_backend`` other than ``inductor`` only traces: for tests);
+    it compiles once per shape, so :meth:`PipelineCache.warmup` renders each
     of ``warmup_sizes`` at each of :meth:`batch_buckets` at worker start, and a pipeline call is
     padded up to a bucket (``worker.pipelines.PipelineCache.batch_size_for``).
     """
@@ -54,6 +55,7 @@ class Profile:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "max-autotune"
+    compile_backend: str = "inductor"
     warmup_sizes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
