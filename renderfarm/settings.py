@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     presign_expires: int = Field(3600, ge=1, description="Lifetime of presigned S3 URLs (s).")
     queue: str = Field("renderfarm", description="Prefix of the Celery queues jobs go to.")
     max_batch: int | None = Field(
-        None, ge=1, description="Images per pipeline call (micro-batch). Unset: the profile's."
+        None, ge=1, description="Most images per pipeline call (micro-batch); fewer where free "
+        "device memory would not hold them at the job's size. Unset: the profile's."
     )
 
     @cached_property

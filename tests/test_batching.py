@@ -121,6 +121,68 @@ def test_compiled_profile_pads_calls_to_a_warmed_batch_size(models):
     assert [plain.batch_size_for(n) for n in (1, 3, 5)] == [1, 3, 5]
 
 
+def memory_bound(images: float) -> int:
+    """bytes_per_pixel at which this machine's available memory holds ``images`` 64x64 images
+    (2.5: floor 2, with room for the reading to move by 20% between calls)."""
+    from worker.memory import available_memory
+
+    available = available_memory("cpu")
+    assert available and available > 2**28
+    return int(available / (64 * 64 * images))
+
+
+def test_call_size_follows_available_memory_and_image_size(models):
+    bpp = memory_bound(2.5)
+    tight = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_batch=4,
+                                          bytes_per_pixel=bpp))
+    assert tight.call_size(64, 64) == 2
+    assert tight.call_size(64, 32) == 4  # half the pixels: 5 fit, max_batch is 4
+    assert tight.call_size(128, 128) == 1  # none fits: one at a time, never zero
+    # with a compiled UNet, the largest warmed batch size that fits (buckets 1, 2, 4, 8)
+    compiled = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_batch=8,
+                                             compile=True, bytes_per_pixel=memory_bound(3.5)))
+    assert compiled.call_size(64, 64) == 2
+    assert compiled.call_size(32, 32) == 8
+
+    calls: list[int] = []
+    pipe = tight.get("tiny")
+    original = type(pipe).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["prompt"]))
+        return original(self, *args, **kwargs)
+
+    requests = [job(seed=s) for s in (1, 2, 3)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(pipe), "__call__", counting)
+        split = render_batch(tight, requests)
+    assert calls == [2, 1]
+    for request, images in zip(requests, split, strict=True):
+        assert max_diff(images[0], render(tight, request)[0]) <= 2
+
+
+def test_img2img_chunks_by_call_size_and_pads_for_a_compiled_unet(models, monkeypatch):
+    tight = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_batch=4,
+                                          bytes_per_pixel=memory_bound(2.5)))
+    request = job(mode="img2img", init_image=init_image(), strength=0.5, num_images=3, seed=9)
+    calls: list[int] = []
+    pipe = tight.get("tiny", "img2img")
+    original = type(pipe).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["num_images_per_prompt"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    split = render(tight, request)
+    monkeypatch.setattr(PipelineCache, "batch_size_for", lambda self, n: 4)  # as if compiled
+    monkeypatch.setattr(PipelineCache, "call_size", lambda self, w, h: 4)
+    padded = render(tight, request)
+    assert calls == [2, 1, 4]
+    assert len(split) == len(padded) == 3
+    assert max(max_diff(a, b) for a, b in zip(split, padded, strict=True)) <= 2
+
+
 def test_padding_throws_the_extra_images_away(models, cache, monkeypatch):
     monkeypatch.setattr(PipelineCache, "batch_size_for", lambda self, n: 4)
     requests = [job(seed=3, num_images=3)]

@@ -77,8 +77,10 @@ def test_no_recompile_after_warmup_for_any_scheduler_batch_or_mode(models_dir):
     assert [len(images) for images in together] == [1, 1]
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(buffer, format="PNG")
-    render(cache, job(mode="img2img", init_image=encode_init_image(buffer.getvalue()),
-                      steps=6, strength=0.5, scheduler="ddim"))
+    init = encode_init_image(buffer.getvalue())
+    for images in (1, 3):  # 3: padded to 4, as txt2img
+        render(cache, job(mode="img2img", init_image=init, steps=6, strength=0.5,
+                          scheduler="ddim", num_images=images))
     assert graphs() == warmed
 
 

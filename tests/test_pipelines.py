@@ -255,6 +255,27 @@ def test_warmup_renders_each_size_and_batch_once(models):
         small.warmup("tiny", sizes=[(64, 64)], batch_sizes=[3])
 
 
+def test_the_gpu_fast_path_in_fp16_runs_on_the_cpu_too(models, cache):
+    """The GPU profile's settings (fp16 everywhere, VAE included; SDPA; channels_last) on the
+    CPU, where CI can run them: batched equals unbatched, and fp16 stays near float32."""
+    from worker.render import render_batch
+
+    half = PipelineCache(models, Profile("cpu", "cpu", torch.float16, sdpa=True,
+                                         channels_last=True, bytes_per_pixel=4096))
+    pipe = half.get("tiny", Mode.txt2img)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        assert module.dtype == torch.float16
+    assert uses_sdpa(pipe.unet) and is_channels_last(pipe.unet) and is_channels_last(pipe.vae)
+    requests = [job(seed=1, prompt="a red barn"), job(seed=2, num_images=2)]
+    batched = render_batch(half, requests)
+    for request, images in zip(requests, batched, strict=True):
+        alone, full = render(half, request), render(cache, request)
+        for a, b, c in zip(images, alone, full, strict=True):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 2
+            assert np.abs(pixels(a) - pixels(c)).max() <= 6  # fp16 vs float32
+    assert half.get("tiny", Mode.img2img).unet.dtype == torch.float16
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -39,6 +39,7 @@ from diffusers.schedulers import scheduling_lms_discrete
 from diffusers.utils import is_scipy_available
 
 from renderfarm.schema import SCHEDULERS, Mode
+from worker.memory import available_memory
 from worker.modelfiles import list_models
 from worker.profiles import Profile
 from worker.singlefile import single_file_options
@@ -155,6 +156,21 @@ class PipelineCache:
         self.loads = 0
         self.warmed: dict[str, dict[str, float]] = {}  # model -> "WxHxB" -> seconds
         self._entries: OrderedDict[str, _Loaded] = OrderedDict()
+
+    def call_size(self, width: int, height: int) -> int:
+        """The most images one pipeline call at ``width`` x ``height`` renders: the profile's
+        ``max_batch``, fewer where the device's available memory
+        (:func:`worker.memory.available_memory`, read now) would not hold them at
+        ``bytes_per_pixel``, never fewer than 1; with a compiled UNet, a warmed-up batch size,
+        so padding a call (:meth:`batch_size_for`) never goes over it."""
+        profile = self.profile
+        limit = profile.max_batch
+        available = available_memory(profile.device)
+        if available is not None:
+            limit = min(limit, max(1, available // (width * height * profile.bytes_per_pixel)))
+        if profile.compile:
+            limit = max(b for b in profile.batch_buckets() if b <= limit)
+        return limit
 
     def batch_size_for(self, images: int) -> int:
         """The batch size a pipeline call of ``images`` images runs at: ``images`` itself,

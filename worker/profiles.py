@@ -24,6 +24,9 @@ JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
 JETSON_OFFLOAD_BELOW_BYTES = 12 * 2**30
 # A CUDA GPU with less memory than this gets the smaller limits.
 SMALL_GPU_BYTES = 16 * 2**30
+# Peak memory per output pixel of a pipeline call (see Profile.bytes_per_pixel).
+FP16_BYTES_PER_PIXEL = 4096
+FP32_BYTES_PER_PIXEL = 8192
 # Sizes a compiled UNet is warmed up for at worker start (torch.compile compiles per shape).
 GPU_WARMUP_SIZES = ((512, 512), (768, 768))
 
@@ -40,6 +43,14 @@ class Profile:
     it compiles once per shape, so :meth:`PipelineCache.warmup` renders each
     of ``warmup_sizes`` at each of :meth:`batch_buckets` at worker start, and a pipeline call is
     padded up to a bucket (``worker.pipelines.PipelineCache.batch_size_for``).
+
+    ``bytes_per_pixel``: the device memory one output pixel of a pipeline call takes at the
+    call's peak, beyond the weights (UNet activations for the image and its unconditional
+    twin, the VAE decode). A call renders at most ``max_batch`` images and no more than the
+    device's available memory holds at this rate
+    (:meth:`worker.pipelines.PipelineCache.call_size`), so B follows the free memory and the
+    image size. The figures are estimates (about 1 GiB per 512x512 image in fp16, twice that
+    in float32) erring on the side of smaller batches.
     """
 
     name: str  # "gpu" | "cpu" | "jetson" | "mps"
@@ -57,10 +68,13 @@ class Profile:
     compile_mode: str = "max-autotune"
     compile_backend: str = "inductor"
     warmup_sizes: tuple[tuple[int, int], ...] = ()
+    bytes_per_pixel: int = 8192
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch!r}")
+        if self.bytes_per_pixel < 1:
+            raise ValueError(f"bytes_per_pixel must be at least 1, got {self.bytes_per_pixel!r}")
         if self.compile and self.cpu_offload:
             raise ValueError("compile and cpu_offload cannot be combined: offload hooks move "
                              "the UNet between devices under the compiled graph")
@@ -104,7 +118,8 @@ def detect_profile(name: str = "auto") -> Profile:
 
 
 def _cpu() -> Profile:
-    return Profile("cpu", "cpu", torch.float32, max_pixels=1024 * 1024, max_batch=4)
+    return Profile("cpu", "cpu", torch.float32, max_pixels=1024 * 1024, max_batch=4,
+                   bytes_per_pixel=FP32_BYTES_PER_PIXEL)
 
 
 def compile_from_env() -> tuple[bool, str]:
@@ -122,7 +137,7 @@ def _gpu() -> Profile:
     compile_, mode = compile_from_env()
     # The VAE stays on the GPU: no cpu_offload here. Never offload on this profile.
     fast = {"sdpa": True, "channels_last": True, "compile": compile_, "compile_mode": mode,
-            "warmup_sizes": GPU_WARMUP_SIZES}
+            "warmup_sizes": GPU_WARMUP_SIZES, "bytes_per_pixel": FP16_BYTES_PER_PIXEL}
     if total < SMALL_GPU_BYTES:  # decoding a large image whole would not fit
         return Profile(
             "gpu",
@@ -151,12 +166,14 @@ def _jetson() -> Profile:
         max_pixels=768 * 768,
         max_batch=2,
         channels_last=True,
+        bytes_per_pixel=FP16_BYTES_PER_PIXEL,
     )
 
 
 def _mps() -> Profile:
     return Profile(
-        "mps", "mps", torch.float16, attention_slicing=True, max_pixels=1024 * 1024, max_batch=4
+        "mps", "mps", torch.float16, attention_slicing=True, max_pixels=1024 * 1024, max_batch=4,
+        bytes_per_pixel=FP16_BYTES_PER_PIXEL,
     )
 
 

@@ -5,9 +5,11 @@ on the CPU, so it is the image that seed gives alone, in any batch, and the star
 a seed is the same on every device (CPU noise is moved to the GPU).
 
 :func:`render_batch` renders several compatible txt2img jobs (equal
-:func:`worker.compat.compat_key`) in shared pipeline calls of at most ``profile.max_batch``
-images, each image with its own prompt, negative prompt and generator; :func:`render` renders
-one job (txt2img through :func:`render_batch`, img2img on its own).
+:func:`worker.compat.compat_key`) in shared pipeline calls of at most
+:meth:`~worker.pipelines.PipelineCache.call_size` images (``profile.max_batch``, fewer where the
+device's free memory would not hold them at that size), each image with its own prompt,
+negative prompt and generator; :func:`render` renders one job (txt2img through
+:func:`render_batch`, img2img on its own).
 """
 
 from __future__ import annotations
@@ -67,15 +69,17 @@ def render(
         "guidance_scale": request.guidance_scale,
     }
 
-    # 4. Render, max_batch images per call, one CPU generator per image
-    chunks = _chunks(request.seeds(), cache.profile.max_batch)
+    # 4. Render, call_size images per call, one CPU generator per image, padded to a
+    #    compiled batch size if need be (the extra images are thrown away)
+    chunks = _chunks(request.seeds(), cache.call_size(request.width, request.height))
     images: list[PIL.Image.Image] = []
     for index, chunk in enumerate(chunks):
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in chunk]
+        padded = chunk + [chunk[-1]] * (cache.batch_size_for(len(chunk)) - len(chunk))
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in padded]
         images += _call(
-            pipe, kwargs | {"num_images_per_prompt": len(chunk), "generator": generators},
+            pipe, kwargs | {"num_images_per_prompt": len(padded), "generator": generators},
             on_step, index, len(chunks),
-        )
+        )[: len(chunk)]
 
     # 5. Check what came out
     _check_sizes(images, request)
@@ -132,8 +136,8 @@ def render_batch(
         "num_images_per_prompt": 1,
     }
 
-    # 4. Render, max_batch images per call, padded to a compiled batch size if need be
-    chunks = _chunks(entries, cache.profile.max_batch)
+    # 4. Render, call_size images per call, padded to a compiled batch size if need be
+    chunks = _chunks(entries, cache.call_size(first.width, first.height))
     out: list[list[PIL.Image.Image]] = [[] for _ in requests]
     for index, chunk in enumerate(chunks):
         size = cache.batch_size_for(len(chunk))

@@ -13,11 +13,13 @@ Reliability rests on the job's lease (see renderfarm/records.py), not on Celery 
 - images are stored first-writer-wins, so two runs of one job leave one set of objects.
 
 Throughput (issue 6) without giving that up:
-- micro-batches: with a job in hand, the worker claims up to ``max_batch - 1`` queued jobs that
-  can share its pipeline call (same compat key) straight from the queue's pending set. Celery
-  prefetch stays at 1: prefetched-but-unstarted messages are the classic source of duplicates
-  with the Redis transport, while a claim is atomic, leased and counted like any other. The
-  partners' own messages are dropped when they arrive. A lone job waits for nobody.
+- micro-batches: with a job in hand, the worker claims as many queued jobs as fit in its
+  pipeline call (``max_batch`` images, fewer where free memory would not hold them at that
+  size: ``PipelineCache.call_size``) and can share it (same compat key), straight from the
+  queue's pending set. Celery prefetch stays at 1: prefetched-but-unstarted messages are the
+  classic source of duplicates with the Redis transport, while a claim is atomic, leased and
+  counted like any other. The partners' own messages are dropped when they arrive. A lone
+  job waits for nobody.
 - model affinity (issue 4): after a job, the worker keeps taking queued jobs of the models it
   has loaded, for up to ``AFFINITY_SECONDS``, before it takes the next message, so a mixed
   workload does not make workers reload models back and forth.
@@ -49,6 +51,7 @@ from renderfarm.schema import ImageResult, JobRecord, JobState, now
 from renderfarm.settings import Settings
 from storage import open_storage
 from storage.png import encode_png, parameters_text
+from worker.memory import device_memory
 from worker.modelfiles import list_models
 
 log = logging.getLogger("renderfarm.worker")
@@ -155,7 +158,7 @@ class WorkerService:
         t = now()
         with self._lock:
             current = self._current[0] if self._current else ""
-        total, free = _device_memory(self.profile.device)
+        total, free = device_memory(self.profile.device)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.worker(self.owner), mapping={
             "id": self.owner,
@@ -233,7 +236,8 @@ class WorkerService:
         return outcome
 
     def _partners(self, record: JobRecord) -> list[JobRecord]:
-        room = self.profile.max_batch - record.request.num_images
+        request = record.request
+        room = self.cache.call_size(request.width, request.height) - request.num_images
         if room <= 0 or not record.compat.startswith("txt2img:"):
             return []
         ids = self.records.claim_more(
@@ -350,7 +354,8 @@ class WorkerService:
                 self._current = []
             self._step = 0
         request = group[0].request
-        calls = max(1, -(-sum(r.request.num_images for r in group) // self.profile.max_batch))
+        per_call = self.cache.call_size(request.width, request.height)
+        calls = max(1, -(-sum(r.request.num_images for r in group) // per_call))
         self.speeds[f"{request.model}@{request.width}x{request.height}"] = round(
             request.steps * calls / max(1e-6, time.monotonic() - started), 2)
         return rendered
@@ -466,17 +471,3 @@ def _device_name(device: str) -> str:
 
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
-
-
-def _device_memory(device: str) -> tuple[int | None, int | None]:
-    if device == "cuda":
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        return total, free
-    try:
-        pages, free_pages = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
-        size = os.sysconf("SC_PAGE_SIZE")
-        return pages * size, free_pages * size
-    except (ValueError, OSError):
-        return None, None
