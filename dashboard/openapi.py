@@ -60,7 +60,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _OBJ = {"type": "object"}
 _ERR = _ref("Errors")
 _PAGE = [
-    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+    {"name": "offset", "in": "query",
+     "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1, "default": 0}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
 ]
 

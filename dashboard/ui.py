@@ -52,6 +52,7 @@ SIZE_PRESETS = ("512x512", "768x768", "512x768", "768x512", "1024x1024", "640x38
 HARDWARE = ("any", "gpu", "cpu", "jetson")
 PAGE = 50  # batches per page
 GRID_PAGE = 250  # tiles per page of a batch
+MAX_PAGE = 10**6  # a larger ?page= shows this one (empty): offsets stay far inside Redis' range
 
 
 @bp.before_request
@@ -255,7 +256,7 @@ def submit():
 # -- batches ---------------------------------------------------------------------------------
 def _page_number() -> int:
     try:
-        return max(1, int(request.args.get("page", "1")))
+        return min(max(1, int(request.args.get("page", "1"))), MAX_PAGE)
     except ValueError:
         return 1
 

@@ -161,6 +161,9 @@ redis.call('HSET', KEYS[1], 'attempts', 0, 'step', 0)
 return 'queued'
 """
 
+# Largest list offset asked of Redis: offset + limit must stay within its 64-bit integers.
+MAX_INDEX = 2**62
+
 
 # KEYS: running, pending zsets...  ARGV: owner, now, lease_until, max_attempts, n, compat|'',
 # scan limit. Claims up to n queued jobs from the pending zsets in order, only those whose
@@ -316,6 +319,8 @@ class Records:
         return _batch_from_hash(data)
 
     def batch_job_ids(self, batch_id: str, offset: int = 0, limit: int = -1) -> list[str]:
+        if offset > MAX_INDEX:  # past any list; Redis would refuse offset + limit over int64
+            return []
         stop = -1 if limit < 0 else offset + limit - 1
         return [v.decode() for v in self.redis.lrange(keys.batch_jobs(batch_id), offset, stop)]
 
@@ -324,6 +329,8 @@ class Records:
 
     def batches(self, offset: int = 0, limit: int = 50) -> list[BatchRecord]:
         """Batches, newest first."""
+        if offset > MAX_INDEX:
+            return []
         ids = self.redis.zrevrange(keys.BATCHES, offset, offset + limit - 1)
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in ids:

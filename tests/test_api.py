@@ -92,7 +92,7 @@ def test_big_body_is_413(make_dash_app, queue_depth):
     assert queue_depth() == 0
 
 
-def test_list_and_get(dash_client, make_job):
+def test_list_and_get(dash_client, dash_farm, make_job):
     first = submit(dash_client, [make_job()], label="first").get_json()["id"]
     second = submit(dash_client, [make_job(), make_job(), make_job()], label="second").get_json()
     listing = dash_client.get("/api/v1/batches").get_json()
@@ -113,6 +113,13 @@ def test_list_and_get(dash_client, make_job):
 
     assert dash_client.get("/api/v1/batches?limit=0").status_code == 400
     assert dash_client.get("/api/v1/batches?offset=x").get_json()["errors"][0]["field"] == "offset"
+    # an offset near 2**63 once overflowed Redis' range arithmetic into a 500 (found by the fuzzer)
+    huge = dash_client.get("/api/v1/batches?offset=9223372036854775759")
+    assert huge.status_code == 400
+    assert huge.get_json()["errors"][0]["field"] == "offset"
+    assert "between 0 and 2147483647" in huge.get_json()["errors"][0]["message"]
+    assert dash_farm.records.batches(offset=2**63 - 10) == []
+    assert dash_farm.records.batch_job_ids(second["id"], offset=2**63 - 10, limit=5) == []
 
 
 def test_results_carry_file_urls(dash_client, dash_farm, make_job):

@@ -63,6 +63,10 @@ def test_pages_show_real_data(dash_client, dash_farm, make_job, fake_beat):
     batches = dash_client.get("/batches").get_data(as_text=True)
     assert data["id"] in batches and "ui test" in batches and "1/2" in batches
 
+    for page in ("99", "9" * 30):  # past the end: an empty page, never a 500
+        assert dash_client.get(f"/batches?page={page}").status_code == 200
+        assert dash_client.get(f"/batches/{data['id']}?page={page}").status_code == 200
+
     batch = dash_client.get(f"/batches/{data['id']}").get_data(as_text=True)
     assert "prompt 0" in batch and "prompt 1" in batch
     assert f'src="/files/{key}"' in batch and "succeeded" in batch and "queued" in batch
