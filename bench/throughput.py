@@ -13,8 +13,10 @@ run two ways:
     ``succeeded`` timestamp (enqueue -> rendered -> PNG stored -> record succeeded).
 ``--rounds`` alternates (a) and (b) (the idle side waits); the medians are compared.
 It prints one JSON object: both sides' images/s, the farm's ratio to the plain loop, the
-per-job overhead, and on CUDA the share of wall time the GPU was busy (mean of
-``utilization.gpu`` sampled every 100 ms by pynvml or nvidia-smi; null where neither is).
+per-job overhead, the farm's render share (the part of its wall time in which the worker held
+a job it had not yet handed to the uploader: :func:`render_share`), and on CUDA the share of
+wall time the GPU was busy (mean of ``utilization.gpu`` sampled every 100 ms by pynvml or
+nvidia-smi; null where neither is).
 ``tiny`` and ``sd15-random`` are built in a temp dir unless ``--models-dir`` has them.
 """
 
@@ -151,8 +153,9 @@ class PlainLoop:
         return time.perf_counter() - t
 
 
-def farm_run(client, jobs: list[dict]) -> tuple[float, list]:
-    """(b): submit every job, wait for all; seconds from submit to the last ``succeeded``."""
+def farm_run(client, jobs: list[dict]) -> tuple[float, list, float]:
+    """(b): submit every job, wait for all. Returns seconds from submit to the last
+    ``succeeded``, the records, and the worker's render share of those seconds."""
     t0 = time.time()
     batch = client.submit_batch(jobs, label="throughput")
     batch.wait(timeout=3600, poll=0.05)
@@ -160,7 +163,24 @@ def farm_run(client, jobs: list[dict]) -> tuple[float, list]:
     failed = [r for r in records if r.state.value != "succeeded"]
     if failed:
         raise SystemExit(f"{len(failed)} farm jobs did not succeed, e.g. {failed[0].error}")
-    return max(r.timestamps["succeeded"] for r in records) - t0, records
+    wall = max(r.timestamps["succeeded"] for r in records) - t0
+    return wall, records, render_share(records, wall)
+
+
+def render_share(records: list, wall: float) -> float:
+    """The share of ``wall`` in which the worker held a claimed job that was not yet handed to
+    the uploader: the union of the jobs' ``started`` -> ``uploading`` spans (claim, pipeline
+    call with text encoding and VAE decode, progress writes). On any device, it says how much
+    of the farm's time went to rendering rather than to waiting for or fetching work; on CUDA
+    it bounds ``gpu_busy`` from above."""
+    spans = sorted((r.timestamps["started"], r.timestamps["uploading"]) for r in records
+                   if "started" in r.timestamps and "uploading" in r.timestamps)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return round(busy / wall, 3) if wall > 0 else 0.0
 
 
 def main() -> None:
@@ -211,13 +231,14 @@ def main() -> None:
             farm_run(client, [job(10_000 + i, args) for i in range(2)])  # warm the worker
             plain = PlainLoop(args, device, models / args.model, tmp / "plain")
             plain.one(jobs[0], tmp / "warm-up.png")
-            plain_rounds, farm_rounds = [], []
+            plain_rounds, farm_rounds, shares = [], [], []
             for _ in range(args.rounds):
                 with GpuBusy(device == "cuda") as plain_busy:
                     plain_rounds.append(plain.run(jobs))
                 with GpuBusy(device == "cuda") as farm_busy:
-                    farm_s, records = farm_run(client, jobs)
+                    farm_s, records, share = farm_run(client, jobs)
                     farm_rounds.append(farm_s)
+                    shares.append(share)
             stored = sorted((settings.data_path / "images").rglob("*.png"))
             assert len(stored) >= args.jobs, f"{len(stored)} PNGs stored for {args.jobs} jobs"
         plain_s, farm_s = statistics.median(plain_rounds), statistics.median(farm_rounds)
@@ -240,6 +261,7 @@ def main() -> None:
         "farm": {"wall_s": round(farm_s, 3), "rounds_s": [round(x, 3) for x in farm_rounds],
                  "images_per_s": round(farm_ips, 3),
                  "s_per_image": round(farm_s / n, 4), "gpu_busy": farm_busy.share,
+                 "render_share": statistics.median(shares), "render_share_rounds": shares,
                  "median_latency_s": round(statistics.median(latency), 3) if latency else None},
         "ratio_farm_over_plain_images_per_s": round(farm_ips / plain_ips, 3),
         "per_job_overhead_ms": round((farm_s - plain_s) / n * 1000, 2),

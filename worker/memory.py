@@ -16,14 +16,13 @@ MEMINFO = Path("/proc/meminfo")
 
 
 def device_memory(device: str) -> tuple[int | None, int | None]:
-    """``(total, free)`` bytes of ``device``; ``None`` where they cannot be read."""
+    """``(total, free)`` bytes of ``device``; ``None`` where they cannot be read. Off CUDA,
+    the system's memory (MPS shares it)."""
     if device == "cuda":
         import torch
 
         free, total = torch.cuda.mem_get_info()
         return total, free
-    if device != "cpu":
-        return None, None
     try:
         size = os.sysconf("SC_PAGE_SIZE")
         return os.sysconf("SC_PHYS_PAGES") * size, os.sysconf("SC_AVPHYS_PAGES") * size
