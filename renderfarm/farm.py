@@ -16,6 +16,7 @@ from pathlib import Path
 from renderfarm import keys
 from renderfarm.connection import connect
 from renderfarm.embedded import EmbeddedRedis, read_farm_file, write_farm_file
+from renderfarm.fleet import live_workers
 from renderfarm.settings import Settings
 
 
@@ -98,21 +99,29 @@ class EmbeddedFarm:
             self.workers.append(proc)
         return proc
 
-    def wait_for_workers(self, count: int | None = None, timeout: float = 120.0) -> None:
-        """Block until ``count`` workers beat their heartbeat."""
+    def wait_for_workers(self, count: int | None = None, timeout: float = 120.0,
+                         warmup_timeout: float = 3600.0) -> None:
+        """Block until ``count`` workers are ready: beating, models loaded and warmed up,
+        consuming. ``timeout`` bounds the wait for workers that do not beat at all;
+        while they beat ``starting`` (loading models, compiling: minutes with
+        ``RENDERFARM_COMPILE=1`` on a GPU), the wait goes on up to ``warmup_timeout``."""
         count = self.n_workers if count is None else count
         redis = connect(self.settings)
-        deadline = time.monotonic() + timeout
+        begun = time.monotonic()
         while True:
-            alive = redis.zcount(keys.WORKERS, time.time() - 10, "+inf")
-            if alive >= count:
+            live = live_workers(redis)
+            ready = sum(w.status == "ready" for w in live)
+            if ready >= count:
                 return
             dead = [p for p in self.workers if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"a worker exited with code {dead[0].returncode}; "
                                    f"see the logs in {self.log_dir}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{alive} of {count} workers ready after {timeout}s")
+            waited = time.monotonic() - begun
+            if waited > (warmup_timeout if len(live) >= count else timeout):
+                raise TimeoutError(f"{ready} of {count} workers ready after {waited:.0f}s "
+                                   f"({len(live) - ready} starting); see the logs in "
+                                   f"{self.log_dir}")
             time.sleep(0.2)
 
     # -- whole farm -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class WorkerInfo(BaseModel):
     models: list[str] = Field(default_factory=list)
     loaded: list[str] = Field(default_factory=list)
     speeds: dict[str, float] = Field(default_factory=dict, description="model@WxH -> it/s")
+    status: str = Field("ready", description="starting (loading, warming up) or ready")
     current_job: str = ""
     step: int = 0
     jobs_done: int = 0

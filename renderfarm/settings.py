@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,6 +56,31 @@ class Settings(BaseSettings):
         None, ge=1, description="Most images per pipeline call (micro-batch); fewer where free "
         "device memory would not hold them at the job's size. Unset: the profile's."
     )
+    compile: bool = Field(
+        False, description="torch.compile the UNet on GPU workers, warmed up at worker start "
+        "for each warm-up size and batch size (minutes). Other profiles never compile.",
+    )
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field("max-autotune", description="torch.compile mode when compiling.")
+    warmup_sizes: str = Field(
+        "512x512,768x768", pattern=r"^\d+x\d+(,\d+x\d+)*$",
+        description="WxH sizes, comma-separated, a compiling worker warms up for at start.",
+    )
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_of_8(cls, value: str) -> str:
+        for size in value.split(","):
+            width, height = (int(n) for n in size.split("x"))
+            if width < 8 or height < 8 or width % 8 or height % 8:
+                raise ValueError(f"each size must be a multiple of 8 in both sides, got {size!r}")
+        return value
+
+    @property
+    def warmup_size_list(self) -> tuple[tuple[int, int], ...]:
+        sizes = (size.split("x") for size in self.warmup_sizes.split(","))
+        return tuple((int(width), int(height)) for width, height in sizes)
 
     @cached_property
     def data_path(self) -> Path:

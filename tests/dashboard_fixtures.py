@@ -105,14 +105,15 @@ def queue_depth(dash_farm):
 
 @pytest.fixture
 def fake_beat(dash_farm):
-    """``fake_beat(worker_id, age, current_job="")``: a worker's heartbeat, ``age`` s old."""
+    """``fake_beat(worker_id, age, current_job="", status="ready")``: a worker's heartbeat,
+    ``age`` s old."""
 
-    def beat(worker_id: str, age: float, current_job: str = "") -> None:
+    def beat(worker_id: str, age: float, current_job: str = "", status: str = "ready") -> None:
         t = time.time() - age
         dash_farm.redis.hset(keys.worker(worker_id), mapping={
             "id": worker_id, "host": "testhost", "hardware": "cpu", "device": "cpu",
             "models": json.dumps(["tiny"]), "loaded": json.dumps(["tiny"]),
-            "current_job": current_job, "jobs_done": 3, "beat": t,
+            "current_job": current_job, "jobs_done": 3, "beat": t, "status": status,
         })
         dash_farm.redis.zadd(keys.WORKERS, {worker_id: t})
 

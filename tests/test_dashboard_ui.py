@@ -75,9 +75,13 @@ def test_pages_show_real_data(dash_client, dash_farm, make_job, fake_beat):
     assert "Steps: 2, Sampler: Euler a" in job  # the parameters text read from the PNG
     assert "w:1" in job and f"/submit?from={done}" in job and f"/submit?init={key}" in job
 
+    fake_beat("warm-box:3", age=0.1, status="starting")
     workers = dash_client.get("/workers").get_data(as_text=True)
     assert "gpu-box:1" in workers and "gone-box:2" in workers
-    assert "1 live, 1 lost" in workers
+    assert "starting (loading, warming up)" in workers
+    fleet = dash_client.get("/api/v1/workers").get_json()["workers"]
+    assert {w["id"]: w["status"] for w in fleet}["warm-box:3"] == "starting"
+    assert "2 live, 1 lost" in workers  # a starting worker is live
 
     queues = dash_client.get("/queues").get_data(as_text=True)
     assert dash_farm.settings.queue in queues and waiting in queues

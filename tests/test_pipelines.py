@@ -20,9 +20,10 @@ from PIL import Image  # noqa: E402
 from renderfarm.errors import Cancelled  # noqa: E402
 from renderfarm.images import encode_init_image  # noqa: E402
 from renderfarm.schema import SCHEDULERS, JobRequest, Mode  # noqa: E402
+from renderfarm.settings import Settings  # noqa: E402
 from worker.modelgen import make_model  # noqa: E402
 from worker.pipelines import PipelineCache, UnknownModel, set_scheduler  # noqa: E402
-from worker.profiles import Profile, detect_profile  # noqa: E402
+from worker.profiles import Profile, apply_settings, detect_profile  # noqa: E402
 from worker.render import render  # noqa: E402
 
 CPU = Profile("cpu", "cpu", torch.float32)
@@ -214,8 +215,7 @@ def uses_sdpa(module: torch.nn.Module) -> bool:
 
 
 def test_cpu_profile_uses_sdpa_but_not_channels_last_or_compile(cache, monkeypatch):
-    monkeypatch.setenv("RENDERFARM_COMPILE", "1")  # the CPU profile ignores it
-    profile = detect_profile("cpu")
+    profile = apply_settings(detect_profile("cpu"), Settings(compile=True))  # ignored on CPU
     assert (profile.channels_last, profile.compile, profile.sdpa) == (False, False, True)
     pipe = cache.get("tiny", Mode.txt2img)
     assert uses_sdpa(pipe.unet) and uses_sdpa(pipe.vae)
@@ -232,17 +232,28 @@ def test_channels_last_renders_the_same_images(models, cache):
     assert np.abs(pixels(a) - pixels(b)).max() <= 2
 
 
-def test_compile_env(monkeypatch):
-    from worker.profiles import compile_from_env
+def test_compile_settings_apply_to_the_gpu_profile_only(monkeypatch):
+    from pydantic import ValidationError
 
-    monkeypatch.delenv("RENDERFARM_COMPILE", raising=False)
-    assert compile_from_env() == (False, "max-autotune")
     monkeypatch.setenv("RENDERFARM_COMPILE", "1")
     monkeypatch.setenv("RENDERFARM_COMPILE_MODE", "reduce-overhead")
-    assert compile_from_env() == (True, "reduce-overhead")
-    monkeypatch.setenv("RENDERFARM_COMPILE", "maybe")
-    with pytest.raises(ValueError, match="RENDERFARM_COMPILE must be 1 or 0, got 'maybe'"):
-        compile_from_env()
+    monkeypatch.setenv("RENDERFARM_WARMUP_SIZES", "512x512,640x384")
+    monkeypatch.setenv("RENDERFARM_MAX_BATCH", "6")
+    settings = Settings()
+    gpu = apply_settings(Profile("gpu", "cpu", torch.float16, max_batch=8), settings)
+    assert (gpu.compile, gpu.compile_mode, gpu.warmup_sizes, gpu.max_batch) == (
+        True, "reduce-overhead", ((512, 512), (640, 384)), 6)
+    cpu = apply_settings(Profile("cpu", "cpu", torch.float32), settings)
+    assert (cpu.compile, cpu.warmup_sizes, cpu.max_batch) == (False, (), 6)
+    for name, value, message in [
+        ("compile", "maybe", "valid boolean"),
+        ("compile_mode", "fastest", "'default', 'reduce-overhead'"),
+        ("warmup_sizes", "512", "pattern"),
+        ("warmup_sizes", "512x500", "multiple of 8 in both sides, got '512x500'"),
+    ]:
+        with pytest.raises(ValidationError, match=message) as failure:
+            Settings(**{name: value})
+        assert failure.value.errors()[0]["loc"] == (name,)
 
 
 def test_warmup_renders_each_size_and_batch_once(models):
@@ -307,12 +318,11 @@ def test_gpu_batched_images_match_unbatched(models):
 
 
 @needs_cuda
-def test_gpu_compiled_unet_does_not_recompile_after_warmup(models, monkeypatch):
+def test_gpu_compiled_unet_does_not_recompile_after_warmup(models):
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("RENDERFARM_COMPILE", "1")
-    monkeypatch.setenv("RENDERFARM_COMPILE_MODE", "default")  # minutes less than max-autotune
-    profile = detect_profile("gpu")
+    # mode "default": minutes less than max-autotune
+    profile = apply_settings(detect_profile("gpu"), Settings(compile=True, compile_mode="default"))
     assert profile.compile
     gpu = PipelineCache(models, profile)
     gpu.warmup("tiny", sizes=[(64, 64)])

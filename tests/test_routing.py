@@ -28,7 +28,7 @@ from renderfarm.settings import Settings
 JOB = {"width": 64, "height": 64, "steps": 3, "scheduler": "euler"}
 HEARTBEAT_FIELDS = {"id", "host", "hardware", "device", "device_name", "memory_total",
                     "memory_free", "max_pixels", "max_batch", "models", "loaded", "speeds",
-                    "current_job", "step", "jobs_done", "loads", "beat"}
+                    "status", "current_job", "step", "jobs_done", "loads", "beat"}
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +234,15 @@ def test_heartbeat_describes_the_worker_and_a_killed_one_shows_lost(farm, models
         time.sleep(0.2)
     assert 3 < time.monotonic() - killed < 10  # 3 missed beats of 2 s, not at once
     assert info.id not in {w.id for w in live_workers(client.redis)}
+
+
+def test_a_starting_worker_beats_starting_until_its_models_are_warm(farm, models):
+    """A worker beats from the start, ``starting`` while it loads (or compiles: minutes on a
+    GPU), so the fleet sees it and ``wait_for_workers`` waits for it past ``timeout``."""
+    pid = start_worker(farm, models["ab"], "--preload", "tiny", "--preload", "tiny2")
+    first = heartbeat(farm, pid)
+    assert first.status == "starting"
+    farm.wait_for_workers(1, timeout=0.01, warmup_timeout=120)  # starting: the wait goes on
+    ready = heartbeat(farm, pid, after=time.time())
+    assert ready.status == "ready" and sorted(ready.loaded) == ["tiny", "tiny2"]
+    assert not ready.current_job

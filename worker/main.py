@@ -32,11 +32,12 @@ def run_worker(
         raise SystemExit(f"no models in {settings.models_path}: add one (e.g. `renderfarm "
                          "make-model tiny DIR/tiny`) or set RENDERFARM_MODELS_DIR")
     log.info("worker %s: profile %s, models %s", service.owner, service.profile.name, models)
+    service.start_background()  # beats "starting" while models load and compile
     service.preload(preload or [])
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        service.start_background()
+        service.mark_ready()
         log.info("worker %s ready", service.owner)
 
     @signals.worker_shutting_down.connect(weak=False)

@@ -7,16 +7,22 @@ silent fallback to something slower.
 The ``gpu`` profile is the fast path: fp16, PyTorch SDPA attention, channels_last UNet and VAE,
 the VAE decoding on the GPU (never offloaded), and with ``RENDERFARM_COMPILE=1`` a
 ``torch.compile``d UNet warmed up at worker start for each size in ``warmup_sizes`` and each
-batch size in :meth:`Profile.batch_buckets` (``RENDERFARM_COMPILE_MODE`` picks the mode).
+batch size in :meth:`Profile.batch_buckets` (``RENDERFARM_COMPILE_MODE`` picks the mode,
+``RENDERFARM_WARMUP_SIZES`` the sizes: :func:`apply_settings`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from renderfarm.settings import Settings
 
 PROFILE_NAMES = ("gpu", "cpu", "jetson", "mps")
 JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
@@ -117,27 +123,30 @@ def detect_profile(name: str = "auto") -> Profile:
     return {"gpu": _gpu, "jetson": _jetson, "mps": _mps, "cpu": _cpu}[name]()
 
 
+def apply_settings(profile: Profile, settings: Settings) -> Profile:
+    """``profile`` with the farm's settings over it: ``max_batch`` when set; on the ``gpu``
+    profile ``compile``, ``compile_mode`` and ``warmup_sizes`` (the others never compile: on a
+    CPU compiling costs more than it saves, and Jetson and MPS are left eager)."""
+    changes: dict = {}
+    if settings.max_batch is not None:
+        changes["max_batch"] = settings.max_batch
+    if profile.name == "gpu":
+        changes |= {"compile": settings.compile, "compile_mode": settings.compile_mode,
+                    "warmup_sizes": settings.warmup_size_list}
+    return dataclasses.replace(profile, **changes)
+
+
 def _cpu() -> Profile:
     return Profile("cpu", "cpu", torch.float32, max_pixels=1024 * 1024, max_batch=4,
                    bytes_per_pixel=FP32_BYTES_PER_PIXEL)
 
 
-def compile_from_env() -> tuple[bool, str]:
-    """``RENDERFARM_COMPILE`` (1/true/yes: on; off by default) and ``RENDERFARM_COMPILE_MODE``
-    (a ``torch.compile`` mode, default ``max-autotune``)."""
-    flag = os.environ.get("RENDERFARM_COMPILE", "0").strip().lower()
-    if flag not in ("", "0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"RENDERFARM_COMPILE must be 1 or 0, got {flag!r}")
-    mode = os.environ.get("RENDERFARM_COMPILE_MODE", "max-autotune")
-    return flag in ("1", "true", "yes"), mode
-
-
 def _gpu() -> Profile:
     total = torch.cuda.get_device_properties(0).total_memory
-    compile_, mode = compile_from_env()
     # The VAE stays on the GPU: no cpu_offload here. Never offload on this profile.
-    fast = {"sdpa": True, "channels_last": True, "compile": compile_, "compile_mode": mode,
-            "warmup_sizes": GPU_WARMUP_SIZES, "bytes_per_pixel": FP16_BYTES_PER_PIXEL}
+    # torch.compile is off unless the farm's settings turn it on (apply_settings).
+    fast = {"sdpa": True, "channels_last": True, "warmup_sizes": GPU_WARMUP_SIZES,
+            "bytes_per_pixel": FP16_BYTES_PER_PIXEL}
     if total < SMALL_GPU_BYTES:  # decoding a large image whole would not fit
         return Profile(
             "gpu",

@@ -29,7 +29,6 @@ Throughput (issue 6) without giving that up:
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -69,16 +68,14 @@ class WorkerService:
     def __init__(self, settings: Settings, profile: str = "auto", max_models: int = 2,
                  affinity: bool = True):
         from worker.pipelines import PipelineCache
-        from worker.profiles import detect_profile
+        from worker.profiles import apply_settings, detect_profile
 
         self.settings = settings
         self.redis = connect(settings)
         self.records = Records(self.redis)
         self.storage = open_storage(settings)
         self.app = celery_app(settings)
-        self.profile = detect_profile(profile)
-        if settings.max_batch is not None:
-            self.profile = dataclasses.replace(self.profile, max_batch=settings.max_batch)
+        self.profile = apply_settings(detect_profile(profile), settings)
         self.cache = PipelineCache(settings.models_path, self.profile, max_models=max_models)
         self.affinity = affinity
         self.host = socket.gethostname()
@@ -86,6 +83,7 @@ class WorkerService:
         self.models: list[str] = []
         self.queues: list[str] = []
         self.jobs_done = 0
+        self.ready = False  # the heartbeat's status: "starting" until mark_ready()
         self.speeds: dict[str, float] = {}
         self._held: set[str] = set()  # jobs whose lease we renew
         self._current: list[str] = []  # jobs on the device now
@@ -115,8 +113,18 @@ class WorkerService:
             if self.profile.compile:  # torch.compile compiles per shape: do it before jobs come
                 log.info("warm-up of %s: %s", name, self.cache.warmup(name))
 
+    def mark_ready(self) -> None:
+        """Say in the heartbeat that this worker now takes jobs (its models are loaded and
+        warmed up, its consumer is running), at once rather than at the next beat."""
+        self.ready = True
+        self.start_background()
+        self.heartbeat()
+
     def start_background(self) -> None:
-        """Start the thread that renews held leases, beats, and reaps dead workers' jobs."""
+        """Start the thread that renews held leases, beats, and reaps dead workers' jobs.
+
+        Started before the models are loaded and warmed up (minutes, when compiling), so the
+        fleet sees the worker as ``starting`` rather than missing; :meth:`mark_ready` ends that."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._background, name="lease", daemon=True)
             self._thread.start()
@@ -174,6 +182,7 @@ class WorkerService:
             "models": json.dumps(self.models),
             "loaded": json.dumps(self.cache.loaded()),
             "speeds": json.dumps(self.speeds),
+            "status": "ready" if self.ready else "starting",
             "current_job": current,
             "step": self._step,
             "jobs_done": self.jobs_done,

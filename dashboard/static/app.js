@@ -142,7 +142,7 @@ function workersPage() {
       el("td", {}, w.device_name || w.device || "–"),
       el("td", {}, w.memory_total ? `${((w.memory_free || 0) / 2 ** 30).toFixed(1)} / ${(w.memory_total / 2 ** 30).toFixed(1)} GiB` : "–"),
       el("td", {}, w.loaded.join(", ") || "–"),
-      el("td", {}, w.current_job ? el("a", { href: `/jobs/${encodeURIComponent(w.current_job)}` }, el("code", {}, w.current_job)) : "idle"),
+      el("td", {}, w.current_job ? el("a", { href: `/jobs/${encodeURIComponent(w.current_job)}` }, el("code", {}, w.current_job)) : w.status === "starting" ? "starting (loading, warming up)" : "idle"),
       el("td", {}, w.steps_total ? `${w.step}/${w.steps_total}` : "–"),
       el("td", {}, w.its_per_second ?? "–"),
       el("td", {}, w.jobs_done),
