@@ -167,6 +167,20 @@ def farm_run(client, jobs: list[dict]) -> tuple[float, list, float]:
     return wall, records, render_share(records, wall)
 
 
+def worker_warmup(log_dir: Path) -> dict[str, float]:
+    """The seconds per ``WxHxB`` shape the worker's warm-up took (compiles, with
+    ``RENDERFARM_COMPILE=1``), read from its log line ``warm-up of MODEL: {...}``."""
+    import ast
+
+    found: dict[str, float] = {}
+    for path in sorted(log_dir.glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            _, marker, rest = line.partition("warm-up of ")
+            if marker and ": {" in rest:
+                found.update(ast.literal_eval(rest[rest.index("{"):]))
+    return found
+
+
 def render_share(records: list, wall: float) -> float:
     """The share of ``wall`` in which the worker held a claimed job that was not yet handed to
     the uploader: the union of the jobs' ``started`` -> ``uploading`` spans (claim, pipeline
@@ -239,6 +253,7 @@ def main() -> None:
                     farm_s, records, share = farm_run(client, jobs)
                     farm_rounds.append(farm_s)
                     shares.append(share)
+            warmup = worker_warmup(farm.log_dir)
             stored = sorted((settings.data_path / "images").rglob("*.png"))
             assert len(stored) >= args.jobs, f"{len(stored)} PNGs stored for {args.jobs} jobs"
         plain_s, farm_s = statistics.median(plain_rounds), statistics.median(farm_rounds)
@@ -262,7 +277,8 @@ def main() -> None:
                  "images_per_s": round(farm_ips, 3),
                  "s_per_image": round(farm_s / n, 4), "gpu_busy": farm_busy.share,
                  "render_share": statistics.median(shares), "render_share_rounds": shares,
-                 "median_latency_s": round(statistics.median(latency), 3) if latency else None},
+                 "median_latency_s": round(statistics.median(latency), 3) if latency else None,
+                 "warmup_s": warmup},
         "ratio_farm_over_plain_images_per_s": round(farm_ips / plain_ips, 3),
         "per_job_overhead_ms": round((farm_s - plain_s) / n * 1000, 2),
         "gpu_busy_source": plain_busy.source,
