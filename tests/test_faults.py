@@ -51,6 +51,29 @@ def test_sigkill_mid_render_runs_again_once(make_fault_farm):
     assert "its worker was lost; re-queued" in ff.logs()
 
 
+def test_sigkill_mid_micro_batch_runs_each_of_its_jobs_again_once(make_fault_farm):
+    """Three compatible jobs share one pipeline call (the worker claims the other two as
+    partners); the worker is killed mid-call. Each job comes back and runs once more, alone."""
+    ff = make_fault_farm(workers=1)
+    batch = ff.client.submit_batch([{**SLOW, "steps": 30, "prompt": f"batched {i}", "seed": i}
+                                    for i in range(3)])
+    ids = [r.id for r in batch.records()]
+
+    def all_rendering():
+        records = ff.client.records.jobs(ids)
+        return all(r.state is JobState.rendering and r.step >= 2 for r in records) and records
+
+    together = wait_for(all_rendering, 90, "the three jobs rendering together")
+    assert len({r.worker for r in together}) == 1
+    ff.kill(0).wait()
+    ff.restart(0, wait=False)
+
+    batch.wait(timeout=180)
+    for job_id in ids:
+        assert_one_set(ff, job_id)
+        assert ff.client.records.job(job_id).attempts == 2  # one claim after the crash, no more
+
+
 def test_render_longer_than_visibility_timeout_runs_once(make_fault_farm):
     # Past the 2 s visibility timeout, the Redis transport's sweep (run by every worker at
     # start and then periodically; run here by the test, to not wait for it) restores the
