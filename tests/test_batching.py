@@ -58,6 +58,19 @@ def init_image() -> str:
     return encode_init_image(buffer.getvalue())
 
 
+def count_calls(monkeypatch, pipe, images=lambda kwargs: len(kwargs["prompt"])) -> list[int]:
+    """Record how many images each call of ``pipe``'s class renders (the call still runs)."""
+    calls: list[int] = []
+    original = type(pipe).__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(images(kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", counting)
+    return calls
+
+
 def max_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
 
@@ -93,17 +106,9 @@ def test_chunks_by_max_batch(models, cache):
     requests = [job(**fields) for fields in JOBS]
     whole = render_batch(cache, requests)
     small = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_batch=4))
-    calls: list[int] = []
-    pipe = small.get("tiny")
-    original = type(pipe).__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(len(kwargs["prompt"]))
-        return original(self, *args, **kwargs)
-
     seen: list[tuple[int, int]] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(pipe), "__call__", counting)
+        calls = count_calls(mp, small.get("tiny"))
         split = render_batch(small, requests, on_step=lambda i, n: seen.append((i, n)))
     assert calls == [4, 2]  # 6 images, 4 at a time; job 2's images span both calls
     assert seen == [(i, 8) for i in range(1, 9)]
@@ -144,17 +149,9 @@ def test_call_size_follows_available_memory_and_image_size(models):
     assert compiled.call_size(64, 64) == 2
     assert compiled.call_size(32, 32) == 8
 
-    calls: list[int] = []
-    pipe = tight.get("tiny")
-    original = type(pipe).__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(len(kwargs["prompt"]))
-        return original(self, *args, **kwargs)
-
     requests = [job(seed=s) for s in (1, 2, 3)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(pipe), "__call__", counting)
+        calls = count_calls(mp, tight.get("tiny"))
         split = render_batch(tight, requests)
     assert calls == [2, 1]
     for request, images in zip(requests, split, strict=True):
@@ -165,15 +162,8 @@ def test_img2img_chunks_by_call_size_and_pads_for_a_compiled_unet(models, monkey
     tight = PipelineCache(models, Profile("cpu", "cpu", torch.float32, max_batch=4,
                                           bytes_per_pixel=memory_bound(2.5)))
     request = job(mode="img2img", init_image=init_image(), strength=0.5, num_images=3, seed=9)
-    calls: list[int] = []
-    pipe = tight.get("tiny", "img2img")
-    original = type(pipe).__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs["num_images_per_prompt"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(pipe), "__call__", counting)
+    calls = count_calls(monkeypatch, tight.get("tiny", "img2img"),
+                        images=lambda kwargs: kwargs["num_images_per_prompt"])
     split = render(tight, request)
     monkeypatch.setattr(PipelineCache, "batch_size_for", lambda self, n: 4)  # as if compiled
     monkeypatch.setattr(PipelineCache, "call_size", lambda self, w, h: 4)
