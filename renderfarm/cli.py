@@ -145,6 +145,47 @@ def cancel(ident: str) -> None:
         _fail(str(exc))
 
 
+class Age(click.ParamType):
+    """A duration: a number with s, m, h or d (``30d``, ``12h``); seconds out."""
+
+    name = "age"
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value, param, ctx) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        try:
+            amount = float(text[:-1])
+        except ValueError:
+            amount = -1.0
+        if text[-1:] not in self.units or amount < 0:
+            self.fail(f"must be a number with s, m, h or d, like 30d or 12h, got {value!r}",
+                      param, ctx)
+        return amount * self.units[text[-1]]
+
+
+@main.command()
+@click.option("--older-than", required=True, type=Age(),
+              help="Age of the batches to remove, counted from submit: 30d, 12h, 90m, 600s.")
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
+def prune(older_than: float, dry_run: bool) -> None:
+    """Remove the records of old batches whose every job has ended, so Redis does not grow
+    forever. Images in storage stay; batches with a job still queued or running stay."""
+    from redis.exceptions import ConnectionError as RedisDown
+
+    from producer import FarmClient
+    from renderfarm.errors import FarmUnavailable
+
+    try:
+        done = FarmClient(_settings()).records.prune(older_than, dry_run=dry_run)
+    except (FarmUnavailable, RedisDown) as exc:
+        _fail(f"the farm's Redis is unreachable: {exc}")
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {done.batches} batches ({done.jobs} jobs); "
+               f"kept {done.kept_running} old batches with jobs not ended")
+
+
 @main.command()
 def models() -> None:
     """List the models the farm knows."""

@@ -212,6 +212,41 @@ return 1
 """
 
 
+# KEYS: batch, batch's job list, rf:batches, rf:jobs.  ARGV: batch id, cutoff time.
+# Deletes a batch created before the cutoff whose every job has ended: the job records, their
+# idempotency keys (where those still point at the job), the batch. Atomic against a retry or
+# an extension of the batch. Returns the jobs deleted; -1: a job has not ended; -2: too new.
+_PRUNE = """
+local created = redis.call('HGET', KEYS[1], 'created_at')
+if not created or tonumber(created) > tonumber(ARGV[2]) then return -2 end
+for _, s in ipairs({'queued', 'started', 'rendering', 'uploading'}) do
+  if tonumber(redis.call('HGET', KEYS[1], 'n:' .. s) or '0') > 0 then return -1 end
+end
+local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+for _, id in ipairs(ids) do
+  local job = 'rf:job:' .. id
+  local idem = redis.call('HGET', job, 'idem')
+  if idem and redis.call('GET', 'rf:idem:' .. idem) == id then
+    redis.call('DEL', 'rf:idem:' .. idem)
+  end
+  redis.call('DEL', job)
+  redis.call('ZREM', KEYS[4], id)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return #ids
+"""
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :meth:`Records.prune` removed (or, dry, would remove)."""
+
+    batches: int
+    jobs: int
+    kept_running: int  #: batches old enough but with jobs not ended yet
+
+
 @dataclass(frozen=True)
 class Claim:
     """The answer to a worker asking to run a job."""
@@ -237,6 +272,7 @@ class Records:
         self._retry = redis.register_script(_RETRY)
         self._claim_more = redis.register_script(_CLAIM_MORE)
         self._abandon = redis.register_script(_ABANDON)
+        self._prune = redis.register_script(_PRUNE)
 
     # -- writing new work -------------------------------------------------------------------
     def add_jobs(
@@ -265,9 +301,10 @@ class Records:
         pending: dict[str, dict[str, float]] = {}
         for (job_id, request), queue, key in zip(jobs, queues, compat, strict=True):
             score = pending_score(request.priority, t)
+            idem = {"idem": request.idempotency_key} if request.idempotency_key else {}
             pipe.hset(
                 keys.job(job_id),
-                mapping={
+                mapping=idem | {
                     "id": job_id,
                     "batch_id": batch_id,
                     "state": JobState.queued.value,
@@ -430,6 +467,35 @@ class Records:
         """Fail queued jobs whose messages were never sent (so none waits for nothing)."""
         t = now()
         return sum(self._abandon(keys=self._keys(i), args=[t, reason]) for i in job_ids)
+
+    def prune(self, older_than: float, dry_run: bool = False) -> Pruned:
+        """Delete the records of batches submitted more than ``older_than`` seconds ago whose
+        every job has ended (succeeded, failed or cancelled). Images in storage stay; batches
+        with a job still queued or running stay whatever their age. One script per batch, so
+        Redis is never blocked for longer than one batch's deletion."""
+        cutoff = now() - older_than
+        batches = jobs = kept = 0
+        for raw in self.redis.zrangebyscore(keys.BATCHES, "-inf", cutoff):
+            batch_id = raw.decode()
+            if dry_run:
+                try:
+                    record = self.batch(batch_id)
+                except JobNotFound:
+                    continue
+                if record.finished:
+                    batches, jobs = batches + 1, jobs + record.total
+                else:
+                    kept += 1
+                continue
+            deleted = self._prune(
+                keys=[keys.batch(batch_id), keys.batch_jobs(batch_id), keys.BATCHES, keys.JOBS],
+                args=[batch_id, cutoff],
+            )
+            if deleted >= 0:
+                batches, jobs = batches + 1, jobs + deleted
+            elif deleted == -1:
+                kept += 1
+        return Pruned(batches, jobs, kept)
 
     def expired_leases(self, limit: int = 100) -> list[str]:
         ids = self.redis.zrangebyscore(keys.RUNNING, "-inf", now(), start=0, num=limit)

@@ -129,3 +129,32 @@ def test_demo(tmp_path):
     assert "demo finished" in out.stdout
     for image in images:
         assert str(image) in out.stdout.replace("\n", "")
+
+
+def test_prune(farm_settings, tmp_path):
+    """`renderfarm prune` on a Redis database of its own (db 12: the session farm's batches in
+    db 0 stay): an old ended batch goes, a new one stays; a bad age names the option."""
+    from redis import Redis
+
+    from renderfarm import keys
+    from renderfarm.records import Records
+    from renderfarm.schema import JobRequest
+
+    url = farm_settings.redis_url.rsplit("/", 1)[0] + "/12"
+    records = Records(Redis.from_url(url))
+    records.redis.flushdb()
+    for batch_id, age in (("old", 3 * 86400), ("new", 60)):
+        records.add_jobs(batch_id, [(f"{batch_id}-1", JobRequest(prompt="x", model="tiny", seed=1))])
+        records.cancel(f"{batch_id}-1")
+        records.redis.zadd(keys.BATCHES, {batch_id: time.time() - age})
+        records.redis.hset(keys.batch(batch_id), "created_at", time.time() - age)
+    env = {**farm_env(farm_settings), "RENDERFARM_REDIS_URL": url}
+
+    dry = run(["prune", "--older-than", "2d", "--dry-run"], env)
+    assert "would remove 1 batches (1 jobs)" in dry.stdout and records.exists("old-1")
+    done = run(["prune", "--older-than", "2d"], env)
+    assert "removed 1 batches (1 jobs)" in done.stdout
+    assert not records.exists("old-1") and records.exists("new-1")
+    bad = run(["prune", "--older-than", "3x"], env, check=False)
+    assert bad.returncode == 2
+    assert "--older-than" in bad.stderr and "got '3x'" in bad.stderr

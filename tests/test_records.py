@@ -119,3 +119,38 @@ def test_abandon_fails_only_queued_jobs(records):
     assert records.job("j9").state is JobState.failed
     assert records.job("j9").error == "not enqueued: boom"
     assert records.job("j10").state is JobState.started
+
+
+def test_prune_removes_old_ended_batches_and_nothing_else(records):
+    from renderfarm.errors import JobNotFound
+
+    def batch(batch_id: str, job_ids: list[str], age: float, end: bool) -> None:
+        records.add_jobs(batch_id, [(j, JobRequest(prompt=j, model="tiny", seed=1,
+                                                   idempotency_key=f"key-{j}")) for j in job_ids])
+        for j in job_ids:
+            records.redis.set(keys.idempotency(f"key-{j}"), j)
+            if end:
+                records.claim(j, "w1", 30, 3)
+                records.fail(j, "w1", "boom") if j.endswith("f") else records.succeed(j, "w1", [])
+        t = time.time() - age
+        records.redis.hset(keys.batch(batch_id), "created_at", t)
+        records.redis.zadd(keys.BATCHES, {batch_id: t})
+
+    batch("old", ["o1", "o2f"], age=7200, end=True)
+    batch("old-running", ["r1"], age=7200, end=False)  # still queued: kept whatever its age
+    batch("new", ["n1"], age=60, end=True)
+
+    dry = records.prune(3600, dry_run=True)
+    assert (dry.batches, dry.jobs, dry.kept_running) == (1, 2, 1)
+    assert records.count_jobs() == 4 and records.exists("o1")
+
+    done = records.prune(3600)
+    assert (done.batches, done.jobs, done.kept_running) == (1, 2, 1)
+    assert not records.exists("o1") and not records.exists("o2f")
+    with pytest.raises(JobNotFound):
+        records.batch("old")
+    assert records.redis.exists(keys.batch_jobs("old"), keys.idempotency("key-o1")) == 0
+    assert sorted(b.id for b in records.batches()) == ["new", "old-running"]
+    assert records.count_jobs() == 2 and records.job("r1").state is JobState.queued
+    assert records.redis.get(keys.idempotency("key-n1")) == b"n1"
+    assert records.prune(3600) == type(done)(0, 0, 1)  # nothing more to do
