@@ -171,16 +171,18 @@ def queues(now: float | None = None) -> dict[str, Any]:
         depths = lengths[i * 10 : i * 10 + 10]
         out.append({"name": name, "depth": sum(depths),
                     "by_priority": {str(9 - n): d for n, d in enumerate(depths) if d}})
-    return {"queues": out, "queued_jobs": _count_queued(c),
+    return {"queues": out, "queued_jobs": _count_queued(c, names),
             "oldest_waiting": _oldest_queued(c, now)}
 
 
-def _count_queued(c: FarmClient) -> int:
-    ids = c.redis.zrange(keys.BATCHES, 0, -1)
+def _count_queued(c: FarmClient, names: list[str]) -> int:
+    """Jobs in state ``queued``: the sizes of the queues' pending sets, which every state change
+    keeps exact (renderfarm/records.py ``move``). One command per queue, whatever the number of
+    batches."""
     pipe = c.redis.pipeline(transaction=False)
-    for batch_id in ids:
-        pipe.hget(keys.batch(batch_id.decode()), "n:queued")
-    return sum(int(v or 0) for v in pipe.execute())
+    for name in names:
+        pipe.zcard(keys.pending(name))
+    return sum(pipe.execute())
 
 
 def _oldest_queued(c: FarmClient, now: float, chunk: int = 200) -> dict[str, Any] | None:
