@@ -267,6 +267,8 @@ def up(workers: int, profile: str, with_dashboard: bool, port: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server = None
+    click.echo(f"starting Redis and {workers} worker(s); a worker is ready once its models are "
+               "loaded (and compiled, with RENDERFARM_COMPILE=1: minutes)...")
     try:
         with farm:
             click.echo(f"farm up: Redis {_redact(farm.redis_url)}, {workers} worker(s), "
