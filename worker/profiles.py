@@ -33,8 +33,6 @@ SMALL_GPU_BYTES = 16 * 2**30
 # Peak memory per output pixel of a pipeline call (see Profile.bytes_per_pixel).
 FP16_BYTES_PER_PIXEL = 4096
 FP32_BYTES_PER_PIXEL = 8192
-# Sizes a compiled UNet is warmed up for at worker start (torch.compile compiles per shape).
-GPU_WARMUP_SIZES = ((512, 512), (768, 768))
 
 
 @dataclass(frozen=True)
@@ -144,9 +142,9 @@ def _cpu() -> Profile:
 def _gpu() -> Profile:
     total = torch.cuda.get_device_properties(0).total_memory
     # The VAE stays on the GPU: no cpu_offload here. Never offload on this profile.
-    # torch.compile is off unless the farm's settings turn it on (apply_settings).
-    fast = {"sdpa": True, "channels_last": True, "warmup_sizes": GPU_WARMUP_SIZES,
-            "bytes_per_pixel": FP16_BYTES_PER_PIXEL}
+    # torch.compile is off, and its warm-up sizes unset, unless the farm's settings say
+    # otherwise (apply_settings; RENDERFARM_WARMUP_SIZES defaults to 512x512,768x768).
+    fast = {"sdpa": True, "channels_last": True, "bytes_per_pixel": FP16_BYTES_PER_PIXEL}
     if total < SMALL_GPU_BYTES:  # decoding a large image whole would not fit
         return Profile(
             "gpu",
