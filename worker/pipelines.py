@@ -384,7 +384,8 @@ def _steady_inputs(forward: Any) -> Any:
     image's NHWC strides, which would fail a stride guard)."""
 
     def call(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        if not (torch.is_tensor(timestep) and timestep.dtype == torch.float32):
+        if not (torch.is_tensor(timestep) and timestep.dtype == torch.float32
+                and timestep.device == sample.device):  # a CPU input would cost CUDA graphs
             timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
         return forward(sample.contiguous(), timestep, *args, **kwargs)
 
