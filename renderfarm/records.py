@@ -468,14 +468,18 @@ class Records:
         t = now()
         return sum(self._abandon(keys=self._keys(i), args=[t, reason]) for i in job_ids)
 
-    def prune(self, older_than: float, dry_run: bool = False) -> Pruned:
+    def prune(self, older_than: float, dry_run: bool = False,
+              limit: int | None = None) -> Pruned:
         """Delete the records of batches submitted more than ``older_than`` seconds ago whose
         every job has ended (succeeded, failed or cancelled). Images in storage stay; batches
         with a job still queued or running stay whatever their age. One script per batch, so
-        Redis is never blocked for longer than one batch's deletion."""
+        Redis is never blocked for longer than one batch's deletion; ``limit`` stops after
+        that many batches are deleted (a worker prunes a few at a time)."""
         cutoff = now() - older_than
         batches = jobs = kept = 0
         for raw in self.redis.zrangebyscore(keys.BATCHES, "-inf", cutoff):
+            if limit is not None and batches >= limit:
+                break
             batch_id = raw.decode()
             if dry_run:
                 try:

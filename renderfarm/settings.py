@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         None, ge=1, description="Most images per pipeline call (micro-batch); fewer where free "
         "device memory would not hold them at the job's size. Unset: the profile's."
     )
+    keep_days: float | None = Field(
+        None, gt=0, description="Workers remove the records of batches submitted more than "
+        "this many days ago whose every job has ended (as `renderfarm prune`). Unset: kept.",
+    )
     compile: bool = Field(
         False, description="torch.compile the UNet on GPU workers, warmed up at worker start "
         "for each warm-up size and batch size (minutes). Other profiles never compile.",

@@ -144,7 +144,8 @@ def test_prune(farm_settings, tmp_path):
     records = Records(Redis.from_url(url))
     records.redis.flushdb()
     for batch_id, age in (("old", 3 * 86400), ("new", 60)):
-        records.add_jobs(batch_id, [(f"{batch_id}-1", JobRequest(prompt="x", model="tiny", seed=1))])
+        request = JobRequest(prompt="x", model="tiny", seed=1)
+        records.add_jobs(batch_id, [(f"{batch_id}-1", request)])
         records.cancel(f"{batch_id}-1")
         records.redis.zadd(keys.BATCHES, {batch_id: time.time() - age})
         records.redis.hset(keys.batch(batch_id), "created_at", time.time() - age)

@@ -154,3 +154,14 @@ def test_prune_removes_old_ended_batches_and_nothing_else(records):
     assert records.count_jobs() == 2 and records.job("r1").state is JobState.queued
     assert records.redis.get(keys.idempotency("key-n1")) == b"n1"
     assert records.prune(3600) == type(done)(0, 0, 1)  # nothing more to do
+
+
+def test_prune_limit_deletes_that_many_batches_a_pass(records):
+    for batch_id in ("a", "b", "c"):
+        records.add_jobs(batch_id, [(f"{batch_id}1", JobRequest(prompt="x", model="tiny", seed=1))])
+        records.cancel(f"{batch_id}1")
+        records.redis.zadd(keys.BATCHES, {batch_id: time.time() - 100})
+        records.redis.hset(keys.batch(batch_id), "created_at", time.time() - 100)
+    assert records.prune(10, limit=2).batches == 2
+    assert records.count_jobs() == 1
+    assert records.prune(10, limit=2).batches == 1 and records.count_jobs() == 0

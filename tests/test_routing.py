@@ -22,7 +22,7 @@ from renderfarm.embedded import EmbeddedRedis
 from renderfarm.errors import InvalidJob
 from renderfarm.farm import EmbeddedFarm
 from renderfarm.fleet import WorkerInfo, live_workers, read_workers
-from renderfarm.schema import JobState, now
+from renderfarm.schema import JobRequest, JobState, now
 from renderfarm.settings import Settings
 
 JOB = {"width": 64, "height": 64, "steps": 3, "scheduler": "euler"}
@@ -246,3 +246,26 @@ def test_a_starting_worker_beats_starting_until_its_models_are_warm(farm, models
     ready = heartbeat(farm, pid, after=time.time())
     assert ready.status == "ready" and sorted(ready.loaded) == ["tiny", "tiny2"]
     assert not ready.current_job
+
+
+def test_workers_prune_old_ended_batches_with_keep_days(farm, models):
+    """RENDERFARM_KEEP_DAYS: a worker removes an old ended batch on its own; a new one stays."""
+    from renderfarm.records import Records
+
+    records = Records(connect(farm.settings))
+    for batch_id, age_days in (("old", 3.0), ("new", 0.5)):
+        records.add_jobs(batch_id, [(f"{batch_id}-1", JobRequest(prompt="x", model="tiny",
+                                                                 seed=1))])
+        records.cancel(f"{batch_id}-1")
+        t = time.time() - age_days * 86400
+        records.redis.zadd(keys.BATCHES, {batch_id: t})
+        records.redis.hset(keys.batch(batch_id), "created_at", t)
+    farm.start_worker(env={"RENDERFARM_MODELS_DIR": str(models["a"]),
+                           "RENDERFARM_KEEP_DAYS": "2"})
+    deadline = time.monotonic() + 60
+    while records.exists("old-1"):
+        assert time.monotonic() < deadline, "the worker did not prune the old batch"
+        time.sleep(0.2)
+    assert records.exists("new-1") and [b.id for b in records.batches()] == ["new"]
+    assert "pruned 1 batches (1 jobs) older than 2 days" in (
+        farm.log_dir / "worker-0.log").read_text()

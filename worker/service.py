@@ -58,6 +58,8 @@ log = logging.getLogger("renderfarm.worker")
 PROGRESS_INTERVAL = 0.25  # seconds between step-progress writes to the records
 RENEW_INTERVAL = 1.0  # seconds between lease renewals of the held jobs
 AFFINITY_SECONDS = 120.0  # longest a worker keeps taking jobs of loaded models in one task
+PRUNE_INTERVAL = 60.0  # seconds between a worker's passes of RENDERFARM_KEEP_DAYS pruning
+PRUNE_BATCHES = 20  # batches one pass deletes at most: the lease thread must stay prompt
 
 
 class LostJob(Exception):
@@ -139,7 +141,8 @@ class WorkerService:
             time.sleep(0.05)
 
     def _background(self) -> None:
-        next_reap = next_beat = 0.0
+        next_reap = next_beat = next_prune = 0.0
+        keep_days = self.settings.keep_days
         while True:
             try:
                 self._renew_held()
@@ -149,6 +152,12 @@ class WorkerService:
                 if time.monotonic() >= next_reap:
                     self.reap()
                     next_reap = time.monotonic() + max(1.0, self.settings.lease_seconds / 2)
+                if keep_days and time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_INTERVAL
+                    pruned = self.records.prune(keep_days * 86400, limit=PRUNE_BATCHES)
+                    if pruned.batches:
+                        log.info("pruned %d batches (%d jobs) older than %g days",
+                                 pruned.batches, pruned.jobs, keep_days)
             except Exception:  # a Redis blip must not kill the thread
                 log.warning("lease thread: %s", traceback.format_exc(limit=1).strip())
             if self._stop.wait(RENEW_INTERVAL):
