@@ -343,19 +343,19 @@ class WorkerService:
             self._current = ids
             self._cancel.clear()
         last_write = 0.0
+        steps = 0  # denoising steps run, over every pipeline call of the group
 
         def on_step(step: int, total: int) -> None:
-            nonlocal last_write
-            self._step = step
+            nonlocal last_write, steps
+            self._step = steps = step
             if self._cancel.is_set():
                 self._check_still_ours(ids)
             t = time.monotonic()
             if step == 1 or step == total or t - last_write >= PROGRESS_INTERVAL:
                 last_write = t
-                for job_id in ids:
-                    status, cancel = self.records.update(
-                        job_id, self.owner, JobState.rendering, step=step, steps_total=total
-                    )
+                answers = self.records.update_many(
+                    ids, self.owner, JobState.rendering, step=step, steps_total=total)
+                for job_id, (status, cancel) in zip(ids, answers, strict=True):
                     if status != "ok":
                         raise LostJob(status)
                     if cancel:
@@ -372,10 +372,8 @@ class WorkerService:
                 self._current = []
             self._step = 0
         request = group[0].request
-        per_call = self.cache.call_size(request.width, request.height)
-        calls = max(1, -(-sum(r.request.num_images for r in group) // per_call))
         self.speeds[f"{request.model}@{request.width}x{request.height}"] = round(
-            request.steps * calls / max(1e-6, time.monotonic() - started), 2)
+            steps / max(1e-6, time.monotonic() - started), 2)
         return rendered
 
     def _check_still_ours(self, ids: list[str]) -> None:
