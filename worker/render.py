@@ -74,7 +74,7 @@ def render(
     chunks = _chunks(request.seeds(), cache.call_size(request.width, request.height))
     images: list[PIL.Image.Image] = []
     for index, chunk in enumerate(chunks):
-        padded = chunk + [chunk[-1]] * (cache.batch_size_for(len(chunk)) - len(chunk))
+        padded = _padded(chunk, cache)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in padded]
         images += _call(
             pipe, kwargs | {"num_images_per_prompt": len(padded), "generator": generators},
@@ -140,8 +140,7 @@ def render_batch(
     chunks = _chunks(entries, cache.call_size(first.width, first.height))
     out: list[list[PIL.Image.Image]] = [[] for _ in requests]
     for index, chunk in enumerate(chunks):
-        size = cache.batch_size_for(len(chunk))
-        padded = chunk + [chunk[-1]] * (size - len(chunk))  # extra images are thrown away
+        padded = _padded(chunk, cache)  # the extra images are thrown away
         negatives = [negative for _, _, negative, _ in padded]
         images = _call(
             pipe,
@@ -175,6 +174,12 @@ def _check(request: JobRequest, profile: Profile) -> None:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _padded(chunk: list, cache: PipelineCache) -> list:
+    """``chunk`` with its last item repeated up to the batch size a pipeline call runs at
+    (:meth:`PipelineCache.batch_size_for`: a compiled UNet's warmed size)."""
+    return chunk + [chunk[-1]] * (cache.batch_size_for(len(chunk)) - len(chunk))
 
 
 def _call(pipe, kwargs: dict, on_step: OnStep | None, index: int, calls: int):
