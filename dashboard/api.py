@@ -13,7 +13,6 @@ from flask import Blueprint, current_app, request, url_for
 from werkzeug.exceptions import BadRequest
 
 from producer.client import FarmClient
-from producer.enqueue import publish
 from renderfarm import keys
 from renderfarm.errors import FieldError, InvalidJob
 from renderfarm.fleet import HEARTBEAT_INTERVAL, LOST_AFTER_BEATS, read_workers
@@ -221,15 +220,6 @@ def _first_queued_job(c: FarmClient, batch_id: str, chunk: int = 500) -> JobReco
 
 
 # -- changing the farm -----------------------------------------------------------------------
-def retry_jobs(job_ids: list[str]) -> list[str]:
-    """Put failed/cancelled jobs back in the queue and re-send their messages. Returns those."""
-    c = client()
-    moved = [job_id for job_id in job_ids if c.records.retry(job_id)]
-    if moved:
-        publish(c.celery, c.settings, [(r.id, r.request) for r in c.records.jobs(moved)])
-    return moved
-
-
 def retryable(records: list[JobRecord]) -> list[str]:
     return [r.id for r in records if r.state in (JobState.failed, JobState.cancelled)]
 
@@ -319,7 +309,7 @@ def cancel_batch(batch_id: str):
 def retry_batch(batch_id: str):
     c = client()
     c.records.batch(batch_id)
-    retried = retry_jobs(retryable(c.records.batch_jobs(batch_id)))
+    retried = c.retry(retryable(c.records.batch_jobs(batch_id)))
     return {"id": batch_id, "retried": retried, "batch": batch_json(c.records.batch(batch_id))}
 
 
@@ -344,7 +334,7 @@ def retry_job(job_id: str):
 
         return error_response(409, "must be failed or cancelled to retry", "state",
                               record.state.value)
-    retried = retry_jobs([job_id])
+    retried = c.retry([job_id])
     return {"id": job_id, "retried": bool(retried), "job": job_json(c.records.job(job_id))}
 
 

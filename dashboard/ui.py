@@ -302,7 +302,7 @@ def cancel_batch(batch_id: str):
 def retry_batch(batch_id: str):
     c = api.client()
     c.records.batch(batch_id)
-    retried = api.retry_jobs(api.retryable(c.records.batch_jobs(batch_id)))
+    retried = c.retry(api.retryable(c.records.batch_jobs(batch_id)))
     flash(f"{len(retried)} failed or cancelled jobs queued again")
     return redirect(url_for("ui.batch", batch_id=batch_id), code=303)
 
@@ -379,8 +379,9 @@ def cancel_job(job_id: str):
 
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str):
-    api.client().records.job(job_id)
-    retried = api.retry_jobs([job_id])
+    c = api.client()
+    c.records.job(job_id)
+    retried = c.retry([job_id])
     flash(f"job {job_id} queued again" if retried else f"job {job_id} is not failed or cancelled")
     return redirect(url_for("ui.job", job_id=job_id), code=303)
 

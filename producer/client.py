@@ -136,6 +136,14 @@ class FarmClient:
             raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc
         return batch_id, [owners.get(job_id, job_id) for job_id, _ in pending]
 
+    def retry(self, job_ids: Iterable[str]) -> list[str]:
+        """Put failed or cancelled jobs back in their queue and send their messages again.
+        Returns the ids that went back (others were not failed or cancelled)."""
+        moved = [job_id for job_id in job_ids if self.records.retry(job_id)]
+        if moved:
+            self._publish_or_abandon([(r.id, r.request) for r in self.records.jobs(moved)])
+        return moved
+
     def _publish_or_abandon(self, jobs: list[tuple[str, JobRequest]]) -> None:
         """Send the jobs' messages. If Redis fails part-way, the recorded jobs are failed with
         the reason (a job never sits ``queued`` with no message) and the caller is told."""
