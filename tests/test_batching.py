@@ -22,7 +22,6 @@ from PIL import Image  # noqa: E402
 from renderfarm.images import encode_init_image  # noqa: E402
 from renderfarm.schema import JobRequest  # noqa: E402
 from worker.compat import compat_key  # noqa: E402
-from worker.modelgen import make_model  # noqa: E402
 from worker.pipelines import PipelineCache  # noqa: E402
 from worker.profiles import Profile  # noqa: E402
 from worker.render import render, render_batch  # noqa: E402
@@ -35,10 +34,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("models")
-    make_model("tiny", directory / "tiny")
-    return directory
+def models(models_dir) -> Path:
+    """The session's tiny model (tests/conftest.py)."""
+    return models_dir
 
 
 @pytest.fixture(scope="module")

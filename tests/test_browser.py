@@ -33,20 +33,7 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def tiny_models(request, tmp_path_factory) -> Path:
-    """The lead's session ``models_dir`` (with the tiny model) if conftest has it, else ours."""
-    try:
-        return request.getfixturevalue("models_dir")
-    except pytest.FixtureLookupError:
-        from worker.modelgen import make_model
-
-        directory = tmp_path_factory.mktemp("models")
-        make_model("tiny", directory / "tiny")
-        return directory
-
-
-@pytest.fixture(scope="module")
-def running_farm(dashboard_redis_url, tiny_models, tmp_path_factory):
+def running_farm(dashboard_redis_url, models_dir, tmp_path_factory):
     """A farm of one real worker process, local storage, and its dashboard on waitress."""
     _require_browser()
     import redis
@@ -58,7 +45,7 @@ def running_farm(dashboard_redis_url, tiny_models, tmp_path_factory):
     url = dashboard_redis_url.rsplit("/", 1)[0] + f"/{BROWSER_DB}"
     redis.Redis.from_url(url).flushdb()
     data = tmp_path_factory.mktemp("browser-farm")
-    settings = Settings(redis_url=url, data_dir=data, models_dir=tiny_models,
+    settings = Settings(redis_url=url, data_dir=data, models_dir=models_dir,
                         storage_url=(data / "images").as_uri(), lease_seconds=5)
     farm = EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"])
     farm.start()
