@@ -165,3 +165,15 @@ def test_prune_limit_deletes_that_many_batches_a_pass(records):
     assert records.prune(10, limit=2).batches == 2
     assert records.count_jobs() == 1
     assert records.prune(10, limit=2).batches == 1 and records.count_jobs() == 0
+
+
+def test_update_many_answers_for_each_job(records):
+    for job_id in ("m1", "m2", "m3"):
+        records.add_jobs("bm", [(job_id, JobRequest(prompt="x", model="tiny", seed=1))])
+    records.claim("m1", "w1", 30, 3)
+    records.claim("m2", "w2", 30, 3)  # someone else's
+    records.claim("m3", "w1", 30, 3)
+    records.cancel("m3")  # running: flagged, not moved
+    answers = records.update_many(["m1", "m2", "m3", "nope"], "w1", JobState.rendering, step=2)
+    assert answers == [("ok", False), ("lost", False), ("ok", True), ("missing", False)]
+    assert records.job("m1").step == 2 and records.job("m2").step == 0
