@@ -6,6 +6,7 @@ keeps in Redis about it. Bounds are checked here, before anything is enqueued.
 
 from __future__ import annotations
 
+import re
 import time
 from enum import Enum
 from typing import Any, Literal
@@ -40,6 +41,14 @@ HardwareClass = Literal["any", "gpu", "cpu", "jetson", "mps"]
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_SEED = 2**32 - 1
 MAX_PROMPT = 2000
+#: A LoRA is named by its file's stem in ``<models dir>/loras/``. No ``:``, ``<``, ``>`` or
+#: ``,`` (they would break the ``<lora:name:weight>`` tag and the infotext's ``Lora hashes``).
+LORA_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.()+ -]{0,127}$"
+MAX_LORAS = 8
+LORA_WEIGHT_LIMIT = 10.0
+#: AUTOMATIC1111's extra-network prompt tag for LoRAs (``lyco`` is its alias since A1111 1.5):
+#: ``<lora:name>`` or ``<lora:name:weight>``. The spaces before a tag go with it.
+LORA_TAG = re.compile(r"[ \t]*<(?:lora|lyco):([^>]*)>")
 
 
 class Mode(str, Enum):
@@ -67,6 +76,46 @@ TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cance
 RUNNING_STATES = frozenset({JobState.started, JobState.rendering, JobState.uploading})
 
 
+class LoraRef(BaseModel):
+    """One LoRA of a job: ``name`` is the file stem in ``<models dir>/loras/``, ``weight`` its
+    multiplier (A1111's; 0 leaves the model as it is, negative weights are allowed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=LORA_NAME_PATTERN)
+    weight: float = Field(1.0, ge=-LORA_WEIGHT_LIMIT, le=LORA_WEIGHT_LIMIT)
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """``prompt`` without its ``<lora:name:weight>`` tags, and the LoRAs they name, in order.
+
+    The weight is optional (1.0). The prompt is stripped when it held a tag, so
+    ``"a cat <lora:ink:0.8>"`` and ``"a cat"`` with ``loras=[{"name": "ink", "weight": 0.8}]``
+    are the same job. A1111's other tag arguments (a separate text-encoder / UNet weight,
+    ``dyn``) are not supported: ``ValueError`` names the tag.
+    """
+    loras = []
+    for match in LORA_TAG.finditer(prompt):
+        tag = match.group(0).strip()
+        name, *args = (part.strip() for part in match.group(1).split(":"))
+        if not name:
+            raise ValueError(f"has a tag {tag} without a LoRA name (use <lora:name:weight>)")
+        if len(args) > 1 or any("=" in a for a in args):
+            raise ValueError(f"has a tag {tag} with more than a name and one weight "
+                             "(separate text-encoder/UNet weights are not supported)")
+        weight: Any = 1.0
+        if args:
+            try:
+                weight = float(args[0])
+            except ValueError:
+                raise ValueError(f"has a tag {tag} whose weight {args[0]!r} is not a "
+                                 "number") from None
+        loras.append({"name": name, "weight": weight})
+    if not loras:
+        return prompt, []
+    return LORA_TAG.sub("", prompt).strip(), loras
+
+
 class JobRequest(BaseModel):
     """One prompt job. Image ``k`` of the job is rendered with seed ``seed + k``."""
 
@@ -91,12 +140,57 @@ class JobRequest(BaseModel):
     hardware: HardwareClass = "any"
     batch_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    loras: list[LoraRef] = Field(
+        default_factory=list, max_length=MAX_LORAS,
+        description="LoRAs applied to the model, by file stem in <models dir>/loras/; a prompt's "
+        "<lora:name:weight> tags are moved here at validation.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _move_lora_tags(cls, data: Any) -> Any:
+        """Move the prompt's ``<lora:...>`` tags into ``loras`` (after the field's own), so a
+        tag and the field give the same record whichever way a job came in. A prompt whose
+        tags do not parse, or that is only tags, is left as it is for ``prompt``'s own
+        validator to refuse, naming the field."""
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+            return data
+        try:
+            prompt, tagged = split_lora_tags(data["prompt"])
+        except ValueError:
+            return data
+        loras = data.get("loras") or []
+        if not tagged or not prompt.strip() or not isinstance(loras, list):
+            return data
+        return {**data, "prompt": prompt, "loras": [*loras, *tagged]}
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        prompt, _ = split_lora_tags(value)  # raises ValueError naming a bad tag
+        if not prompt.strip():
+            raise ValueError("is only <lora:...> tags: it needs some text too")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _no_lora_tags(cls, value: str) -> str:
+        match = LORA_TAG.search(value)
+        if match:
+            raise ValueError(f"has a tag {match.group(0).strip()}: LoRA tags are read from "
+                             "prompt only (or give them in loras)")
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_named_once(cls, value: list[LoraRef]) -> list[LoraRef]:
+        names = [lora.name for lora in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"names LoRA {twice[0]!r} more than once (a prompt tag and the "
+                             "field count alike)")
         return value
 
     @field_validator("init_image")

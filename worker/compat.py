@@ -12,12 +12,21 @@ from uuid import uuid4
 from renderfarm.schema import JobRequest, Mode
 
 #: The request fields that must be equal for two jobs to share a pipeline call.
-COMPAT_FIELDS = ("model", "mode", "width", "height", "steps", "scheduler", "guidance_scale")
+COMPAT_FIELDS = ("model", "mode", "width", "height", "steps", "scheduler", "guidance_scale",
+                 "loras")
+
+
+def lora_set(request: JobRequest) -> tuple[tuple[str, float], ...]:
+    """The job's LoRAs as sorted ``(name, weight)`` pairs: jobs with equal sets share a
+    pipeline call (the adapters are set once per call), whatever order they named them in."""
+    return tuple(sorted((lora.name, float(lora.weight) + 0.0) for lora in request.loras))
 
 
 def compat_key(request: JobRequest, job_id: str | None = None) -> str:
     """A stable string naming what a txt2img job shares with the jobs it can be batched with,
-    e.g. ``"txt2img:sd15:512x512:25:euler_a:7.0"``.
+    e.g. ``"txt2img:sd15:512x512:25:euler_a:7.0"``, with ``":lora=ink@0.8,sketch@1.0"``
+    appended for a job with LoRAs (``LORA_NAME_PATTERN`` allows no ``:``, ``,`` or ``@`` in a
+    name, so the parts cannot run together).
 
     img2img jobs are never batched (each has its own init image and strength): their key is
     ``"img2img:<job_id>"``, or ``"img2img:<random>"`` without a job id, equal to no other key.
@@ -25,10 +34,13 @@ def compat_key(request: JobRequest, job_id: str | None = None) -> str:
     if request.mode is not Mode.txt2img:
         return f"{request.mode.value}:{job_id or uuid4().hex}"
     # Model names cannot hold ":" (MODEL_NAME_PATTERN), so the fields cannot run together.
-    return (
+    key = (
         f"txt2img:{request.model}:{request.width}x{request.height}:{request.steps}:"
         f"{request.scheduler}:{float(request.guidance_scale)!r}"
     )
+    if request.loras:
+        key += ":lora=" + ",".join(f"{name}@{weight!r}" for name, weight in lora_set(request))
+    return key
 
 
 def incompatibilities(first: JobRequest, other: JobRequest) -> list[str]:
@@ -36,8 +48,11 @@ def incompatibilities(first: JobRequest, other: JobRequest) -> list[str]:
     ``"width 64 != 96"``; empty when they can share a pipeline call."""
     if other.mode is not Mode.txt2img or first.mode is not Mode.txt2img:
         return ["mode img2img is never batched"]
-    return [
+    differences = [
         f"{name} {getattr(first, name)!r} != {getattr(other, name)!r}"
         for name in COMPAT_FIELDS
-        if getattr(first, name) != getattr(other, name)
+        if name != "loras" and getattr(first, name) != getattr(other, name)
     ]
+    if lora_set(first) != lora_set(other):
+        differences.append(f"loras {lora_set(first)!r} != {lora_set(other)!r}")
+    return differences
