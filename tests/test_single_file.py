@@ -21,6 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from renderfarm.schema import JobRequest, Mode  # noqa: E402
 from tests.single_file_fixtures import diffusers_folder_to_ldm, write_single_file  # noqa: E402
+from worker.clip_tokenizer import is_clip_tokenizer  # noqa: E402
 from worker.modelfiles import list_models  # noqa: E402
 from worker.modelgen import (  # noqa: E402
     SCHEDULER_CONFIG,
@@ -28,6 +29,7 @@ from worker.modelgen import (  # noqa: E402
     SD15_UNET_CONFIG,
     SD15_VAE_CONFIG,
     make_model,
+    make_tokenizer,
 )
 from worker.pipelines import PipelineCache  # noqa: E402
 from worker.profiles import Profile  # noqa: E402
@@ -251,16 +253,35 @@ def test_the_sd15_config_is_written_once_hidden_and_matches_modelgen(tmp_path):
     assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     assert tokenizer.model_max_length == 77
-    assert len(tokenizer) <= SD15_TEXT_CONFIG["vocab_size"]
-    ids = tokenizer("a cat 🐱 in Zürich, 東京", padding="max_length").input_ids
-    assert len(ids) == 77 and max(ids) < SD15_TEXT_CONFIG["vocab_size"]
-    assert max(ids) == tokenizer.eos_token_id  # the text model finds the end as the highest id
+    assert len(tokenizer) == SD15_TEXT_CONFIG["vocab_size"]  # CLIP's own (test_clip_tokenizer)
+    ids = tokenizer("a photo of a cat", padding="max_length").input_ids
+    assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]  # openai/CLIP's ids
+    assert len(ids) == 77 and set(ids[7:]) == {tokenizer.eos_token_id}
 
     # Written once: a second call keeps what is there (real tokenizer files put there stay).
     (folder / "tokenizer" / "marker").write_text("kept")
     assert sd15_config(tmp_path) == folder
     assert (folder / "tokenizer" / "marker").read_text() == "kept"
     assert [p.name for p in (tmp_path / ".configs").iterdir()] == ["sd15"]  # no temporaries
+
+
+def test_an_older_farms_stand_in_tokenizer_is_replaced_by_clips(tmp_path, caplog):
+    folder = sd15_config(tmp_path)
+    shutil.rmtree(folder / "tokenizer")
+    make_tokenizer(folder / "tokenizer")  # what the config of an older farm held
+    assert sd15_config(tmp_path) == folder
+    assert is_clip_tokenizer(folder / "tokenizer")
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temporaries
+    # A <stem>.config/ with a small tokenizer is used as it is, with a warning naming the fix.
+    checkpoint = _sd1_probe(tmp_path / "mine.safetensors")
+    copy_configs(folder, tmp_path / "mine.config")
+    shutil.rmtree(tmp_path / "mine.config" / "tokenizer")
+    make_tokenizer(tmp_path / "mine.config" / "tokenizer")
+    with caplog.at_level("WARNING", logger="renderfarm.worker"):
+        options = single_file_options(checkpoint, tmp_path)
+    assert options == {"config": str(tmp_path / "mine.config")}
+    assert not is_clip_tokenizer(tmp_path / "mine.config" / "tokenizer")
+    assert "install_clip_tokenizer" in caplog.text and "mine.safetensors" in caplog.text
 
 
 def _sd1_probe(path: Path, **overrides) -> Path:

@@ -5,8 +5,9 @@ milliseconds per step) for tests and demos. ``make_model("sd15-random", dir)`` h
 Stable Diffusion 1.5 architecture and compute per step, with random fp16 weights: for load
 and speed measurements, not for pictures.
 
-Both use a CLIP tokenizer built here: byte-level BPE over all 256 bytes, with merges learnt
-from a built-in word list, so any prompt (unicode, emoji) tokenizes.
+``tiny`` uses a small CLIP tokenizer built here: byte-level BPE over all 256 bytes, with
+merges learnt from a built-in word list, so any prompt (unicode, emoji) tokenizes.
+``sd15-random`` gets CLIP's real tokenizer (:mod:`worker.clip_tokenizer`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from worker import clip_tokenizer
 
 KINDS = ("tiny", "sd15-random")
 BOS = "<|startoftext|>"
@@ -190,7 +193,11 @@ def make_model(kind: str, directory: Path) -> Path:
     vae = AutoencoderKL(**configs["vae"])
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    tokenizer = make_tokenizer(directory / "tokenizer")
+    if configs["text_encoder"]["vocab_size"] == clip_tokenizer.VOCAB_SIZE:  # CLIP's own
+        tokenizer = CLIPTokenizer.from_pretrained(
+            clip_tokenizer.install_clip_tokenizer(directory / "tokenizer", "clip-l"))
+    else:  # a tiny text encoder: a small tokenizer that fits its vocabulary
+        tokenizer = make_tokenizer(directory / "tokenizer")
     if len(tokenizer) > configs["text_encoder"]["vocab_size"]:  # pragma: no cover - a guard
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, over the text encoder's vocab")
 

@@ -26,15 +26,12 @@ downloads, so :func:`single_file_options` finds that config locally. For a check
    what to put next to it.
 
 The tokenizer. A checkpoint carries no tokenizer, and the hub's CLIP tokenizer cannot be
-fetched here, so the generated SD 1.5 config holds the tokenizer built by
-:func:`worker.modelgen.make_tokenizer` (1000 ids, all below the text encoder's vocabulary of
-49408, so any prompt encodes). A real SD 1.5 checkpoint loads and renders with it, but its
-token ids are not CLIP's: prompts do not steer the picture as they should. For real models,
-put the real CLIP tokenizer files (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
-``special_tokens_map.json`` from ``stable-diffusion-v1-5``'s ``tokenizer/``, or
-``openai/clip-vit-large-patch14``) into ``<models_dir>/.configs/sd15/tokenizer/`` (kept: an
-existing config folder is never rewritten) or into the checkpoint's ``<stem>.config/``. A load
-with the built tokenizer logs a warning.
+fetched here, so the generated SD 1.5 config holds CLIP's real tokenizer, built offline from
+the BPE vocabulary that ships with the farm (:mod:`worker.clip_tokenizer`). A config folder
+written by an older farm, which held a small stand-in tokenizer, gets the real one the next
+time it is used; a tokenizer put there by hand (full-size vocabulary) is kept. A
+``<stem>.config/`` folder whose tokenizer is smaller than its text encoder's vocabulary (one
+copied from a tiny test model) is used as it is, with a warning.
 
 ``.ckpt`` files are pickles. diffusers 0.42 reads them with ``torch.load(weights_only=True)``
 and so does :func:`checkpoint_shapes`: tensors and plain containers load, arbitrary Python
@@ -54,6 +51,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from worker.clip_tokenizer import install_clip_tokenizer, is_clip_tokenizer
 from worker.modelfiles import CONFIG_SUFFIX
 
 log = logging.getLogger("renderfarm.worker")
@@ -166,7 +164,7 @@ def has_sd1_text_encoder(shapes: dict[str, tuple[int, ...]]) -> bool:
 def write_sd15_config(directory: Path) -> Path:
     """Write the diffusers-format config of Stable Diffusion 1.5, without weights, to
     ``directory``: ``model_index.json``, ``unet/`` ``vae/`` ``text_encoder/`` ``config.json``,
-    ``scheduler/scheduler_config.json`` and the locally built ``tokenizer/``."""
+    ``scheduler/scheduler_config.json`` and CLIP's ``tokenizer/``."""
     import diffusers
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
@@ -177,7 +175,6 @@ def write_sd15_config(directory: Path) -> Path:
         SD15_TEXT_CONFIG,
         SD15_UNET_CONFIG,
         SD15_VAE_CONFIG,
-        make_tokenizer,
     )
 
     directory = Path(directory)
@@ -190,10 +187,7 @@ def write_sd15_config(directory: Path) -> Path:
     text.architectures = ["CLIPTextModel"]
     text.save_pretrained(directory / "text_encoder")
     PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(directory / "scheduler")
-    tokenizer = make_tokenizer(directory / "tokenizer")
-    if len(tokenizer) > SD15_TEXT_CONFIG["vocab_size"]:  # pragma: no cover - a guard
-        raise ValueError(f"tokenizer has {len(tokenizer)} ids, over the text encoder's vocab")
-    tokenizer.save_pretrained(directory / "tokenizer")
+    install_clip_tokenizer(directory / "tokenizer", "clip-l")
     model_index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -216,9 +210,10 @@ def sd15_config(models_dir: Path) -> Path:
     """The SD 1.5 config folder, written on first use: ``<models_dir>/.configs/sd15``, or
     under ``~/.cache/renderfarm/configs`` where the models directory is not writable.
 
-    An existing folder is used as it is (so real tokenizer files put there stay). Workers
-    sharing a models directory may race to write it: each writes a private temporary folder
-    and renames it into place; the first rename wins.
+    An existing folder is used as it is (so tokenizer files put there stay), except that the
+    stand-in tokenizer of older farms is replaced by CLIP's (:func:`_upgrade_tokenizer`).
+    Workers sharing a models directory may race to write it: each writes a private temporary
+    folder and renames it into place; the first rename wins.
     """
     roots = [Path(models_dir) / CONFIG_CACHE]
     cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -226,6 +221,7 @@ def sd15_config(models_dir: Path) -> Path:
     for root in roots:
         target = root / SD15
         if (target / "model_index.json").is_file():
+            _upgrade_tokenizer(target)
             return target
     errors = []
     for root in roots:
@@ -247,6 +243,39 @@ def sd15_config(models_dir: Path) -> Path:
         except OSError as exc:
             errors.append(f"{root}: {exc}")
     raise OSError("cannot write the SD 1.5 config: " + "; ".join(errors))
+
+
+def _upgrade_tokenizer(folder: Path) -> None:
+    """Replace ``folder/tokenizer`` by CLIP's where it holds fewer ids than the text encoder's
+    vocabulary (the stand-in an older farm wrote). Another worker may do the same at the same
+    time: the new tokenizer is written aside and swapped in by renames; where the folder
+    cannot be written the old tokenizer stays and :func:`_warn_if_built_tokenizer` says so."""
+    tokenizer = folder / "tokenizer"
+    if is_clip_tokenizer(tokenizer) or not _smaller_than_encoder(folder):
+        return
+    suffix = f"{os.getpid()}.{uuid.uuid4().hex}"
+    fresh, old = folder / f".tokenizer.{suffix}.tmp", folder / f".tokenizer.{suffix}.old"
+    try:
+        install_clip_tokenizer(fresh, "clip-l")
+        if _smaller_than_encoder(folder):  # not swapped by another worker meanwhile
+            os.rename(tokenizer, old)
+            os.rename(fresh, tokenizer)
+            log.info("replaced the stand-in tokenizer of %s by CLIP's", folder)
+    except OSError as exc:
+        log.warning("cannot replace the stand-in tokenizer of %s: %s", folder, exc)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _smaller_than_encoder(folder: Path) -> bool:
+    """Whether ``folder``'s tokenizer has fewer ids than its text encoder's vocabulary."""
+    try:
+        vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+        text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return len(vocab) < text.get("vocab_size", 0)
 
 
 def copy_configs(folder: Path, destination: Path) -> Path:
@@ -295,15 +324,11 @@ def single_file_options(checkpoint: Path, models_dir: Path) -> dict[str, str]:
 
 def _warn_if_built_tokenizer(folder: Path, checkpoint: Path) -> None:
     """Log when ``folder``'s tokenizer has fewer ids than the text encoder's vocabulary: the
-    farm's built tokenizer, not the model's own, so prompts will not steer the picture."""
-    try:
-        vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
-        text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if len(vocab) < text.get("vocab_size", 0):
+    a tiny test model's tokenizer, not the model's own, so prompts will not steer the picture."""
+    if _smaller_than_encoder(folder):
         log.warning(
-            "%s: tokenizer %s has %d ids, its text encoder %d: not the model's own tokenizer, "
-            "prompts will not steer renders as they should; put the real CLIP tokenizer files "
-            "there", checkpoint.name, folder / "tokenizer", len(vocab), text["vocab_size"])
+            "%s: tokenizer %s has fewer ids than its text encoder: not the model's own "
+            "tokenizer, prompts will not steer renders as they should; put CLIP's there: "
+            "python -c 'from worker.clip_tokenizer import install_clip_tokenizer as i; "
+            "i(\"%s\")'", checkpoint.name, folder / "tokenizer", folder / "tokenizer")
 
