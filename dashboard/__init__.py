@@ -60,7 +60,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config["POLL_MS"] = max(2000, int(app.config["POLL_MS"]))
 
     csrf.init_app(app)
-    from dashboard import api, auth, ui
+    from dashboard import api, auth, hosts, ui
+
+    hosts.init_app(app, settings.allowed_hosts)  # first: before any other hook or view
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(ui.bp)

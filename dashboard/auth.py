@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from urllib.parse import unquote, urlsplit
 
 from flask import (
     Blueprint,
@@ -101,9 +102,25 @@ class LoginForm(FlaskForm):
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("ui.batches")
+    """``target`` if a browser would read it as a path on this site, else the batches page.
+
+    Browsers drop tabs and newlines anywhere in a URL, trim leading control characters and
+    spaces, and read ``\\`` as ``/``: ``/\t/evil.example`` is ``//evil.example``, another
+    site. So a target with any control character or backslash (also percent-encoded) is
+    refused outright, and what remains must be a path: no scheme, no host, one leading slash.
+    """
+    fallback = url_for("ui.batches")
+    if not target:
+        return fallback
+    for text in (target, unquote(target)):
+        if "\\" in text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            return fallback
+        if not text.startswith("/") or text.startswith("//"):
+            return fallback
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return fallback
+    return target
 
 
 @bp.route("/login", methods=["GET", "POST"])

@@ -1,18 +1,20 @@
 """Serving the dashboard with waitress, a production WSGI server that runs everywhere.
 
 ``serve(settings, host=None, port=8000)``: with no ``RENDERFARM_TOKEN`` the dashboard has no
-auth, so it binds 127.0.0.1 unless a host is given, and says so in its log.
+auth, so it binds 127.0.0.1 and refuses any non-loopback address unless told
+``insecure_no_auth=True`` (the CLI's ``--insecure-no-auth``), and says so in its log.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from typing import Any
 
 from flask import Flask
 
-from dashboard import create_app
+from dashboard import create_app, hosts
 from renderfarm.settings import Settings
 
 log = logging.getLogger("renderfarm.dashboard")
@@ -24,26 +26,53 @@ def build(settings: Settings | None = None, config: dict[str, Any] | None = None
     return create_app({"SETTINGS": settings or Settings(), **(config or {})})
 
 
-def resolve_host(app: Flask, host: str | None) -> str:
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_host(app: Flask, host: str | None, insecure_no_auth: bool = False) -> str:
+    """The address to bind. Without a token: a loopback address, else RuntimeError unless
+    ``insecure_no_auth``."""
     if app.config["TOKEN"]:
         return host or LOCALHOST
-    if host and host not in (LOCALHOST, "localhost", "::1"):
-        log.warning("the dashboard has no auth (RENDERFARM_TOKEN is unset) and listens on %s: "
-                    "anyone who can reach it can submit and cancel jobs", host)
+    if host and not is_loopback(host):
+        if not insecure_no_auth:
+            raise RuntimeError(
+                f"refusing to serve the dashboard on {host} without auth: anyone who can reach "
+                "it could submit and cancel jobs. Set RENDERFARM_TOKEN and "
+                "RENDERFARM_SECRET_KEY, or pass --insecure-no-auth if you really mean it."
+            )
+        log.warning("INSECURE: the dashboard has no auth (RENDERFARM_TOKEN is unset) and "
+                    "listens on %s (--insecure-no-auth): anyone who can reach it can submit and "
+                    "cancel jobs. Browsers must use a name in RENDERFARM_ALLOWED_HOSTS or the "
+                    "bound address.", host)
         return host
+    bind = host or LOCALHOST
     log.warning("the dashboard has no auth (RENDERFARM_TOKEN is unset), so it is bound to "
                 "localhost (%s) only; set RENDERFARM_TOKEN and RENDERFARM_SECRET_KEY to serve it "
-                "to others", LOCALHOST)
-    return LOCALHOST
+                "to others", bind)
+    return bind
+
+
+def allow_bound_host(app: Flask, bind: str) -> None:
+    """Requests naming the bound address in their Host are the dashboard's own."""
+    hosts.allow(app, bind)
 
 
 def serve(settings: Settings | None = None, host: str | None = None, port: int = 8000,
-          threads: int | None = None, config: dict[str, Any] | None = None) -> None:
+          threads: int | None = None, config: dict[str, Any] | None = None,
+          insecure_no_auth: bool = False) -> None:
     """Serve the dashboard until interrupted. ``host=None``: 127.0.0.1."""
     from waitress import serve as waitress_serve
 
     app = build(settings, config)
-    bind = resolve_host(app, host)
+    bind = resolve_host(app, host, insecure_no_auth)
+    allow_bound_host(app, bind)
     shown = f"[{bind}]" if ":" in bind else bind
     log.info("dashboard at http://%s:%d/", shown, port)
     waitress_serve(app, host=bind, port=port, threads=threads or min(16, (os.cpu_count() or 4) * 2),

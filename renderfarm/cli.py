@@ -234,10 +234,12 @@ def worker(profile, queues, preload, name, loglevel, max_models, affinity, gpus)
 
 
 @main.command()
-@click.option("--host", default=None, help="Bind address (default 127.0.0.1; with "
-              "RENDERFARM_TOKEN set you may bind 0.0.0.0).")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1; a non-loopback "
+              "address needs RENDERFARM_TOKEN, or --insecure-no-auth).")
 @click.option("--port", default=8080, show_default=True, type=int)
-def dashboard(host: str | None, port: int) -> None:
+@click.option("--insecure-no-auth", is_flag=True, help="Serve a non-loopback address without "
+              "RENDERFARM_TOKEN: anyone who reaches it may submit and cancel jobs.")
+def dashboard(host: str | None, port: int, insecure_no_auth: bool) -> None:
     """Serve the dashboard and its JSON API with waitress."""
     import logging
 
@@ -245,7 +247,7 @@ def dashboard(host: str | None, port: int) -> None:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        serve(_settings(), host=host, port=port)
+        serve(_settings(), host=host, port=port, insecure_no_auth=insecure_no_auth)
     except RuntimeError as exc:
         _fail(str(exc))
 

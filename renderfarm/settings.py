@@ -72,6 +72,31 @@ class Settings(BaseSettings):
         description="WxH sizes, comma-separated, a compiling worker warms up for at start.",
     )
 
+    allowed_hosts: str = Field(
+        "", description="Without RENDERFARM_TOKEN the dashboard answers only requests whose Host "
+        "is localhost, 127.0.0.1, [::1] or the address it binds (against DNS rebinding); names "
+        "listed here (comma-separated) are accepted too.",
+    )
+    session_lifetime: float = Field(
+        12 * 3600, gt=0, description="A dashboard login lasts this many seconds; logging out "
+        "ends it at once, for every copy of its cookie.",
+    )
+    rate_limit_address: str = Field(
+        "1200 per minute", description="Requests one client address may make to the API "
+        "(/api/v1, /sdapi/v1), as 'N per second|minute|hour', several separated by ';'. "
+        "Empty: unlimited.",
+    )
+    rate_limit_token: str = Field(
+        "6000 per minute", description="Requests all clients with one bearer token (or one "
+        "login session) may make to the API together. Empty: unlimited.",
+    )
+    redis_check: Literal["warn", "refuse"] = Field(
+        "warn", description="Workers and the dashboard check their Redis: no AOF/RDB persistence "
+        "(a restart loses every queued job), an eviction policy other than noeviction, or no "
+        "password on a non-loopback address. warn: a loud warning in the log, the dashboard and "
+        "`renderfarm status`; refuse: workers and the dashboard do not start.",
+    )
+
     @field_validator("warmup_sizes")
     @classmethod
     def _sizes_of_8(cls, value: str) -> str:
