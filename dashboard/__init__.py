@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from producer.client import FarmClient
-from renderfarm.errors import FarmUnavailable, InvalidJob, JobNotFound
+from renderfarm.errors import BadRecord, FarmUnavailable, InvalidJob, JobNotFound
 from renderfarm.settings import Settings
 
 __all__ = ["create_app", "csrf"]
@@ -113,6 +113,13 @@ def _register_error_handlers(app: Flask) -> None:
         if wants_json():
             return error_response(404, str(exc), "id", exc.args[0])
         return render_template("error.html", status=404, message=str(exc)), 404
+
+    @app.errorhandler(BadRecord)
+    def bad_record(exc: BadRecord):  # this job's page fails, with the reason; no other does
+        log.error("%s", exc)
+        if wants_json():
+            return error_response(500, str(exc), "id", exc.job_id)
+        return render_template("error.html", status=500, message=str(exc)), 500
 
     @app.errorhandler(FarmUnavailable)
     @app.errorhandler(RedisConnectionError)

@@ -26,7 +26,9 @@ from renderfarm.schema import (
     ImageResult,
     JobRecord,
     JobRequest,
+    parse_batch_id,
     parse_job,
+    updated,
 )
 from renderfarm.settings import Settings
 from worker.compat import compat_key
@@ -114,6 +116,8 @@ class FarmClient:
     def _submit(
         self, jobs: Iterable[JobRequest | dict], label: str, batch_id: str | None
     ) -> tuple[str, list[str]]:
+        if batch_id is not None:  # given apart from the jobs: the schema's rule all the same
+            batch_id = parse_batch_id(batch_id)
         try:
             requests = self.validate(jobs)  # reads the known models and live workers
         except RedisConnectionError as exc:
@@ -179,7 +183,7 @@ class FarmClient:
 
 def _with_seed(request: JobRequest, batch_id: str) -> JobRequest:
     seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
-    return request.model_copy(update={"seed": seed, "batch_id": batch_id})
+    return updated(request, seed=seed, batch_id=batch_id)
 
 
 def _poll(fetch, done, timeout: float | None, poll: float, describe):

@@ -21,6 +21,8 @@ from renderfarm.settings import Settings
 if TYPE_CHECKING:
     from celery import Celery
 
+    from renderfarm.records import Records
+
 
 def queue_for(request: JobRequest, settings: Settings) -> str:
     """The one place that decides which queue a job goes to: one queue per model, and per
@@ -38,12 +40,23 @@ def worker_queues(settings: Settings, models: list[str], hardware: str) -> list[
 
 def publish(app: Celery, settings: Settings, jobs: Sequence[tuple[str, JobRequest]]) -> None:
     """Send one render message per job, pipelined. Raises if Redis refuses them."""
+    send(app, [(job_id, queue_for(r, settings), r.priority) for job_id, r in jobs])
+
+
+def publish_records(app: Celery, records: Records, job_ids: Sequence[str]) -> None:
+    """Send the messages of recorded jobs again (the reaper, a retry, the outbox sweep), from
+    their raw queue and priority fields: a job whose record cannot be read is still sent, and
+    fails alone when a worker claims it."""
+    send(app, records.messages(job_ids))
+
+
+def send(app: Celery, messages: Sequence[tuple[str, str, int]]) -> None:
+    """Publish (job id, queue, priority) messages in pipelines. Raises if Redis refuses them."""
     amqp = app.amqp
     with app.producer_or_acquire() as producer:
         declared: set[str] = set()
         with producer.batch(max_size=2000):
-            for job_id, request in jobs:
-                queue = queue_for(request, settings)
+            for job_id, queue, priority in messages:
                 if queue not in declared:
                     producer.maybe_declare(amqp.queues[queue])
                     declared.add(queue)
@@ -53,5 +66,5 @@ def publish(app: Celery, settings: Settings, jobs: Sequence[tuple[str, JobReques
                 )
                 amqp.send_task_message(
                     producer, TASK_NAME, message, queue=queue, declare=[],
-                    priority=celery_priority(request.priority), retry=False,
+                    priority=celery_priority(priority), retry=False,
                 )

@@ -44,6 +44,18 @@ class JobNotFound(RenderFarmError, KeyError):
         return f"no job or batch with id {self.args[0]!r}"
 
 
+class BadRecord(RenderFarmError):
+    """A job's record in Redis cannot be read (written by an older version, edited by hand).
+
+    It fails alone: whoever meets it (a worker, the reaper, a page) reports it with its reason
+    and goes on with the other jobs."""
+
+    def __init__(self, job_id: str, reason: str):
+        self.job_id = job_id
+        self.reason = reason
+        super().__init__(f"the record of job {job_id!r} is unreadable: {reason}")
+
+
 class JobFailed(RenderFarmError):
     """A job ended failed or cancelled when its result was asked for."""
 

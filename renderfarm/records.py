@@ -10,14 +10,26 @@ when Redis delivers its message twice.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from pydantic import ValidationError
 from redis import Redis
 
 from renderfarm import keys
-from renderfarm.errors import JobNotFound
-from renderfarm.schema import BatchRecord, ImageResult, JobRecord, JobRequest, JobState, now
+from renderfarm.errors import BadRecord, JobNotFound
+from renderfarm.schema import (
+    BatchRecord,
+    ImageResult,
+    JobRecord,
+    JobRequest,
+    JobState,
+    field_errors,
+    now,
+)
+
+log = logging.getLogger("renderfarm.records")
 
 # Every script gets KEYS = [job, running] and finds the job's batch from the record itself.
 _TERMINAL = """
@@ -335,16 +347,50 @@ class Records:
 
     # -- reading ----------------------------------------------------------------------------
     def job(self, job_id: str) -> JobRecord:
+        """The job's record; :class:`BadRecord` with the reason if it cannot be read."""
         data = self.redis.hgetall(keys.job(job_id))
         if not data:
             raise JobNotFound(job_id)
-        return _job_from_hash(data)
+        return _job_from_hash(job_id, data)
+
+    def read(self, job_ids: Iterable[str]) -> dict[str, JobRecord | BadRecord]:
+        """Job id -> its record, or the :class:`BadRecord` saying why it cannot be read, in one
+        round trip. Missing jobs are left out. One bad record never spoils the others."""
+        ids = list(job_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        out: dict[str, JobRecord | BadRecord] = {}
+        for job_id, data in zip(ids, pipe.execute(), strict=True):
+            if data:
+                try:
+                    out[job_id] = _job_from_hash(job_id, data)
+                except BadRecord as exc:
+                    out[job_id] = exc
+        return out
 
     def jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
+        """The records that can be read, in order; unreadable ones are logged and left out."""
+        out = []
+        for found in self.read(job_ids).values():
+            if isinstance(found, BadRecord):
+                log.warning("%s", found)
+            else:
+                out.append(found)
+        return out
+
+    def messages(self, job_ids: Iterable[str]) -> list[tuple[str, str, int]]:
+        """(job id, queue, priority) of each job, from the raw fields its message needs: no
+        validation, so a job with a bad record is still sent (and fails alone when claimed)."""
+        ids = list(job_ids)
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hgetall(keys.job(job_id))
-        return [_job_from_hash(d) for d in pipe.execute() if d]
+        for job_id in ids:
+            pipe.hmget(keys.job(job_id), "queue", "score")
+        out = []
+        for job_id, (queue, score) in zip(ids, pipe.execute(), strict=True):
+            if queue:
+                out.append((job_id, queue.decode(), priority_of(float(score or 0))))
+        return out
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(keys.job(job_id)))
@@ -416,7 +462,7 @@ class Records:
         for queue in queues:
             pipe.zrange(keys.pending(queue), 0, 0, withscores=True)
         scores = [found[0][1] for found in pipe.execute() if found]
-        return 9 - int(min(scores) // 1e10) if scores else -1
+        return priority_of(min(scores)) if scores else -1
 
     def update(
         self,
@@ -527,9 +573,17 @@ class Records:
         return [keys.job(job_id), keys.RUNNING]
 
 
+PRIORITY_BAND = 1e10  #: width of one priority's scores in a pending set
+
+
 def pending_score(priority: int, created_at: float) -> float:
     """Lower is taken first: higher priority, then older."""
-    return (9 - priority) * 1e10 + created_at
+    return (9 - priority) * PRIORITY_BAND + created_at
+
+
+def priority_of(score: float) -> int:
+    """The priority a pending score was made from (see :func:`pending_score`)."""
+    return 9 - int(score // PRIORITY_BAND)
 
 
 def _s(data: dict, name: str, default: str = "") -> str:
@@ -537,7 +591,17 @@ def _s(data: dict, name: str, default: str = "") -> str:
     return value.decode() if value is not None else default
 
 
-def _job_from_hash(data: dict) -> JobRecord:
+def _job_from_hash(job_id: str, data: dict) -> JobRecord:
+    try:
+        return _parse_job_hash(data)
+    except ValidationError as exc:
+        reason = "; ".join(str(e) for e in field_errors(exc))
+    except (ValueError, KeyError, TypeError) as exc:  # a state, a number, JSON that is not
+        reason = f"{type(exc).__name__}: {exc}"
+    raise BadRecord(job_id, reason)
+
+
+def _parse_job_hash(data: dict) -> JobRecord:
     timestamps = {
         k.decode()[2:]: float(v) for k, v in data.items() if k.startswith(b"t:")
     }

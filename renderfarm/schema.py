@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 import time
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -39,6 +40,9 @@ SchedulerName = Literal[
 ]
 HardwareClass = Literal["any", "gpu", "cpu", "jetson", "mps"]
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+BATCH_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: A batch id: it names Redis keys and storage prefixes, so no "/", ":" or "..".
+BatchId = Annotated[str, Field(pattern=BATCH_ID_PATTERN)]
 MAX_SEED = 2**32 - 1
 MAX_PROMPT = 2000
 #: A LoRA is named by its file's stem in ``<models dir>/loras/``. No ``:``, ``<``, ``>`` or
@@ -138,7 +142,7 @@ class JobRequest(BaseModel):
     strength: float = Field(0.75, ge=0, le=1, description="img2img: how much to change the image.")
     priority: int = Field(5, ge=0, le=9, description="Higher runs first within a queue.")
     hardware: HardwareClass = "any"
-    batch_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    batch_id: BatchId | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
     loras: list[LoraRef] = Field(
         default_factory=list, max_length=MAX_LORAS,
@@ -229,7 +233,7 @@ class JobRecord(BaseModel):
     """What the farm knows about a job; stored as a Redis hash, read by client and dashboard."""
 
     id: str
-    batch_id: str
+    batch_id: BatchId
     state: JobState
     request: JobRequest
     created_at: float
@@ -310,6 +314,29 @@ def _field_of_model_error(message: str, data: dict) -> tuple[str, str, Any]:
         if message.startswith(name + " "):
             return name, message[len(name) + 1 :], data.get(name)
     return "job", message, None
+
+
+def parse_batch_id(value: object) -> str:
+    """Validate a batch id given apart from the jobs (``submit_batch(batch_id=...)``) with the
+    same rule as ``JobRequest.batch_id``; :class:`InvalidJob` naming ``batch_id`` otherwise."""
+    try:
+        return _BATCH_ID.validate_python(value)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        for error in errors:
+            error.field = "batch_id"
+        raise InvalidJob(errors) from None
+
+
+_BATCH_ID = TypeAdapter(BatchId)
+M = TypeVar("M", bound=BaseModel)
+
+
+def updated(model: M, **fields: Any) -> M:
+    """A copy of ``model`` with ``fields`` changed, validated again: ``model_copy(update=...)``
+    does not validate, and a value it lets through poisons every later read of the record.
+    (An init image, checked at submit, is not decoded again.)"""
+    return type(model).model_validate({**dict(model), **fields}, context={"trusted": True})
 
 
 def parse_job(data: dict | JobRequest, index: int | None = None) -> JobRequest:

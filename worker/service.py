@@ -40,10 +40,10 @@ import time
 import traceback
 from secrets import token_hex
 
-from producer.enqueue import publish, worker_queues
+from producer.enqueue import publish_records, worker_queues
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
-from renderfarm.errors import Cancelled, JobNotFound
+from renderfarm.errors import BadRecord, Cancelled
 from renderfarm.fleet import HEARTBEAT_INTERVAL
 from renderfarm.records import Records
 from renderfarm.schema import ImageResult, JobRecord, JobState, now
@@ -216,9 +216,8 @@ class WorkerService:
         requeued = 0
         for job_id in self.records.expired_leases():
             outcome = self.records.reap(job_id, self.settings.max_attempts)
-            if outcome == "requeued":
-                record = self.records.job(job_id)
-                publish(self.app, self.settings, [(job_id, record.request)])
+            if outcome == "requeued":  # sent from its raw fields: a bad record cannot stop us
+                publish_records(self.app, self.records, [job_id])
                 requeued += 1
                 log.warning("job %s: its worker was lost; re-queued", job_id)
             elif outcome == "failed":
@@ -228,18 +227,19 @@ class WorkerService:
     # -- a delivered message ------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
         """Run one delivered job (with its micro-batch partners) to its end, then jobs of the
-        loaded models while there are any. Returns the delivered job's outcome."""
-        try:
-            record = self.records.job(job_id)
-        except JobNotFound:
-            log.error("message for unknown job %s discarded", job_id)
-            return "missing"
+        loaded models while there are any. Returns the delivered job's outcome.
+
+        The job is claimed before its record is read: a record that cannot be read then fails
+        alone, with its reason, instead of the worker."""
         claim = self.records.claim(
             job_id, self.owner, self.settings.lease_seconds, self.settings.max_attempts
         )
         if not claim.ok:
             log.info("job %s not run: %s %s", job_id, claim.status, claim.detail)
             return claim.status
+        [record] = self._read_claimed([job_id]) or [None]
+        if record is None:
+            return "failed"
         # A job that was lost before (its worker died) runs alone: were it a poison job, its
         # micro-batch partners would die with it and use up their own attempts.
         partners = self._partners(record) if claim.detail == "1" else []
@@ -262,7 +262,19 @@ class WorkerService:
             [record.queue], self.owner, self.settings.lease_seconds,
             self.settings.max_attempts, n=room, compat=record.compat,
         )
-        return self.records.jobs(ids)
+        return self._read_claimed(ids)
+
+    def _read_claimed(self, ids: list[str]) -> list[JobRecord]:
+        """The records of jobs this worker just claimed; one that cannot be read is failed
+        with the reason (it would fail every worker that tried it) and left out."""
+        out = []
+        for job_id, found in self.records.read(ids).items():
+            if isinstance(found, BadRecord):
+                log.error("%s; failing it", found)
+                self.records.fail(job_id, self.owner, str(found))
+            else:
+                out.append(found)
+        return out
 
     def _next_loaded_group(self) -> list[JobRecord]:
         """Claim the best queued job of a loaded model, unless a job of higher priority waits
@@ -275,9 +287,9 @@ class WorkerService:
             return []
         ids = self.records.claim_more(queues, self.owner, self.settings.lease_seconds,
                                       self.settings.max_attempts, n=1)
-        if not ids:
+        [first] = self._read_claimed(ids) or [None]
+        if first is None:
             return []
-        first = self.records.job(ids[0])
         return [first, *self._partners(first)] if first.attempts == 1 else [first]
 
     # -- rendering ----------------------------------------------------------------------------
