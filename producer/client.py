@@ -14,7 +14,7 @@ from functools import cached_property
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from producer.enqueue import publish, queue_for
+from producer.enqueue import queue_for, send
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import FarmUnavailable, FieldError, InvalidJob, JobFailed
@@ -135,7 +135,8 @@ class FarmClient:
                     queues=[queue_for(r, self.settings) for _, r in fresh],
                     compat=[compat_key(r, job_id) for job_id, r in fresh],
                 )
-                self._publish_or_abandon(fresh)
+                self._publish_or_abandon([(job_id, queue_for(r, self.settings), r.priority)
+                                          for job_id, r in fresh])
         except RedisConnectionError as exc:
             raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc
         return batch_id, [owners.get(job_id, job_id) for job_id, _ in pending]
@@ -145,18 +146,18 @@ class FarmClient:
         Returns the ids that went back (others were not failed or cancelled)."""
         moved = [job_id for job_id in job_ids if self.records.retry(job_id)]
         if moved:
-            self._publish_or_abandon([(r.id, r.request) for r in self.records.jobs(moved)])
+            self._publish_or_abandon(self.records.messages(moved))
         return moved
 
-    def _publish_or_abandon(self, jobs: list[tuple[str, JobRequest]]) -> None:
+    def _publish_or_abandon(self, messages: list[tuple[str, str, int]]) -> None:
         """Send the jobs' messages. If Redis fails part-way, the recorded jobs are failed with
         the reason (a job never sits ``queued`` with no message) and the caller is told."""
         try:
-            publish(self.celery, self.settings, jobs)
+            send(self.celery, messages)
         except Exception as exc:  # kombu's OperationalError / BatchPublishError, redis errors
             reason = f"not enqueued: the farm's Redis failed during submit ({exc})"
             try:
-                self.records.abandon([job_id for job_id, _ in jobs], reason)
+                self.records.abandon([job_id for job_id, _, _ in messages], reason)
                 outcome = "its jobs are marked failed; submit them again"
             except Exception:  # Redis is gone altogether: nothing more can be written
                 outcome = "its records may remain queued; check the batch and submit again"
