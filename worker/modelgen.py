@@ -218,8 +218,13 @@ def make_model(kind: str, directory: Path) -> Path:
     return directory
 
 
-def make_tokenizer(directory: Path, vocab_size: int = 1000) -> CLIPTokenizer:
+def make_tokenizer(
+    directory: Path, vocab_size: int = 1000, words: list[str] | None = None
+) -> CLIPTokenizer:
     """Write ``vocab.json`` and ``merges.txt`` into ``directory`` and load a CLIP tokenizer.
+
+    Merges are learnt from ``words`` (default: :data:`WORDS`) until the vocabulary has
+    ``vocab_size`` tokens or every word is one token.
 
     The vocabulary is laid out like CLIP's: the 256 byte symbols, the same with ``</w>``
     (end of word), the merges in order, then ``<|startoftext|>`` and ``<|endoftext|>`` as the
@@ -229,7 +234,7 @@ def make_tokenizer(directory: Path, vocab_size: int = 1000) -> CLIPTokenizer:
     directory.mkdir(parents=True, exist_ok=True)
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
-    merges = _learn_merges(WORDS, vocab_size - len(vocab_list) - 2)
+    merges = _learn_merges(WORDS if words is None else words, vocab_size - len(vocab_list) - 2)
     vocab_list += ["".join(pair) for pair in merges]
     vocab_list += [BOS, EOS]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}

@@ -1,0 +1,295 @@
+"""Train the ``shapes`` model: a small Stable Diffusion pipeline that draws renderfarm.shapes.
+
+Reproducible from ``--seed`` (same seed, same steps, same thread count: same weights). Three
+phases, each checkpointed in ``--work`` so an interrupted run resumes where it stopped:
+
+1. ``vae``: a small AutoencoderKL (64x64x3 <-> 4x16x16), trained on 32x32 crops of drawn
+   scenes (it is fully convolutional; crops cost a quarter).
+2. ``encode``: a fixed set of scenes is drawn and encoded once (the posterior's mean).
+3. ``unet``: the UNet and a small CLIP text encoder (own word-level vocabulary) learn the
+   noise (epsilon, min-SNR weighting) from the cached latents; captions leave parts out at
+   random and are dropped entirely 10% of the time (classifier-free guidance). EMA weights.
+
+The result is a diffusers folder (``--out``), fp16 safetensors. Run on 2 CPU cores:
+
+    nice -n 10 python tools/train_shapes.py --threads 1 --out renderfarm/data/shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from renderfarm import shapes  # noqa: E402
+from worker.modelgen import make_tokenizer  # noqa: E402
+
+LATENT = 16
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (32, 48, 64),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+    "sample_size": shapes.SIZE,
+}
+UNET_CONFIG = {
+    "sample_size": LATENT,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,
+    "norm_num_groups": 16,
+}
+TEXT_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+# DDPM's linear betas: the last step is (almost) pure noise, so flat black or white
+# backgrounds are reachable (SD's scaled_linear leaves the mean of the noise in the picture).
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+}
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def to_tensor(images: list) -> torch.Tensor:
+    array = np.stack([shapes.to_array(im) for im in images]).astype(np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def save_ckpt(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def train_vae(args, work: Path) -> AutoencoderKL:
+    path = work / "vae.pt"
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    step = 0
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+        torch.set_rng_state(state["torch"])
+        log(f"vae: resumed at step {step}")
+    started = time.monotonic()
+    while step < args.vae_steps:
+        images = [shapes.draw(scene, rng) for scene in
+                  (shapes.random_scene(rng) for _ in range(args.vae_batch))]
+        x = to_tensor(images)
+        crop = args.vae_crop
+        if crop < shapes.SIZE:
+            ox, oy = rng.randrange(0, shapes.SIZE - crop + 1, 4), rng.randrange(
+                0, shapes.SIZE - crop + 1, 4)
+            x = x[:, :, oy:oy + crop, ox:ox + crop]
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 50) * (
+                0.1 + 0.9 * (1 + math.cos(math.pi * step / args.vae_steps)) / 2)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        kl = posterior.kl().mean() / (4 * x.shape[2] * x.shape[3] / 16)
+        loss = rec + 1e-5 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 20 == 0 or step == args.vae_steps:
+            rate = (time.monotonic() - started) / max(1, step)
+            log(f"vae step {step}/{args.vae_steps} rec {rec.item():.4f} kl {kl.item():.2f} "
+                f"({rate:.2f}s/step)")
+        if step % 100 == 0 or step == args.vae_steps:
+            save_ckpt(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                             "rng": rng, **rng_state()})
+    return vae
+
+
+@torch.no_grad()
+def encode_dataset(args, work: Path, vae: AutoencoderKL) -> tuple[list, torch.Tensor, float]:
+    path = work / "latents.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        return state["scenes"], state["latents"], state["scale"]
+    rng = random.Random(args.seed + 1)
+    scenes = [shapes.random_scene(rng) for _ in range(args.dataset)]
+    chunks = []
+    vae.eval()
+    for i in range(0, len(scenes), 64):
+        images = [shapes.draw(s, rng) for s in scenes[i:i + 64]]
+        chunks.append(vae.encode(to_tensor(images)).latent_dist.mean)
+        if i % 1024 == 0:
+            log(f"encode {i}/{len(scenes)}")
+    latents = torch.cat(chunks)
+    scale = float(1.0 / latents.std())
+    # Check the decoder on a few of them.
+    images = [shapes.draw(s, random.Random(7)) for s in scenes[:16]]
+    recon = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample
+    log(f"encode: {len(scenes)} latents, std {latents.std():.3f} -> scaling_factor {scale:.4f}, "
+        f"reconstruction mse {F.mse_loss(recon, to_tensor(images)).item():.4f}")
+    save_ckpt(path, {"scenes": scenes, "latents": latents, "scale": scale})
+    return scenes, latents, scale
+
+
+def train_unet(args, work: Path, scenes, latents, scale, tokenizer):
+    path = work / "unet.pt"
+    torch.manual_seed(args.seed + 2)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
+    rng = random.Random(args.seed + 3)
+    step = 0
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+        torch.set_rng_state(state["torch"])
+        log(f"unet: resumed at step {step}")
+    betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], 1000)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    latents = latents * scale
+    started, first = time.monotonic(), step
+    while step < args.unet_steps:
+        idx = [rng.randrange(len(scenes)) for _ in range(args.batch)]
+        prompts = ["" if rng.random() < args.uncond else
+                   shapes.caption(scenes[i], rng, drop=args.drop) for i in idx]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        x0 = latents[idx]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(idx),))
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        lr = args.lr * min(1.0, (step + 1) / 100) * (
+            0.1 + 0.9 * (1 + math.cos(math.pi * step / args.unet_steps)) / 2)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        hidden = text(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=hidden).sample
+        snr = a.view(-1) / (1 - a.view(-1))
+        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 (Hang et al. 2023)
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, model in ((ema_unet, unet), (ema_text, text)):
+                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                    pe.mul_(decay).add_(pm, alpha=1 - decay)
+        if step % 20 == 0:
+            rate = (time.monotonic() - started) / max(1, step - first)
+            log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.2e} "
+                f"({rate:.2f}s/step, {rate * (args.unet_steps - step) / 60:.0f} min left)")
+        if step % args.ckpt_every == 0 or step == args.unet_steps:
+            save_ckpt(path, {"unet": unet.state_dict(), "text": text.state_dict(),
+                             "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                             "opt": opt.state_dict(), "step": step, "rng": rng, **rng_state()})
+    return ema_unet, ema_text
+
+
+def export(out: Path, vae, unet, text, tokenizer, scale: float) -> None:
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    for model in (vae, unet, text):
+        model.half()
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"wrote {out} ({size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("renderfarm/data/shapes"))
+    parser.add_argument("--work", type=Path, default=Path("shapes-train"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-crop", type=int, default=32)
+    parser.add_argument("--dataset", type=int, default=8192)
+    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--drop", type=float, default=0.15, help="chance to leave a part out")
+    parser.add_argument("--uncond", type=float, default=0.1, help="chance of an empty caption")
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--ckpt-every", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+    tokenizer_dir = args.work / "tokenizer"
+    tokenizer = make_tokenizer(tokenizer_dir, vocab_size=100_000, words=shapes.WORDS)
+    vae = train_vae(args, args.work)
+    scenes, latents, scale = encode_dataset(args, args.work, vae)
+    unet, text = train_unet(args, args.work, scenes, latents, scale, tokenizer)
+    export(args.out, vae, unet, text, tokenizer, scale)
+
+
+if __name__ == "__main__":
+    main()
