@@ -62,7 +62,8 @@ def random_scene(rng: random.Random) -> Scene:
         size = rng.choice(list(SIZES))
         position = rng.choice([*POSITIONS, None, None]) if size != "large" else None
     else:
-        size, position = rng.choice(["small", "medium"]), None
+        # Three medium shapes hardly fit in 64x64 without touching: three are always small.
+        size, position = rng.choice(["small", "medium"] if count == 2 else ["small"]), None
     return Scene(rng.choice(SHAPES), color, background, size, position, count)
 
 
@@ -96,16 +97,16 @@ def _centres(scene: Scene, rng: random.Random) -> list[tuple[float, float]]:
         x = min(max(fx * SIZE + rng.uniform(-jitter, jitter), lo), hi)
         y = min(max(fy * SIZE + rng.uniform(-jitter, jitter), lo), hi)
         return [(x, y)]
-    centres: list[tuple[float, float]] = []
-    for _ in range(200):
-        if len(centres) == scene.count:
-            break
-        x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
-        if scene.count == 1 and scene.size == "large":
-            x, y = SIZE / 2 + rng.uniform(-4, 4), SIZE / 2 + rng.uniform(-4, 4)
-        if all(max(abs(x - a), abs(y - b)) > 2 * r + 3 for a, b in centres):
-            centres.append((x, y))
-    return centres
+    if scene.count == 1 and scene.size == "large":
+        return [(SIZE / 2 + rng.uniform(-4, 4), SIZE / 2 + rng.uniform(-4, 4))]
+    while True:  # shapes never touch (their boxes are 3 pixels apart), so they can be counted
+        centres: list[tuple[float, float]] = []
+        for _ in range(100):
+            x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            if all(max(abs(x - a), abs(y - b)) > 2 * r + 3 for a, b in centres):
+                centres.append((x, y))
+                if len(centres) == scene.count:
+                    return centres
 
 
 def draw(scene: Scene, rng: random.Random) -> Image.Image:
