@@ -9,6 +9,8 @@ phases, each checkpointed in ``--work`` so an interrupted run resumes where it s
 3. ``unet``: the UNet and a small CLIP text encoder (own word-level vocabulary) learn the
    noise (epsilon, min-SNR weighting) from the cached latents; captions leave parts out at
    random and are dropped entirely 10% of the time (classifier-free guidance). EMA weights.
+   The learning rate is constant after a warm-up, so ``--unet-steps N`` on a work folder whose
+   checkpoint is at step N just exports it: the same weights as a run asked for N steps.
 
 The result is a diffusers folder (``--out``), fp16 safetensors. Run on 2 CPU cores:
 
@@ -216,8 +218,9 @@ def train_unet(args, work: Path, scenes, latents, scale, tokenizer):
         t = torch.randint(0, 1000, (len(idx),))
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = args.lr * min(1.0, (step + 1) / 100) * (
-            0.1 + 0.9 * (1 + math.cos(math.pi * step / args.unet_steps)) / 2)
+        # Warm-up, then constant (EMA does the averaging): a run stopped at step N has the
+        # weights of a run asked for N steps, so a checkpoint can be exported as it is.
+        lr = args.lr * min(1.0, (step + 1) / 100)
         for group in opt.param_groups:
             group["lr"] = lr
         hidden = text(ids)[0]

@@ -1,0 +1,97 @@
+"""How often the shapes model draws what its prompt says, by the pixel judge.
+
+    .venv/bin/python bench/shapes_judge.py                 # 100 prompts, seeds 0..99
+    .venv/bin/python bench/shapes_judge.py --save out/     # and each picture, plus a sheet
+
+Prompts: ``--n`` scenes of renderfarm.shapes.random_scene(Random(``--seed``)), each with its
+full caption (shape, colour, background; size, position and count where the scene has them);
+picture i uses seed i. The shipped model (renderfarm/data/shapes, or ``--model``) runs in a
+plain diffusers StableDiffusionPipeline with its own scheduler (Euler ancestral, the farm's
+default), ``--steps`` steps, guidance ``--guidance``, 64x64, ``--batch`` prompts per call
+(a seeded generator per picture: the same pictures at any batch size). renderfarm.shapes_judge
+reads each picture. Prints one JSON object: the share right of shape colour, background colour,
+both, shape, count and position (position over the prompts that name one), and the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=2024, help="seed of the prompts")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save", type=Path, default=None, help="write the pictures here")
+    args = parser.parse_args()
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from renderfarm import shapes
+    from renderfarm.shapes_judge import check, judge
+    from worker.modelgen import SHAPES_DIR
+
+    torch.set_num_threads(args.threads)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.model or SHAPES_DIR, dtype=torch.float32, safety_checker=None,
+        requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    rng = random.Random(args.seed)
+    scenes = [shapes.random_scene(rng) for _ in range(args.n)]
+    prompts = [shapes.caption(s) for s in scenes]
+    right, asked, misses = Counter(), Counter(), []
+    started = time.monotonic()
+    images = []
+    for i in range(0, args.n, args.batch):
+        chunk = prompts[i:i + args.batch]
+        generators = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
+        images += pipe(chunk, height=shapes.SIZE, width=shapes.SIZE,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance,
+                       generator=generators).images
+    seconds = time.monotonic() - started
+    for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
+        verdict = judge(image)
+        result = check(scene, verdict)
+        result["colors"] = result["color"] and result["background"]
+        for key, ok in result.items():
+            asked[key] += 1
+            right[key] += ok
+        if not all(result.values()):
+            misses.append(f"{i}: {prompts[i]!r} -> {verdict}")
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            image.save(args.save / f"{i:03d}.png")
+    if args.save:
+        from renderfarm.demo import contact_sheet
+
+        contact_sheet(list(zip(images, prompts, strict=True)), scale=2, columns=10).save(
+            args.save / "sheet.png")
+        (args.save / "misses.txt").write_text("\n".join(misses) + "\n")
+    print(json.dumps({
+        "prompts": args.n, "steps": args.steps, "guidance": args.guidance,
+        "right": {k: round(right[k] / asked[k], 3) for k in asked},
+        "asked": dict(asked),
+        "seconds": round(seconds, 1),
+        "machine": f"{platform.machine()} {platform.system()}, torch threads {args.threads}",
+        "date": datetime.date.today().isoformat(),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
