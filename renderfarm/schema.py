@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from renderfarm.errors import FieldError, InvalidJob
+from renderfarm.samplers import from_a1111
 
 SCHEDULERS = (
     "euler",
@@ -168,6 +169,20 @@ class JobRequest(BaseModel):
             return data
         return {**data, "prompt": prompt, "loras": [*loras, *tagged]}
 
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _a1111_sampler_name(cls, value: Any) -> Any:
+        """A1111's sampler names are accepted too (``"Euler a"``, ``"DPM++ 2M Karras"``) and
+        recorded as the farm's (renderfarm/samplers.py has the table)."""
+        if not isinstance(value, str) or value in SCHEDULERS:
+            return value
+        try:
+            return from_a1111(value)
+        except ValueError:
+            raise ValueError(f"must be one of {', '.join(SCHEDULERS)} or an A1111 sampler name "
+                             "(Euler a, Euler, DDIM, DPM++ 2M, DPM++ 2M Karras, PLMS, LMS, "
+                             "UniPC, Heun)") from None
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
@@ -289,6 +304,20 @@ _MESSAGES = {
 }
 
 
+#: A1111 request fields and what the native API calls them: a body written for A1111 is told
+#: where its fields go (or to use /sdapi/v1, which takes A1111's bodies as they are).
+A1111_FIELDS = {
+    "cfg_scale": "guidance_scale",
+    "sampler_name": "scheduler",
+    "sampler_index": "scheduler",
+    "denoising_strength": "strength",
+    "init_images": "init_image",
+    "batch_size": "num_images",
+    "n_iter": "num_images",
+    "override_settings": "model",
+}
+
+
 def field_errors(exc: ValidationError, index: int | None = None) -> list[FieldError]:
     """Turn pydantic's errors into ones that name the field and the value."""
     out = []
@@ -302,6 +331,9 @@ def field_errors(exc: ValidationError, index: int | None = None) -> list[FieldEr
         else:
             message = err["msg"][0].lower() + err["msg"][1:]
         value = err.get("input")
+        if err["type"] == "extra_forbidden" and field in A1111_FIELDS:
+            message += (f" (A1111's name: here it is {A1111_FIELDS[field]}; A1111 request bodies "
+                        "go to /sdapi/v1/txt2img and /sdapi/v1/img2img as they are)")
         if field == "job" and isinstance(value, dict):
             field, message, value = _field_of_model_error(message, value)
         out.append(FieldError(field, message, value, index))

@@ -12,22 +12,9 @@ import re
 
 from PIL import Image, PngImagePlugin
 
+from renderfarm.samplers import A1111_SAMPLERS
 from renderfarm.schema import JobRequest, Mode
 
-#: Our scheduler name -> (A1111 sampler, A1111 schedule type).
-#: "Automatic" is the sampler's own default schedule; A1111's DPM++ 2M defaults to Karras,
-#: so plain dpmpp_2m (diffusers' default spacing) is written as "Uniform".
-A1111_SAMPLERS: dict[str, tuple[str, str]] = {
-    "euler": ("Euler", "Automatic"),
-    "euler_a": ("Euler a", "Automatic"),
-    "ddim": ("DDIM", "Automatic"),
-    "dpmpp_2m": ("DPM++ 2M", "Uniform"),
-    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
-    "pndm": ("PLMS", "Automatic"),
-    "lms": ("LMS", "Automatic"),
-    "unipc": ("UniPC", "Automatic"),
-    "heun": ("Heun", "Automatic"),
-}
 
 # A1111's infotext_utils: one "Key: value" pair, the value plain or a JSON-quoted string.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
