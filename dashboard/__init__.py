@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "SESSION_COOKIE_SECURE": False,  # set RENDERFARM_SESSION_COOKIE_SECURE=true behind HTTPS
     "WTF_CSRF_TIME_LIMIT": None,  # valid for the session's life: a submit page may stay open
     "POLL_MS": 2000,  # how often pages poll the API; never below 2 s
+    "A1111_TIMEOUT": 3600,  # seconds an /sdapi/v1 txt2img or img2img call waits for its images
 }
 
 
@@ -60,7 +61,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config["POLL_MS"] = max(2000, int(app.config["POLL_MS"]))
 
     csrf.init_app(app)
-    from dashboard import api, auth, hosts, ui
+    from dashboard import a1111, api, auth, hosts, ui
 
     hosts.init_app(app, settings.allowed_hosts)  # first: before any other hook or view
 
@@ -68,6 +69,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(ui.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
     csrf.exempt(api.bp)  # the API takes a bearer token, not cookies, for anything it changes
+    app.register_blueprint(a1111.bp, url_prefix="/sdapi/v1")  # AUTOMATIC1111's API
+    csrf.exempt(a1111.bp)  # Bearer or Basic auth, never cookies
 
     _register_error_handlers(app)
     app.after_request(_security_headers)

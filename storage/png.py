@@ -15,7 +15,6 @@ from PIL import Image, PngImagePlugin
 from renderfarm.samplers import A1111_SAMPLERS
 from renderfarm.schema import JobRequest, Mode
 
-
 # A1111's infotext_utils: one "Key: value" pair, the value plain or a JSON-quoted string.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _INTS = ("Steps", "Seed")

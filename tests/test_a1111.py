@@ -1,0 +1,122 @@
+"""The A1111 API (/sdapi/v1) driven by the real ``webuiapi`` client and by the bodies that
+SillyTavern and Open WebUI send, against a served dashboard and the session's real worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import requests
+import webuiapi
+from PIL import Image
+
+TOKEN = "a1111-token"
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(farm, farm_settings):
+    """The dashboard on waitress, on a free port, with auth on, in front of the session farm."""
+    from dashboard import create_app
+    from dashboard.serve import make_server
+
+    app = create_app({"SETTINGS": farm_settings, "TOKEN": TOKEN, "SECRET_KEY": "k" * 32})
+    srv = make_server(app, port=0)
+    thread = threading.Thread(target=srv.run, name="a1111-dashboard", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.effective_port}"
+    srv.close()
+
+
+@pytest.fixture
+def api(server):
+    """webuiapi as A1111's users configure it: host, port and ``--api-auth`` user/password."""
+    host, port = server.removeprefix("http://").split(":")
+    return webuiapi.WebUIApi(host=host, port=int(port), username="anyone", password=TOKEN,
+                             sampler="Euler a", steps=2)
+
+
+def png_seed(image: Image.Image) -> int:
+    return json.loads(image.info["renderfarm"])["seed"]
+
+
+def test_webuiapi_txt2img_batch_is_spread_into_jobs_with_a1111_seeds(api, client):
+    result = api.txt2img(prompt="a lighthouse at dusk", negative_prompt="blurry", seed=1234,
+                         batch_size=2, n_iter=2, cfg_scale=5.5, width=64, height=64,
+                         sampler_name="DPM++ 2M Karras")
+    assert len(result.images) == 4
+    assert [png_seed(im) for im in result.images] == [1234, 1235, 1236, 1237]
+    assert all(im.size == (64, 64) for im in result.images)
+    info = result.info
+    assert info["all_seeds"] == [1234, 1235, 1236, 1237]
+    assert info["all_prompts"] == ["a lighthouse at dusk"] * 4
+    assert info["sd_model_name"] == "tiny" and info["sampler_name"] == "DPM++ 2M"
+    assert info["extra_generation_params"] == {"Schedule type": "Karras"}
+    assert len(info["infotexts"]) == 4
+    assert "Seed: 1235" in info["infotexts"][1] and "CFG scale: 5.5" in info["infotexts"][1]
+    assert result.parameters["batch_size"] == 2 and result.parameters["enable_hr"] is False
+    # Four farm jobs of one image each, one batch, the legacy sampler name mapped.
+    jobs = client.records.batch_jobs(info["renderfarm_batch_id"])
+    assert [j.request.seed for j in jobs] == [1234, 1235, 1236, 1237]
+    assert {j.request.num_images for j in jobs} == {1}
+    assert {j.request.scheduler for j in jobs} == {"dpmpp_2m_karras"}
+    assert {j.request.guidance_scale for j in jobs} == {5.5}
+
+
+def test_webuiapi_random_seed_and_models(api):
+    names = api.util_get_model_names()
+    assert names == ["tiny"]
+    model = api.get_sd_models()[0]
+    assert model["model_name"] == "tiny" and model["filename"].endswith("tiny")
+    assert "Euler a" in api.util_get_sampler_names()
+    assert "Karras" in [s["label"] for s in api.get_schedulers()]
+    api.util_set_model("tiny")
+    assert api.util_get_current_model() == "tiny"
+    result = api.txt2img(prompt="a fox", seed=-1, **SMALL)
+    seed = result.info["all_seeds"][0]
+    assert 0 <= seed < 2**32 and png_seed(result.image) == seed
+
+
+def test_webuiapi_refused_features_name_the_field(api):
+    with pytest.raises(RuntimeError) as err:
+        api.txt2img(prompt="a fox", enable_hr=True, **SMALL)
+    assert err.value.args[0] == 422 and "enable_hr" in err.value.args[1]
+    with pytest.raises(RuntimeError) as err:
+        api.txt2img(prompt="a fox", sampler_name="DPM++ 2M SDE", **SMALL)
+    assert err.value.args[0] == 422 and "sampler_name" in err.value.args[1]
+    with pytest.raises(RuntimeError) as err:
+        api.txt2img(prompt="a fox", override_settings={"sd_model_checkpoint": "nope"}, **SMALL)
+    assert "override_settings.sd_model_checkpoint" in err.value.args[1]
+    assert "tiny" in err.value.args[1]
+
+
+def test_auth_takes_bearer_and_basic_and_refuses_others(server):
+    url = f"{server}/sdapi/v1/sd-models"
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(url, auth=("anyone", "wrong"), timeout=10).status_code == 401
+    refused = requests.get(url, timeout=10)
+    assert refused.headers["WWW-Authenticate"].startswith("Basic")
+    assert requests.get(url, auth=("someone", TOKEN), timeout=10).status_code == 200
+    ok = requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()[0]["title"] == "tiny"
+
+
+def test_native_api_takes_a1111_sampler_names(server, client):
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    job = {"prompt": "a boat", "model": "tiny", **SMALL}
+    url = f"{server}/api/v1/batches"
+    made = requests.post(url, json={"jobs": [{**job, "scheduler": "Euler a"},
+                                             {**job, "scheduler": "DPM++ 2M Karras"}]},
+                         headers=bearer, timeout=10)
+    assert made.status_code == 201, made.text
+    jobs = client.records.batch_jobs(made.json()["id"])
+    assert [j.request.scheduler for j in jobs] == ["euler_a", "dpmpp_2m_karras"]
+    refused = requests.post(url, json={"jobs": [{**job, "cfg_scale": 5}]}, headers=bearer,
+                            timeout=10)
+    assert refused.status_code == 400
+    error = refused.json()["errors"][0]
+    assert error["field"] == "cfg_scale" and "guidance_scale" in error["message"]
+    refused = requests.post(url, json={"jobs": [{**job, "scheduler": "DPM++ 3M SDE"}]},
+                            headers=bearer, timeout=10)
+    assert refused.json()["errors"][0]["field"] == "scheduler"
