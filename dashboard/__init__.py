@@ -58,12 +58,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     settings = app.config["SETTINGS"] or Settings()
     app.extensions["renderfarm"] = FarmClient(settings)
+    app.permanent_session_lifetime = settings.session_lifetime
     app.config["POLL_MS"] = max(2000, int(app.config["POLL_MS"]))
 
     csrf.init_app(app)
-    from dashboard import a1111, api, auth, hosts, ui
+    from dashboard import a1111, api, auth, hosts, limits, ui
 
     hosts.init_app(app, settings.allowed_hosts)  # first: before any other hook or view
+    limits.init_app(app, settings)
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(ui.bp)

@@ -7,7 +7,9 @@ With ``RENDERFARM_TOKEN`` set:
   *read* the API (the pages poll it), but anything that changes the farm through the API needs
   the bearer token: the API is exempt from CSRF tokens, so it must not act on cookies alone;
 - the pages and ``/files/`` need a login: a form that takes the token and sets a signed,
-  HttpOnly, SameSite=Lax session cookie.
+  HttpOnly, SameSite=Lax session cookie. The cookie names a server-side session in Redis
+  (``rf:session:<sha256 of its id>``) that expires after ``RENDERFARM_SESSION_LIFETIME``
+  seconds and is deleted at logout, so a copy of the cookie dies with it.
 
 Tokens are compared with :func:`hmac.compare_digest`.
 """
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from urllib.parse import unquote, urlsplit
 
 from flask import (
     Blueprint,
     abort,
     current_app,
+    g,
     redirect,
     render_template,
     request,
@@ -31,6 +35,8 @@ from flask import (
 from flask_wtf import FlaskForm
 from wtforms import HiddenField, PasswordField
 from wtforms.validators import InputRequired
+
+from renderfarm import keys
 
 bp = Blueprint("auth", __name__)
 
@@ -57,10 +63,41 @@ def bearer_ok() -> bool:
     return scheme.lower() == "bearer" and token_matches(given.strip())
 
 
+def _session_key(sid: str) -> str:
+    return keys.session(hashlib.sha256(sid.encode()).hexdigest())
+
+
+def _redis():
+    return current_app.extensions["renderfarm"].redis
+
+
 def session_ok() -> bool:
-    """The session logged in with the token that is configured now."""
-    saved = session.get("auth")
-    return isinstance(saved, str) and hmac.compare_digest(saved, _digest(token() or ""))
+    """The session logged in with the token that is configured now, and has not ended."""
+    if "session_ok" not in g:
+        saved, sid = session.get("auth"), session.get("sid")
+        g.session_ok = (
+            isinstance(saved, str) and isinstance(sid, str)
+            and hmac.compare_digest(saved, _digest(token() or ""))
+            and bool(_redis().exists(_session_key(sid)))
+        )
+    return g.session_ok
+
+
+def start_session() -> None:
+    lifetime = current_app.extensions["renderfarm"].settings.session_lifetime
+    sid = secrets.token_urlsafe(32)
+    _redis().set(_session_key(sid), "1", ex=max(1, int(lifetime)))
+    session.clear()
+    session.permanent = True  # the cookie expires with the server-side session
+    session["auth"] = _digest(token() or "")
+    session["sid"] = sid
+
+
+def end_session() -> None:
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        _redis().delete(_session_key(sid))
+    session.clear()
 
 
 def check_api() -> None:
@@ -131,8 +168,7 @@ def login():
     error = None
     if form.validate_on_submit():
         if token_matches(form.token.data or ""):
-            session.clear()
-            session["auth"] = _digest(token() or "")
+            start_session()
             return redirect(_safe_next(form.next.data))
         error = "That is not the dashboard's token."
     status = 401 if error else 200
@@ -141,5 +177,5 @@ def login():
 
 @bp.route("/logout", methods=["POST"])
 def logout():
-    session.clear()
+    end_session()
     return redirect(url_for("auth.login") if token() else url_for("ui.batches"))

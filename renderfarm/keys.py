@@ -39,3 +39,12 @@ def pending(queue: str) -> str:
     Workers claim from it directly for micro-batches and model affinity; the Celery message of
     a job claimed that way is dropped on delivery (the job is no longer ``queued``)."""
     return f"rf:pending:{queue}"
+
+
+def session(sid_hash: str) -> str:
+    """A dashboard login session, by the SHA-256 of its id; expires with the session's lifetime,
+    deleted at logout."""
+    return f"rf:session:{sid_hash}"
+
+
+RATE_LIMITS = "rf:limits:"  #: prefix of the dashboard's rate-limit counters (flask-limiter)

@@ -172,3 +172,103 @@ def test_login_next_from_query_string_forged(make_dash_app):
 def test_login_next_keeps_local_paths(make_dash_app, target):
     client = make_dash_app(TOKEN=TOKEN, SECRET_KEY="k").test_client()
     assert login(client, target).headers["Location"] == target
+
+
+# -- 14. logout ends the session everywhere; sessions have a lifetime -------------------------
+def test_logout_ends_copied_sessions(make_dash_app):
+    app = make_dash_app(TOKEN=TOKEN, SECRET_KEY="k")
+    browser, thief = app.test_client(), app.test_client()
+    assert login(browser, "/queues").status_code == 302
+    cookie = browser.get_cookie("session")
+    thief.set_cookie("session", cookie.value)
+    assert thief.get("/batches").status_code == 200  # the copy works while the session lives
+
+    page = browser.get("/batches").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page).group(1)
+    assert browser.post("/logout", data={"csrf_token": csrf}).status_code == 302
+    rv = thief.get("/batches")
+    assert rv.status_code == 302 and rv.headers["Location"].startswith("/login")
+    assert thief.get("/api/v1/batches").status_code == 401
+
+
+def test_session_lifetime_is_a_setting(make_dash_app, dash_settings, dash_farm):
+    from renderfarm import keys
+
+    settings = dash_settings.model_copy(update={"session_lifetime": 600})
+    app = make_dash_app(TOKEN=TOKEN, SECRET_KEY="k", SETTINGS=settings)
+    client = app.test_client()
+    rv = login(client)
+    assert "Expires=" in rv.headers["Set-Cookie"]
+    redis = app.extensions["renderfarm"].redis
+    sessions = list(redis.scan_iter(keys.session("*")))
+    assert len(sessions) == 1
+    assert 0 < redis.ttl(sessions[0]) <= 600
+    redis.delete(sessions[0])  # what Redis does when the lifetime is over
+    assert client.get("/batches").status_code == 302
+
+
+# -- 17. rate limits: per address and per token, in the farm's Redis --------------------------
+def _limited_app(make_dash_app, dash_settings, **settings):
+    return make_dash_app(SETTINGS=dash_settings.model_copy(update=settings),
+                         TOKEN=TOKEN, SECRET_KEY="k")
+
+
+def test_rate_limit_per_address_429_with_retry_after(make_dash_app, dash_settings):
+    app = _limited_app(make_dash_app, dash_settings, rate_limit_address="5 per minute",
+                       rate_limit_token="")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    one = {"REMOTE_ADDR": "10.0.0.1"}
+    for _ in range(5):
+        assert client.get("/api/v1/models", headers=auth, environ_base=one).status_code == 200
+    rv = client.get("/api/v1/models", headers=auth, environ_base=one)
+    assert rv.status_code == 429
+    assert 0 < int(rv.headers["Retry-After"]) <= 60
+    assert "limit" in rv.get_json()["errors"][0]["message"]
+    # another address is not starved, and neither are the pages (not API routes)
+    other = {"REMOTE_ADDR": "10.0.0.2"}
+    assert client.get("/api/v1/models", headers=auth, environ_base=other).status_code == 200
+    login(client)
+    assert client.get("/batches", environ_base=one).status_code == 200
+
+
+def test_rate_limit_per_token_across_addresses(make_dash_app, dash_settings):
+    app = _limited_app(make_dash_app, dash_settings, rate_limit_address="",
+                       rate_limit_token="4 per minute")
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for n in range(4):
+        rv = client.get("/api/v1/models", headers=auth, environ_base={"REMOTE_ADDR": f"10.1.0.{n}"})
+        assert rv.status_code == 200
+    rv = client.get("/api/v1/models", headers=auth, environ_base={"REMOTE_ADDR": "10.1.0.9"})
+    assert rv.status_code == 429 and "Retry-After" in rv.headers
+    # a browser session logged in with the token is another client: not starved
+    browser = app.test_client()
+    login(browser)
+    assert browser.get("/api/v1/models").status_code == 200
+
+
+def test_rate_limit_counters_shared_by_dashboard_processes(make_dash_app, dash_settings):
+    """Two apps (as two dashboard processes) count in the same Redis."""
+    first = _limited_app(make_dash_app, dash_settings, rate_limit_address="4 per minute")
+    second = _limited_app(make_dash_app, dash_settings, rate_limit_address="4 per minute")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for app in (first, first, second, second):
+        assert app.test_client().get("/api/v1/models", headers=auth).status_code == 200
+    assert first.test_client().get("/api/v1/models", headers=auth).status_code == 429
+    assert second.test_client().get("/api/v1/models", headers=auth).status_code == 429
+
+
+def test_rate_limits_cover_blueprints_added_later(make_dash_app, dash_settings):
+    """An /sdapi/v1 blueprint registered after create_app is limited like the API."""
+    from flask import Blueprint
+
+    app = _limited_app(make_dash_app, dash_settings, rate_limit_address="2 per minute")
+    bp = Blueprint("sdapi_probe", __name__)
+    bp.add_url_rule("/sdapi/v1/probe", "probe", lambda: {"ok": True})
+    app.register_blueprint(bp)
+    client = app.test_client()
+    assert client.get("/sdapi/v1/probe").status_code == 200
+    assert client.get("/sdapi/v1/probe").status_code == 200
+    rv = client.get("/sdapi/v1/probe")
+    assert rv.status_code == 429 and "Retry-After" in rv.headers

@@ -1,0 +1,96 @@
+"""Rate limits of the API (``/api/``) and the A1111-compatible routes (``/sdapi/``).
+
+flask-limiter, its counters in the farm's Redis (``rf:limits:*``), so every dashboard process
+counts together. Two limits, both settings (generous by default; empty turns one off):
+
+- ``RENDERFARM_RATE_LIMIT_ADDRESS``: per client address (``request.remote_addr``; behind a
+  reverse proxy that is the proxy's, unless waitress is told to trust its headers);
+- ``RENDERFARM_RATE_LIMIT_TOKEN``: per credential, across addresses: a bearer token (by its
+  hash) or a logged-in session, so a script hammering with the token does not starve a person
+  in the browser.
+
+They apply by path to every route under the prefixes in :data:`LIMITED_PREFIXES`, also to
+blueprints registered after :func:`init_app` (the ``/sdapi/v1`` routes). The pages are not
+limited. A request over a limit gets 429 with ``Retry-After`` (seconds). If Redis is down the
+limiter lets requests through (``swallow_errors``); the views then answer 503 themselves.
+
+The :class:`~flask_limiter.Limiter` is ``app.extensions["renderfarm_limiter"]``; a blueprint may
+add its own limits with ``limiter.limit("10 per second")(blueprint)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from flask import Flask, request, session
+from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
+
+from renderfarm import keys
+from renderfarm.connection import redis_url
+from renderfarm.errors import FarmUnavailable
+from renderfarm.settings import Settings
+
+log = logging.getLogger("renderfarm.dashboard")
+
+LIMITED_PREFIXES = ("/api/", "/sdapi/")
+EXTENSION = "renderfarm_limiter"
+
+
+def address_key() -> str:
+    return request.remote_addr or "unknown"
+
+
+def credential_key() -> str:
+    """The caller's credential, hashed: ``bearer:<sha256>``, ``session:<sha256>`` or ``""``."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and given.strip():
+        return "bearer:" + hashlib.sha256(given.strip().encode()).hexdigest()[:32]
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        return "session:" + hashlib.sha256(sid.encode()).hexdigest()[:32]
+    return ""
+
+
+def is_limited() -> bool:
+    return request.path.startswith(LIMITED_PREFIXES)
+
+
+def _no_credential() -> bool:
+    return not is_limited() or not credential_key()
+
+
+def init_app(app: Flask, settings: Settings) -> Limiter:
+    limits = []
+    if settings.rate_limit_address.strip():
+        limits.append(ApplicationLimit(settings.rate_limit_address, key_function=address_key,
+                                       scope="address", exempt_when=lambda: not is_limited()))
+    if settings.rate_limit_token.strip():
+        limits.append(ApplicationLimit(settings.rate_limit_token, key_function=credential_key,
+                                       scope="token",
+                                       exempt_when=_no_credential))
+    try:
+        storage = redis_url(settings)
+    except FarmUnavailable:
+        log.warning("no farm Redis found: rate limits count in this process only")
+        storage = "memory://"
+    limiter = Limiter(
+        address_key,
+        application_limits=limits,
+        storage_uri=storage,
+        key_prefix=keys.RATE_LIMITS.rstrip(":"),
+        headers_enabled=True,
+        swallow_errors=True,
+        enabled=bool(limits),
+    )
+    limiter.init_app(app)
+    app.extensions[EXTENSION] = limiter
+
+    @app.errorhandler(RateLimitExceeded)
+    def too_many(exc: RateLimitExceeded):
+        from dashboard import error_response
+
+        message = f"rate limit exceeded ({exc.description}); retry after Retry-After seconds"
+        return error_response(429, message)
+
+    return limiter
