@@ -5,8 +5,8 @@ counts together. Two limits, both settings (generous by default; empty turns one
 
 - ``RENDERFARM_RATE_LIMIT_ADDRESS``: per client address (``request.remote_addr``; behind a
   reverse proxy that is the proxy's, unless waitress is told to trust its headers);
-- ``RENDERFARM_RATE_LIMIT_TOKEN``: per credential, across addresses: a bearer token (by its
-  hash) or a logged-in session, so a script hammering with the token does not starve a person
+- ``RENDERFARM_RATE_LIMIT_TOKEN``: per credential, across addresses: a bearer token or HTTP
+  Basic password (by its hash) or a logged-in session, so a script hammering with the token does not starve a person
   in the browser.
 
 They apply by path to every route under the prefixes in :data:`LIMITED_PREFIXES`, also to
@@ -42,10 +42,12 @@ def address_key() -> str:
 
 
 def credential_key() -> str:
-    """The caller's credential, hashed: ``bearer:<sha256>``, ``session:<sha256>`` or ``""``."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and given.strip():
-        return "bearer:" + hashlib.sha256(given.strip().encode()).hexdigest()[:32]
+    """The caller's credential, hashed: the bearer token or HTTP Basic password (the A1111
+    routes take the token that way), else the login session; ``""`` when there is none."""
+    given = request.authorization
+    secret = (given.token if given.type == "bearer" else given.password) if given else None
+    if secret:
+        return "token:" + hashlib.sha256(secret.encode()).hexdigest()[:32]
     sid = session.get("sid")
     if isinstance(sid, str):
         return "session:" + hashlib.sha256(sid.encode()).hexdigest()[:32]

@@ -3,6 +3,7 @@ token, the login redirect, sessions that end at logout, and rate limits."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import re
 import threading
@@ -271,4 +272,17 @@ def test_rate_limits_cover_blueprints_added_later(make_dash_app, dash_settings):
     assert client.get("/sdapi/v1/probe").status_code == 200
     assert client.get("/sdapi/v1/probe").status_code == 200
     rv = client.get("/sdapi/v1/probe")
+    assert rv.status_code == 429 and "Retry-After" in rv.headers
+
+
+def test_rate_limit_per_token_counts_basic_auth_on_sdapi(make_dash_app, dash_settings):
+    app = _limited_app(make_dash_app, dash_settings, rate_limit_address="",
+                       rate_limit_token="3 per minute")
+    client = app.test_client()
+    basic = {"Authorization": "Basic " + base64.b64encode(f"me:{TOKEN}".encode()).decode()}
+    for n in range(3):
+        rv = client.get("/sdapi/v1/sd-models", headers=basic,
+                        environ_base={"REMOTE_ADDR": f"10.2.0.{n}"})
+        assert rv.status_code == 200
+    rv = client.get("/sdapi/v1/sd-models", headers=basic)
     assert rv.status_code == 429 and "Retry-After" in rv.headers
