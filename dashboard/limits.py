@@ -6,8 +6,8 @@ counts together. Two limits, both settings (generous by default; empty turns one
 - ``RENDERFARM_RATE_LIMIT_ADDRESS``: per client address (``request.remote_addr``; behind a
   reverse proxy that is the proxy's, unless waitress is told to trust its headers);
 - ``RENDERFARM_RATE_LIMIT_TOKEN``: per credential, across addresses: a bearer token or HTTP
-  Basic password (by its hash) or a logged-in session, so a script hammering with the token does not starve a person
-  in the browser.
+  Basic password (by its hash) or a logged-in session, so a script hammering with the token
+  does not starve a person in the browser.
 
 They apply by path to every route under the prefixes in :data:`LIMITED_PREFIXES`, also to
 blueprints registered after :func:`init_app` (the ``/sdapi/v1`` routes). The pages are not
