@@ -3,8 +3,11 @@ SillyTavern and Open WebUI send, against a served dashboard and the session's re
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import threading
+import time
 
 import pytest
 import requests
@@ -120,3 +123,105 @@ def test_native_api_takes_a1111_sampler_names(server, client):
     refused = requests.post(url, json={"jobs": [{**job, "scheduler": "DPM++ 3M SDE"}]},
                             headers=bearer, timeout=10)
     assert refused.json()["errors"][0]["field"] == "scheduler"
+
+
+def test_webuiapi_img2img_and_png_info(api, client):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    result = api.img2img(images=[init], prompt="a red square, painted", denoising_strength=0.5,
+                         seed=7, batch_size=2, **SMALL)
+    assert [png_seed(im) for im in result.images] == [7, 8]
+    assert result.info["denoising_strength"] == 0.5
+    assert result.parameters["init_images"] is None  # not echoed back, as A1111 does
+    jobs = client.records.batch_jobs(result.info["renderfarm_batch_id"])
+    assert {(j.request.mode.value, j.request.strength) for j in jobs} == {("img2img", 0.5)}
+    read = api.png_info(result.images[1])
+    assert read.parameters["Seed"] == 8 and read.parameters["prompt"] == "a red square, painted"
+    assert "Denoising strength: 0.5" in read.info
+    with pytest.raises(RuntimeError) as err:
+        api.img2img(images=[init], mask_image=init, prompt="x", **SMALL)
+    assert err.value.args[0] == 422 and "mask" in err.value.args[1]
+
+
+# SillyTavern's A1111 call: public/scripts/extensions/stable-diffusion/index.js
+# (generateAutoImage) builds this body, and src/endpoints/stable-diffusion.js ('/generate')
+# forwards it to /sdapi/v1/txt2img as it is, its own `url` and `auth` included, with
+# `Authorization: Basic` from `auth`. A seed < 0 is left out (undefined), as are an unset VAE
+# and Forge's modules inside override_settings.
+SILLYTAVERN_BODY = {
+    "url": "http://farm:8080", "auth": f"tavern:{TOKEN}",
+    "prompt": "a cozy tavern interior, warm light", "negative_prompt": "lowres",
+    "sampler_name": "DPM++ 2M", "scheduler": "Karras", "steps": 2, "cfg_scale": 7,
+    "width": 64, "height": 64, "restore_faces": False, "enable_hr": False,
+    "hr_upscaler": "Latent", "hr_scale": 2.0, "hr_additional_modules": [],
+    "denoising_strength": 0.7, "hr_second_pass_steps": 0,
+    "override_settings": {"CLIP_stop_at_last_layers": 1},
+    "override_settings_restore_afterwards": True, "clip_skip": 1, "save_images": True,
+    "send_images": True, "do_not_save_grid": False, "do_not_save_samples": False,
+}
+
+
+def test_sillytavern_flow(server):
+    auth = ("tavern", TOKEN)
+    base = f"{server}/sdapi/v1"
+    # Its model picker: titles from sd-models, then POST options and a progress poll.
+    titles = [m["title"] for m in requests.get(f"{base}/sd-models", auth=auth, timeout=10).json()]
+    set_model = requests.post(f"{base}/options", json={"sd_model_checkpoint": titles[0]},
+                              auth=auth, timeout=10)
+    assert set_model.status_code == 200
+    idle = requests.get(f"{base}/progress", auth=auth, timeout=10).json()
+    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
+    options = requests.get(f"{base}/options", auth=auth, timeout=10).json()
+    assert options["sd_model_checkpoint"] == titles[0]
+    answer = requests.post(f"{base}/txt2img", json=SILLYTAVERN_BODY, auth=auth, timeout=120)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert "Schedule type: Karras" in image.info["parameters"]
+    assert json.loads(body["info"])["sd_model_name"] == "tiny"
+    clip_skip_2 = {**SILLYTAVERN_BODY, "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    refused = requests.post(f"{base}/txt2img", json=clip_skip_2, auth=auth, timeout=10)
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["field"] == "override_settings.CLIP_stop_at_last_layers"
+
+
+def test_open_webui_body(server):
+    """Open WebUI (backend/open_webui/routers/images.py, engine automatic1111) sends
+    ``{prompt, batch_size: n, width, height, steps, negative_prompt, cfg_scale, sampler_name,
+    scheduler}`` with ``authorization: Basic base64(AUTOMATIC1111_API_AUTH)`` and reads
+    ``images``; it picks a model with POST options ``{sd_model_checkpoint}``."""
+    header = {"authorization": "Basic " + base64.b64encode(f"webui:{TOKEN}".encode()).decode()}
+    body = {"prompt": "a watercolor owl", "batch_size": 2, "width": 64, "height": 64,
+            "steps": 2, "negative_prompt": "", "cfg_scale": 7.0, "sampler_name": "Euler a",
+            "scheduler": "Automatic"}
+    answer = requests.post(f"{server}/sdapi/v1/txt2img", json=body, headers=header, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["images"]) == 2
+
+
+def test_progress_and_interrupt_are_the_callers_own(server, client):
+    base = f"{server}/sdapi/v1"
+    mine, other = ("me", TOKEN), ("someone-else", TOKEN)
+    body = {"prompt": "a long render", "seed": 5, "n_iter": 8, "steps": 40, "width": 64,
+            "height": 64}
+    answers: list[requests.Response] = []
+    call = threading.Thread(target=lambda: answers.append(
+        requests.post(f"{base}/txt2img", json=body, auth=mine, timeout=300)))
+    call.start()
+    deadline = time.monotonic() + 60
+    while (progress := requests.get(f"{base}/progress", auth=mine, timeout=10).json())[
+            "state"]["job_count"] == 0:
+        assert time.monotonic() < deadline and call.is_alive()
+    batch_id = progress["state"]["job"]
+    assert progress["state"]["job_count"] == 8
+    assert requests.get(f"{base}/progress", auth=other, timeout=10).json()["state"][
+        "job_count"] == 0
+    requests.post(f"{base}/interrupt", auth=other, timeout=10)  # not theirs: nothing cancelled
+    assert not any(j.state.value == "cancelled" for j in client.records.batch_jobs(batch_id))
+    assert requests.post(f"{base}/interrupt", auth=mine, timeout=10).json() == {}
+    call.join(120)
+    answer = answers[0]
+    assert answer.status_code == 200, answer.text
+    jobs = client.records.batch_jobs(batch_id)
+    done = [j for j in jobs if j.state.value == "succeeded"]
+    assert len(answer.json()["images"]) == len(done) < 8
+    assert all(j.state.value in ("succeeded", "cancelled") for j in jobs)
