@@ -217,9 +217,9 @@ class JobRequest(BaseModel):
     def _init_image_decodes(cls, value: str | None, info: ValidationInfo) -> str | None:
         # Records read back from Redis were checked at submit: don't decode the image again.
         if value is not None and not (info.context or {}).get("trusted"):
-            from renderfarm.images import decode_init_image
+            from renderfarm.images import check_init_image
 
-            decode_init_image(value)  # raises ValueError with the reason
+            check_init_image(value)  # raises ValueError with the reason; once per image
         return value
 
     @model_validator(mode="after")

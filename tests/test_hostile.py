@@ -82,6 +82,18 @@ def _png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+def _encoded(kind: str, size: tuple[int, int] = (16, 16)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, kind)
+    return out.getvalue()
+
+
+NOT_ACCEPTED = "is not an image in an accepted format: PNG, JPEG or WebP"
+OTHER_FORMATS = ["BMP", "TIFF", "ICO", "TGA", "PCX", "GIF", "PPM", "DIB", "SGI"]
+# An EPS that would reach Ghostscript if Pillow opened it as EPS
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n"
+
+
 @pytest.fixture
 def idle_client(farm_settings, redis_url):
     """A client of a farm with no workers, on its own Redis database (emptied first)."""
@@ -98,10 +110,13 @@ def idle_client(farm_settings, redis_url):
     (_b64(png_claiming(10000, 10000)), "decompression bomb"),  # Pillow only warns: an error here
     (_b64(png_claiming(3000, 3000)), "over the limit"),
     (_b64(_png(2056, 2056)), "over the limit"),
-    (_b64(b"MZ\x90\x00 this is not an image at all"), "is not an image"),
+    (_b64(b"MZ\x90\x00 this is not an image at all"), NOT_ACCEPTED),
     ("data:image/png;base64," + "A" * (MAX_INIT_IMAGE_BYTES * 4 // 3 + 8), "MiB limit"),
     ("not base64 at all!", "not valid base64"),
-], ids=["bomb-900M", "bomb-100M", "9M-pixels", "real-2056px", "non-image", "over-8MiB", "junk"])
+    *[(_b64(_encoded(kind)), NOT_ACCEPTED) for kind in OTHER_FORMATS],
+    (_b64(EPS), NOT_ACCEPTED),
+], ids=["bomb-900M", "bomb-100M", "9M-pixels", "real-2056px", "non-image", "over-8MiB", "junk",
+        *OTHER_FORMATS, "EPS"])
 def test_hostile_init_image_refused_nothing_enqueued(idle_client, image, reason):
     job = {**JOB, "mode": "img2img", "prompt": "hostile", "init_image": image}
     with pytest.raises(InvalidJob) as caught:
@@ -113,6 +128,74 @@ def test_hostile_init_image_refused_nothing_enqueued(idle_client, image, reason)
     assert idle_client.records.count_jobs() == 0
     assert idle_client.records.count_batches() == 0
     assert not [k for k in idle_client.redis.scan_iter("renderfarm*")]
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP"])
+def test_documented_init_image_formats_accepted(idle_client, kind):
+    job = {**JOB, "mode": "img2img", "prompt": "fine", "init_image": _b64(_encoded(kind))}
+    idle_client.submit(job)
+    assert idle_client.records.count_jobs() == 1
+
+
+@pytest.fixture
+def count_decodes(monkeypatch):
+    """``count_decodes()``: how many times an init image was opened since the fixture began."""
+    from renderfarm import images
+
+    calls = []
+    real = images.open_image
+
+    def counting(data: bytes):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(images, "open_image", counting)
+    return lambda: len(calls)
+
+
+def _unique_png(size: int = 2048) -> str:
+    """A 4-Mpx PNG, small once compressed (one colour but a patch of random pixels), that no
+    other test made, so no earlier check of it can be reused."""
+    img = Image.new("RGB", (size, size), (20, 90, 160))
+    img.paste(Image.frombytes("RGB", (16, 16), os.urandom(16 * 16 * 3)), (0, 0))
+    return _b64(_encoded_bytes(img))
+
+
+def _encoded_bytes(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_shared_init_image_decoded_once_per_batch(idle_client, count_decodes):
+    image = _unique_png()
+    jobs = [{**JOB, "mode": "img2img", "prompt": f"job {n}", "init_image": image}
+            for n in range(400)]
+    idle_client.submit_batch(jobs)
+    assert idle_client.records.count_jobs() == 400
+    assert count_decodes() == 1
+
+
+def test_shared_init_image_decoded_once_per_api_request(idle_client, count_decodes):
+    from dashboard import create_app
+
+    app = create_app({"TESTING": True, "SETTINGS": idle_client.settings})
+    image, other = _unique_png(), _unique_png()
+    jobs = [{**JOB, "mode": "img2img", "prompt": f"job {n}",
+             "init_image": other if n == 7 else image} for n in range(400)]
+    rv = app.test_client().post("/api/v1/batches", json={"jobs": jobs})
+    assert rv.status_code == 201, rv.get_json()
+    assert count_decodes() == 2
+    # and a bad image shared by many jobs is refused for each of them, decoded once
+    bmp = io.BytesIO()
+    Image.frombytes("RGB", (16, 16), os.urandom(16 * 16 * 3)).save(bmp, "BMP")
+    bad = _b64(bmp.getvalue())
+    jobs = [{**JOB, "mode": "img2img", "prompt": "x", "init_image": bad} for _ in range(50)]
+    rv = app.test_client().post("/api/v1/batches", json={"jobs": jobs})
+    assert rv.status_code == 400
+    errors = rv.get_json()["errors"]
+    assert len(errors) == 50 and all("init_image" in e["field"] for e in errors)
+    assert count_decodes() == 3
 
 
 # -- the dashboard's API ----------------------------------------------------------------------
