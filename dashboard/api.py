@@ -338,7 +338,9 @@ def list_queues():
 
 @bp.get("/models")
 def list_models():
-    return {"models": client().models(), "default": client().settings.default_model}
+    farm = client()
+    return {"models": farm.models(), "default": farm.settings.default_model,
+            "families": farm.model_families()}
 
 
 @bp.get("/openapi.json")

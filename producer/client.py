@@ -18,7 +18,7 @@ from producer.enqueue import queue_for, send
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import FarmUnavailable, FieldError, InvalidJob, JobFailed
-from renderfarm.fleet import capability_errors, live_workers
+from renderfarm.fleet import capability_errors, live_workers, read_workers
 from renderfarm.records import Records
 from renderfarm.schema import (
     MAX_SEED,
@@ -32,6 +32,7 @@ from renderfarm.schema import (
 )
 from renderfarm.settings import Settings
 from worker.compat import compat_key
+from worker.families import FAMILIES, job_errors, model_families, with_family_defaults
 from worker.modelfiles import list_models
 
 IDEMPOTENCY_TTL = 7 * 24 * 3600
@@ -71,9 +72,22 @@ class FarmClient:
         advertised = {m.decode() for m in self.redis.hkeys(keys.MODELS)}
         return sorted(advertised | set(list_models(self.settings.models_path)))
 
+    def model_families(self) -> dict[str, str]:
+        """Model -> family name (``sd15``, ``sdxl``, ``flux``: :mod:`worker.families`) as the
+        workers' heartbeats tell it, and for the models dir as read here (without torch: a
+        ``.ckpt`` whose family only a worker can read is left out until one advertises it)."""
+        families = model_families(self.settings.models_path)
+        for worker in sorted(read_workers(self.redis), key=lambda w: w.beat):  # newest wins
+            families.update(worker.families)
+        return dict(sorted(families.items()))
+
     def validate(self, jobs: Iterable[JobRequest | dict]) -> list[JobRequest]:
-        """Check every job; raise :class:`InvalidJob` naming each bad field. Enqueues nothing."""
-        known = None
+        """Check every job; raise :class:`InvalidJob` naming each bad field. Enqueues nothing.
+
+        A job whose model's family is known gets that family's default size and scheduler
+        where it left them unset, and is refused where a field makes no sense for the family
+        (:func:`worker.families.job_errors`)."""
+        known = families = None
         out, errors = [], []
         for index, job in enumerate(jobs):
             if isinstance(job, dict) and "model" not in job:
@@ -90,6 +104,13 @@ class FarmClient:
                 errors.append(FieldError(
                     "model", f"is not a model the farm has (known: {names})", request.model, index
                 ))
+            else:
+                if families is None:
+                    families = self.model_families()
+                family = FAMILIES.get(families.get(request.model, ""))
+                if family is not None:  # else a family this client does not know: no checks
+                    request = with_family_defaults(request, family)
+                    errors.extend(job_errors(request, family, index))
             out.append(request)
         if out and not errors:
             errors = capability_errors(out, live_workers(self.redis))

@@ -188,11 +188,14 @@ def prune(older_than: float, dry_run: bool) -> None:
 
 @main.command()
 def models() -> None:
-    """List the models the farm knows."""
+    """List the models the farm knows, each with its family (sd15, sdxl, flux; "?" where no
+    worker has said and it cannot be read here)."""
     from producer import FarmClient
 
-    for name in FarmClient(_settings()).models():
-        click.echo(name)
+    farm = FarmClient(_settings())
+    families = farm.model_families()
+    for name in farm.models():
+        click.echo(f"{name}\t{families.get(name, '?')}")
 
 
 # -- running the farm -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ class WorkerInfo(BaseModel):
     max_pixels: int = 0
     max_batch: int = 1
     models: list[str] = Field(default_factory=list)
+    families: dict[str, str] = Field(default_factory=dict, description="model -> family")
     loaded: list[str] = Field(default_factory=list)
     speeds: dict[str, float] = Field(default_factory=dict, description="model@WxH -> it/s")
     status: str = Field("ready", description="starting (loading, warming up) or ready")
@@ -53,7 +54,7 @@ class WorkerInfo(BaseModel):
         )
 
 
-_JSON_FIELDS = {"models", "loaded", "speeds"}
+_JSON_FIELDS = {"models", "families", "loaded", "speeds"}
 
 
 def read_workers(redis: Redis, include_lost: bool = True) -> list[WorkerInfo]:

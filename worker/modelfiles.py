@@ -5,6 +5,7 @@ The producer calls :func:`list_models` on machines without torch, so keep this m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 #: Single-file checkpoints a worker can load with ``from_single_file``.
@@ -37,3 +38,24 @@ def list_models(models_dir: Path) -> dict[str, Path]:
             files.setdefault(entry.stem, entry)
     models = {**files, **folders}
     return dict(sorted(models.items()))
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a ``.safetensors`` file, from its JSON header alone (no torch):
+    8 bytes of little-endian header length, then the header. ``ValueError`` if it is not one."""
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: too short for a safetensors file")
+        size = int.from_bytes(head, "little")
+        if size > 100 * 2**20 or size > path.stat().st_size:
+            raise ValueError(f"{path}: header length {size} is not a safetensors header's")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise ValueError(f"{path}: unreadable safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not an object")
+    return {key: tuple(entry.get("shape", ())) for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict)}

@@ -30,8 +30,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -39,6 +37,7 @@ from diffusers.schedulers import scheduling_lms_discrete
 from diffusers.utils import is_scipy_available
 
 from renderfarm.schema import SCHEDULERS, Mode
+from worker.families import Family, family_of_folder
 from worker.memory import available_memory
 from worker.modelfiles import list_models
 from worker.profiles import Profile
@@ -104,17 +103,25 @@ SCHEDULER_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
 }
 assert set(SCHEDULER_CLASSES) == set(SCHEDULERS), "keep in step with renderfarm.schema"
 
-# Per model (keyed by its UNet, which the txt2img and img2img pipelines share): the scheduler
-# config the model shipped with, and the schedulers made from it. Entries go with the model.
+# Per model (keyed by its denoiser, the UNet or transformer the txt2img and img2img pipelines
+# share): the scheduler config the model shipped with, and the schedulers made from it.
+# Entries go with the model.
 _SCHEDULER_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The pipeline's denoising model: its UNet, or its transformer (Flux)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def _scheduler_entry(pipe: DiffusionPipeline) -> dict[str, Any]:
-    entry = _SCHEDULER_CACHE.get(pipe.unet)
+    key = denoiser(pipe)
+    entry = _SCHEDULER_CACHE.get(key)
     if entry is None:
-        entry = _SCHEDULER_CACHE[pipe.unet] = {"config": pipe.scheduler.config, "made": {}}
+        entry = _SCHEDULER_CACHE[key] = {"config": pipe.scheduler.config, "made": {}}
     return entry
 
 
@@ -136,8 +143,9 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
 
 @dataclass
 class _Loaded:
-    txt2img: StableDiffusionPipeline
-    img2img: StableDiffusionImg2ImgPipeline | None = None
+    family: Family
+    txt2img: DiffusionPipeline
+    img2img: DiffusionPipeline | None = None
     offloaded: DiffusionPipeline | None = None  # which pipeline holds the CPU-offload hooks
 
 
@@ -156,18 +164,46 @@ class PipelineCache:
         self.loads = 0
         self.warmed: dict[str, dict[str, float]] = {}  # model -> "WxHxB" -> seconds
         self._entries: OrderedDict[str, _Loaded] = OrderedDict()
+        self._families: dict[Path, Family] = {}
 
-    def call_size(self, width: int, height: int) -> int:
+    def family(self, model: str) -> Family:
+        """The family of ``model`` (:func:`worker.families.family_of`), read once per path.
+        :class:`UnknownModel` if the worker does not have it; :class:`UnknownFamily` (a
+        ``ValueError`` saying what the model looks like) if no family knows it."""
+        entry = self._entries.get(model)
+        if entry is not None:
+            return entry.family
+        models = list_models(self.models_dir)
+        path = models.get(model)
+        if path is None:
+            raise UnknownModel(model, self.models_dir, sorted(models))
+        family = self._families.get(path)
+        if family is None:
+            if path.is_dir():
+                family = family_of_folder(path)
+            else:  # the config folder single_file_options picks decides
+                family = family_of_folder(single_file_options(path, self.models_dir)["config"])
+            self._families[path] = family
+        return family
+
+    def call_size(self, width: int, height: int, model: str | None = None) -> int:
         """The most images one pipeline call at ``width`` x ``height`` renders: the profile's
         ``max_batch``, fewer where the device's available memory
         (:func:`worker.memory.available_memory`, read now) would not hold them at
-        ``bytes_per_pixel``, never fewer than 1; with a compiled UNet, a warmed-up batch size,
-        so padding a call (:meth:`batch_size_for`) never goes over it."""
+        ``bytes_per_pixel`` (scaled by ``model``'s family: :meth:`Family.memory_scale`), never
+        fewer than 1; with a compiled UNet, a warmed-up batch size, so padding a call
+        (:meth:`batch_size_for`) never goes over it."""
         profile = self.profile
         limit = profile.max_batch
         available = available_memory(profile.device)
         if available is not None:
-            limit = min(limit, max(1, available // (width * height * profile.bytes_per_pixel)))
+            per_pixel = profile.bytes_per_pixel
+            if model is not None:
+                try:
+                    per_pixel = int(per_pixel * self.family(model).memory_scale())
+                except (LookupError, ValueError):
+                    pass  # the render itself will say what is wrong with the model
+            limit = min(limit, max(1, available // (width * height * per_pixel)))
         if profile.compile:
             limit = max(b for b in profile.batch_buckets() if b <= limit)
         return limit
@@ -199,7 +235,7 @@ class PipelineCache:
             if entry.img2img is None:
                 # from_pipe casts to float32 unless told the dtype: it would upcast the shared
                 # weights of an fp16 model in place.
-                entry.img2img = StableDiffusionImg2ImgPipeline.from_pipe(
+                entry.img2img = entry.family.pipeline_class("img2img").from_pipe(
                     entry.txt2img, dtype=self.profile.dtype
                 )
                 entry.img2img.set_progress_bar_config(disable=True)
@@ -233,24 +269,24 @@ class PipelineCache:
             raise UnknownModel(model, self.models_dir, sorted(models))
         options = {
             "dtype": self.profile.dtype,
-            "safety_checker": None,
-            "requires_safety_checker": False,
             "local_files_only": True,
         }
-        if not path.is_dir():
-            # The configs found locally (worker.singlefile), so nothing is downloaded. Before
-            # any eviction: a checkpoint that cannot load must not cost a warm model.
+        if path.is_dir():
+            family = family_of_folder(path)
+        else:
+            # The configs found locally (worker.singlefile), so nothing is downloaded; the
+            # config folder tells the family. Before any eviction: a checkpoint that cannot
+            # load must not cost a warm model.
             options |= single_file_options(path, self.models_dir)
+            family = family_of_folder(Path(options["config"]))
+        options |= family.load_options()
         while len(self._entries) >= self.max_models:  # free memory before loading
             self.evict(next(iter(self._entries)))
-        if path.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(path, **options)
-        else:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **options)
+        pipe = family.load(path, options)
         self.loads += 1
         _scheduler_entry(pipe)  # remember the model's own scheduler config before any swap
         self._apply_profile(pipe)
-        entry = _Loaded(pipe)
+        entry = _Loaded(family, pipe)
         self._entries[model] = entry
         return entry
 
@@ -309,7 +345,7 @@ class PipelineCache:
                          timings[f"{width}x{height}x{batch}"])
         return dict(timings)
 
-    def _apply_profile(self, pipe: StableDiffusionPipeline) -> None:
+    def _apply_profile(self, pipe: DiffusionPipeline) -> None:
         """Put a freshly loaded pipeline on the profile's device, in its fast path."""
         profile = self.profile
         if not profile.cpu_offload:
@@ -323,19 +359,28 @@ class PipelineCache:
         elif profile.sdpa:
             # diffusers' default on torch 2 already; set explicitly so no other processor
             # (xformers, a slicing one left by an earlier setting) is in use unnoticed.
-            pipe.unet.set_attn_processor(AttnProcessor2_0())
+            # (A transformer keeps its own: Flux's processors are not AttnProcessor2_0.)
+            if _has_unet(pipe):
+                pipe.unet.set_attn_processor(AttnProcessor2_0())
             pipe.vae.set_attn_processor(AttnProcessor2_0())
-        if profile.channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
+        if profile.channels_last:  # for convolutions: the UNet and the VAE
+            if _has_unet(pipe):
+                pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         if profile.compile:
             _compile_unet(pipe, profile)
         pipe.set_progress_bar_config(disable=True)
 
 
-def _compile_unet(pipe: StableDiffusionPipeline, profile: Profile) -> None:
+def _has_unet(pipe: DiffusionPipeline) -> bool:
+    return getattr(pipe, "unet", None) is not None
+
+
+def _compile_unet(pipe: DiffusionPipeline, profile: Profile) -> None:
     """``torch.compile`` the UNet's ``forward`` in place (the module, its weights and
     ``pipe.unet`` stay the same objects, so img2img's ``from_pipe`` shares the compiled one).
+    A transformer (Flux) is compiled the same way; its inputs are all keywords and its
+    timesteps already float tensors, so it goes without :func:`_steady_inputs`.
 
     Three choices keep a warmed-up worker from ever compiling again (checked on CPU with real
     dynamo in ``tests/test_compile.py``):
@@ -371,9 +416,9 @@ def _compile_unet(pipe: StableDiffusionPipeline, profile: Profile) -> None:
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 4 * shapes))
-    unet = pipe.unet
+    unet = denoiser(pipe)
     compiled = torch.compile(unet.forward, fullgraph=True, dynamic=False, **options)
-    unet.forward = _steady_inputs(compiled)
+    unet.forward = _steady_inputs(compiled) if _has_unet(pipe) else compiled
     unet.renderfarm_compiled = compiled  # how a test (or a log line) tells it is compiled
 
 

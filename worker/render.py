@@ -71,7 +71,8 @@ def render(
 
     # 4. Render, call_size images per call, one CPU generator per image, padded to a
     #    compiled batch size if need be (the extra images are thrown away)
-    chunks = _chunks(request.seeds(), cache.call_size(request.width, request.height))
+    size = cache.call_size(request.width, request.height, request.model)
+    chunks = _chunks(request.seeds(), size)
     images: list[PIL.Image.Image] = []
     for index, chunk in enumerate(chunks):
         padded = _padded(chunk, cache)
@@ -137,7 +138,7 @@ def render_batch(
     }
 
     # 4. Render, call_size images per call, padded to a compiled batch size if need be
-    chunks = _chunks(entries, cache.call_size(first.width, first.height))
+    chunks = _chunks(entries, cache.call_size(first.width, first.height, first.model))
     out: list[list[PIL.Image.Image]] = [[] for _ in requests]
     for index, chunk in enumerate(chunks):
         padded = _padded(chunk, cache)  # the extra images are thrown away

@@ -83,6 +83,7 @@ class WorkerService:
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{os.getpid()}:{token_hex(2)}"
         self.models: list[str] = []
+        self.families: dict[str, str] = {}  # model -> family name, advertised in heartbeats
         self.queues: list[str] = []
         self.jobs_done = 0
         self.ready = False  # the heartbeat's status: "starting" until mark_ready()
@@ -102,10 +103,22 @@ class WorkerService:
     def advertise_models(self) -> list[str]:
         """Find this worker's models and the queues it consumes (one per model and class)."""
         self.models = list(list_models(self.settings.models_path))
+        self.families = self._families(self.models)
         self.queues = worker_queues(self.settings, self.models, self.profile.name)
         if self.models:
             self.redis.hset(keys.MODELS, mapping={n: now() for n in self.models})
         return self.models
+
+    def _families(self, models: list[str]) -> dict[str, str]:
+        """Each model's family (:mod:`worker.families`), for the producer's submit-time checks;
+        a model whose family cannot be told is left out (its jobs fail with the reason)."""
+        out = {}
+        for name in models:
+            try:
+                out[name] = self.cache.family(name).name
+            except Exception as exc:  # one bad file must not stop the worker
+                log.warning("model %s: %s", name, exc)
+        return out
 
     def preload(self, models: list[str]) -> None:
         from renderfarm.schema import Mode
@@ -189,6 +202,7 @@ class WorkerService:
             "max_pixels": self.profile.max_pixels,
             "max_batch": self.profile.max_batch,
             "models": json.dumps(self.models),
+            "families": json.dumps(self.families),
             "loaded": json.dumps(self.cache.loaded()),
             "speeds": json.dumps(self.speeds),
             "status": "ready" if self.ready else "starting",
@@ -255,7 +269,8 @@ class WorkerService:
 
     def _partners(self, record: JobRecord) -> list[JobRecord]:
         request = record.request
-        room = self.cache.call_size(request.width, request.height) - request.num_images
+        room = (self.cache.call_size(request.width, request.height, request.model)
+                - request.num_images)
         if room <= 0 or not record.compat.startswith("txt2img:"):
             return []
         ids = self.records.claim_more(

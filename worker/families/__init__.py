@@ -1,0 +1,237 @@
+"""Model families: what kind of model a model is, and everything that follows from it.
+
+A family (:class:`Family`) says which diffusers pipelines render it, how its diffusers folders
+(``model_index.json``'s ``_class_name``) and single-file checkpoints (tensor names, as
+diffusers' ``single_file_utils.CHECKPOINT_KEY_NAMES``) are recognised, which config it ships for
+single files, its default and allowed sizes, its schedulers, whether it takes a negative
+prompt, its memory per pixel (batch sizing) and its latent-to-RGB preview factors.
+
+The rest of the code asks :data:`FAMILIES` (``family_named``, ``family_of``, ``job_errors``)
+and never tests a family's name. Adding a family is one module beside ``sd15.py`` holding a
+``FAMILY`` and one line in :data:`FAMILIES`.
+
+This package imports neither torch nor diffusers at import time (the producer imports it to
+check jobs at submit); the worker-side methods import diffusers when called.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from renderfarm.errors import FieldError
+
+if TYPE_CHECKING:
+    from renderfarm.schema import JobRequest
+
+#: Where the families' bundled single-file configs live (package data, config JSON only).
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. Subclass it where a family loads differently (see ``flux.py``)."""
+
+    name: str  #: short id, as in job records and heartbeats: ``"sd15"``
+    label: str  #: for people: ``"Stable Diffusion 1.x"``
+    txt2img: str  #: diffusers pipeline class name for txt2img
+    img2img: str  #: ... and for img2img (made from the txt2img pipeline with ``from_pipe``)
+    folder_classes: tuple[str, ...]  #: ``model_index.json`` ``_class_name`` values it owns
+    #: Tensor names of which any one marks a single file as this family (checked in registry
+    #: order, so a more specific family comes first).
+    checkpoint_keys: tuple[str, ...] = ()
+    #: Bundled diffusers config (no weights) under :data:`CONFIGS_DIR` for single files, and
+    #: the tokenizer subfolders to build into it with their pad token (None: the EOS token).
+    bundled_config: str | None = None
+    tokenizers: tuple[tuple[str, str | None], ...] = ()
+    denoiser: str = "unet"  #: the pipeline attribute holding the denoising model
+    default_size: tuple[int, int] = (512, 512)
+    min_side: int = 64
+    max_side: int = 2048
+    size_multiple: int = 8
+    schedulers: tuple[str, ...] = ()
+    default_scheduler: str = "euler_a"
+    negative_prompt: bool = True
+    #: Peak device memory per output pixel of one image in fp16 beyond the weights, in bytes
+    #: (float32 doubles it). The worker's profiles are calibrated for SD 1.5 (4096).
+    bytes_per_pixel: int = 4096
+    #: Latent channel -> (R, G, B), and the RGB bias, for previews without the VAE
+    #: (ComfyUI's ``comfy/latent_formats.py``).
+    latent_rgb_factors: tuple[tuple[float, float, float], ...] = ()
+    latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    # -- recognising --------------------------------------------------------------------
+    def owns_folder(self, class_name: str) -> bool:
+        return class_name in self.folder_classes
+
+    def owns_checkpoint(self, shapes: Shapes) -> bool:
+        """Whether a single file with these tensor names and shapes is of this family."""
+        return any(key in shapes for key in self.checkpoint_keys)
+
+    # -- facts for jobs -----------------------------------------------------------------
+    def memory_scale(self) -> float:
+        """This family's memory per pixel relative to SD 1.5's, the profiles' yardstick."""
+        return self.bytes_per_pixel / 4096
+
+    def facts(self) -> dict[str, Any]:
+        """What clients may show about the family (``GET /api/v1/families``)."""
+        return {
+            "name": self.name,
+            "label": self.label,
+            "default_size": list(self.default_size),
+            "min_side": self.min_side,
+            "max_side": self.max_side,
+            "size_multiple": self.size_multiple,
+            "schedulers": list(self.schedulers),
+            "default_scheduler": self.default_scheduler,
+            "negative_prompt": self.negative_prompt,
+        }
+
+    # -- worker side: diffusers imported here, never at module import -------------------
+    def pipeline_class(self, mode: str) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.txt2img if mode == "txt2img" else self.img2img)
+
+    def load(self, path: Path, options: dict[str, Any]) -> Any:
+        """The txt2img pipeline of model ``path`` (a folder, or a single file whose offline
+        config ``options`` already holds: :func:`worker.singlefile.single_file_options`)."""
+        cls = self.pipeline_class("txt2img")
+        if Path(path).is_dir():
+            return cls.from_pretrained(path, **options)
+        return cls.from_single_file(str(path), **options)
+
+    def load_options(self) -> dict[str, Any]:
+        """Extra ``from_pretrained`` / ``from_single_file`` options of this family."""
+        return {}
+
+
+from worker.families import sd15  # noqa: E402  (the modules import Family from here)
+
+#: Every family, in the order single files are tested against them (most specific first).
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (sd15.FAMILY,)
+}
+
+
+class UnknownFamily(ValueError):
+    """A model whose family the farm does not know; the message says what it looks like."""
+
+
+def family_named(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(
+            f"family must be one of {', '.join(FAMILIES)}, got {name!r}") from None
+
+
+def family_of_folder(folder: Path) -> Family:
+    """The family of a diffusers pipeline folder, by its ``model_index.json`` ``_class_name``."""
+    index = Path(folder) / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UnknownFamily(f"{index}: not a readable model_index.json ({exc})") from exc
+    for family in FAMILIES.values():
+        if family.owns_folder(class_name):
+            return family
+    known = "; ".join(f"{f.name}: {', '.join(f.folder_classes)}" for f in FAMILIES.values())
+    raise UnknownFamily(
+        f"{folder}: pipeline {class_name!r} is of no family the farm knows ({known})")
+
+
+def family_of_checkpoint(shapes: Shapes) -> Family | None:
+    """The family of a single file's state dict (tensor names and shapes), or None."""
+    for family in FAMILIES.values():
+        if family.owns_checkpoint(shapes):
+            return family
+    return None
+
+
+def family_of(path: Path, read_ckpt: bool = False) -> Family | None:
+    """The family of model ``path``, as :func:`worker.modelfiles.list_models` lists them: a
+    folder by its ``model_index.json``; a single file by its ``<stem>.config/`` folder where
+    there is one, else by its tensor names. A ``.safetensors`` header is read without torch;
+    a ``.ckpt`` only with ``read_ckpt`` (it needs torch), else None. None also where no
+    family matches; :class:`UnknownFamily` for a folder of an unknown pipeline."""
+    from worker.modelfiles import safetensors_shapes
+    from worker.singlefile import config_path
+
+    path = Path(path)
+    if path.is_dir():
+        return family_of_folder(path)
+    folder = config_path(path)
+    if (folder / "model_index.json").is_file():
+        return family_of_folder(folder)
+    if path.suffix.lower() == ".safetensors":
+        try:
+            shapes = safetensors_shapes(path)
+        except (OSError, ValueError):
+            return None
+    elif read_ckpt:
+        from worker.singlefile import CheckpointError, checkpoint_shapes
+
+        try:
+            shapes = checkpoint_shapes(path)
+        except CheckpointError:
+            return None
+    else:
+        return None
+    return family_of_checkpoint(shapes)
+
+
+def model_families(models_dir: Path) -> dict[str, str]:
+    """Model name -> family name for the models of ``models_dir`` whose family is known."""
+    from worker.modelfiles import list_models
+
+    out = {}
+    for name, path in list_models(models_dir).items():
+        try:
+            family = family_of(path)
+        except UnknownFamily:
+            family = None
+        if family is not None:
+            out[name] = family.name
+    return out
+
+
+def with_family_defaults(request: JobRequest, family: Family) -> JobRequest:
+    """``request`` with the family's default size and scheduler where the job left them
+    unset (an SDXL job without a size renders 1024x1024, a Flux job its flow-matching
+    scheduler)."""
+    update: dict[str, Any] = {}
+    unset = request.model_fields_set
+    if "width" not in unset and "height" not in unset:
+        update["width"], update["height"] = family.default_size
+    if "scheduler" not in unset:
+        update["scheduler"] = family.default_scheduler
+    update = {k: v for k, v in update.items() if getattr(request, k) != v}
+    return request.model_copy(update=update) if update else request
+
+
+def job_errors(request: JobRequest, family: Family, index: int | None = None) -> list[FieldError]:
+    """What in ``request`` makes no sense for a model of ``family``: each error names the
+    field, its value and what the family allows."""
+    errors = []
+    kind = f"{family.name} ({family.label}) models"
+    if request.scheduler not in family.schedulers:
+        errors.append(FieldError(
+            "scheduler", f"is not a scheduler of {kind}; allowed: "
+            f"{', '.join(family.schedulers)}", request.scheduler, index))
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if not family.min_side <= value <= family.max_side or value % family.size_multiple:
+            errors.append(FieldError(
+                name, f"must be {family.min_side} to {family.max_side} and a multiple of "
+                f"{family.size_multiple} for {kind}", value, index))
+    if request.negative_prompt and not family.negative_prompt:
+        errors.append(FieldError(
+            "negative_prompt", f"is not used by {kind} (they take no negative prompt): leave "
+            "it empty", request.negative_prompt, index))
+    return errors
