@@ -63,8 +63,11 @@ def job_json(record: JobRecord) -> dict[str, Any]:
     """A job for the API; the init image (base64, up to MiBs) is left out, flagged instead."""
     out = record.model_dump(mode="json", exclude={"request": {"init_image"}, "results": True})
     out["has_init_image"] = record.request.init_image is not None
+    # key: the object's whole key in its backend (S3: with the storage URL's prefix)
+    storage = client().storage
     out["results"] = [
-        {**r.model_dump(mode="json"), "url": image_url(r.key)} for r in record.results
+        {**r.model_dump(mode="json"), "key": storage.object_key(r.key), "url": image_url(r.key)}
+        for r in record.results
     ]
     out["timings"] = timings(record)
     return out

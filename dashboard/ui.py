@@ -366,6 +366,7 @@ def job(job_id: str):
     record = api.client().records.job(job_id)
     data = api.job_json(record)
     return render_template("job.html", job=data, request_=record.request,
+                           image_keys=[r.key for r in record.results],
                            parameters=_parameters_text(record),
                            retryable=record.state in (JobState.failed, JobState.cancelled))
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
@@ -26,8 +27,16 @@ class Storage(Protocol):
 
     describe: str  #: human text naming where objects go; never holds credentials
 
-    def put(self, key: str, data: bytes, content_type: str) -> bool:
-        """Store ``data`` at ``key``; True if this call created it, False if it already existed."""
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: Mapping[str, str] | None = None) -> bool:
+        """Store ``data`` at ``key``; True if this call created it, False if it already existed.
+        ``metadata`` (ASCII names and values) goes with the object where the backend keeps
+        metadata (S3's ``x-amz-meta-*``); local files have none, their JSON sidecar says it."""
+        ...
+
+    def object_key(self, key: str) -> str:
+        """The backend's whole name of ``key``: the S3 object key (prefix included), the path
+        under the root for local storage."""
         ...
 
     def get(self, key: str) -> bytes:

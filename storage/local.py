@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from storage import check_key, check_prefix
@@ -21,8 +22,13 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put(self, key: str, data: bytes, content_type: str) -> bool:
-        """Write a temp file beside the target, then hard-link it into place (never overwrites)."""
+    def object_key(self, key: str) -> str:
+        return check_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: Mapping[str, str] | None = None) -> bool:
+        """Write a temp file beside the target, then hard-link it into place (never overwrites).
+        Files carry no ``metadata``: the job's JSON sidecar beside them holds the same."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)

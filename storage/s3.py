@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
@@ -52,8 +53,13 @@ class S3Storage:
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def put(self, key: str, data: bytes, content_type: str) -> bool:
+    def object_key(self, key: str) -> str:
+        return self._key(key)
+
+    def put(self, key: str, data: bytes, content_type: str,
+            metadata: Mapping[str, str] | None = None) -> bool:
         """``put_object`` with ``IfNoneMatch="*"``: False when the key already holds an object.
+        ``metadata`` becomes the object's user metadata (``x-amz-meta-<name>``).
 
         A 409 ConditionalRequestConflict (a concurrent write to the same key) is settled by
         looking again: False if an object is now there, else the put is tried once more.
@@ -63,7 +69,7 @@ class S3Storage:
             try:
                 self._client.put_object(
                     Bucket=self.bucket, Key=name, Body=data, ContentType=content_type,
-                    IfNoneMatch="*",
+                    IfNoneMatch="*", Metadata=dict(metadata or {}),
                 )
                 return True
             except ClientError as exc:

@@ -455,10 +455,10 @@ class WorkerService:
             job_meta = {"id": record.id, "batch_id": record.batch_id, "image": k, "seed": seed,
                         **request.model_dump(mode="json", exclude={"init_image"})}
             self.storage.put(key, encode_png(image, parameters_text(request, seed), job_meta),
-                             "image/png")
+                             "image/png", object_metadata(record, seed))
             results.append(ImageResult(key=key, seed=seed, width=image.width, height=image.height))
         self.storage.put(f"{record.batch_id}/{record.id}.json", self._sidecar(record, results),
-                         "application/json")
+                         "application/json", object_metadata(record))
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
 
@@ -514,3 +514,12 @@ def _device_name(device: str) -> str:
 
         return torch.cuda.get_device_name()
     return platform.processor() or platform.machine()
+
+
+def object_metadata(record: JobRecord, seed: int | None = None) -> dict[str, str]:
+    """What a stored object says about itself (S3 user metadata, ``x-amz-meta-*``): its job,
+    batch, model and, for an image, its seed; so a bucket listing can be read without Redis."""
+    meta = {"job-id": record.id, "batch-id": record.batch_id, "model": record.request.model}
+    if seed is not None:
+        meta["seed"] = str(seed)
+    return meta
