@@ -124,7 +124,8 @@ def workers(now: float | None = None) -> list[dict[str, Any]]:
     for info in sorted(read_workers(c.redis), key=lambda w: w.beat, reverse=True):
         out.append({
             **info.model_dump(include={"id", "host", "device", "memory_total", "memory_free",
-                                       "speeds", "loads", "models", "loaded", "jobs_done",
+                                       "speeds", "loads", "models", "hashes", "loaded",
+                                       "jobs_done",
                                        "beat"}),
             "state": "live" if now - info.beat <= LOST_AFTER else "lost",
             "profile": info.hardware,
@@ -343,7 +344,7 @@ def list_queues():
 def list_models():
     farm = client()
     return {"models": farm.models(), "default": farm.settings.default_model,
-            "families": farm.model_families()}
+            "families": farm.model_families(), "details": farm.model_details()}
 
 
 @bp.get("/openapi.json")

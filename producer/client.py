@@ -81,6 +81,36 @@ class FarmClient:
             families.update(worker.families)
         return dict(sorted(families.items()))
 
+    def model_details(self) -> dict[str, dict]:
+        """Model -> ``{"sha256", "model_hash", "workers"}`` for every model of :meth:`models`.
+
+        ``sha256`` comes from the live workers' heartbeats (each hashes its own files once,
+        worker/hashes.py), else from the models dir's hash cache (no weights are read here);
+        None until some worker has hashed the model. ``model_hash`` is A1111's ``Model hash``
+        (its first 10 hex digits); ``workers`` counts the live workers that have the model.
+        Where workers hold different files under one name, ``sha256`` is the one most of them
+        have and ``other_sha256`` lists the rest."""
+        from collections import Counter
+
+        from worker.hashes import hash_cache
+
+        workers = live_workers(self.redis)
+        local = list_models(self.settings.models_path)
+        cache = hash_cache(self.settings.models_path) if local else None
+        out: dict[str, dict] = {}
+        for name in self.models():
+            seen = Counter(w.hashes[name] for w in workers if name in w.hashes)
+            if not seen and cache is not None and name in local:
+                if digest := cache.cached_model_sha256(local[name]):
+                    seen[digest] = 0
+            ranked = [digest for digest, _ in seen.most_common()]
+            sha256 = ranked[0] if ranked else None
+            out[name] = {"sha256": sha256, "model_hash": sha256[:10] if sha256 else None,
+                         "workers": sum(name in w.models for w in workers)}
+            if len(ranked) > 1:
+                out[name]["other_sha256"] = ranked[1:]
+        return out
+
     def validate(self, jobs: Iterable[JobRequest | dict]) -> list[JobRequest]:
         """Check every job; raise :class:`InvalidJob` naming each bad field. Enqueues nothing.
 

@@ -188,14 +188,16 @@ def prune(older_than: float, dry_run: bool) -> None:
 
 @main.command()
 def models() -> None:
-    """List the models the farm knows, each with its family (sd15, sdxl, flux; "?" where no
-    worker has said and it cannot be read here)."""
+    """List the models the farm knows, one a line, tab-separated: name, family (sd15, sdxl,
+    flux; "?" where no worker has said and it cannot be read here), A1111's model hash and the
+    SHA-256 ("-" until a worker has hashed the model), and how many live workers have it."""
     from producer import FarmClient
 
     farm = FarmClient(_settings())
     families = farm.model_families()
-    for name in farm.models():
-        click.echo(f"{name}\t{families.get(name, '?')}")
+    for name, info in farm.model_details().items():
+        click.echo(f"{name}\t{families.get(name, '?')}\t{info['model_hash'] or '-'}\t"
+                   f"{info['sha256'] or '-'}\t{info['workers']} worker(s)")
 
 
 # -- running the farm -----------------------------------------------------------------------

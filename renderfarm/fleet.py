@@ -33,6 +33,8 @@ class WorkerInfo(BaseModel):
     max_batch: int = 1
     models: list[str] = Field(default_factory=list)
     families: dict[str, str] = Field(default_factory=dict, description="model -> family")
+    hashes: dict[str, str] = Field(default_factory=dict,
+                                   description="model -> SHA-256 (those hashed so far)")
     loaded: list[str] = Field(default_factory=list)
     speeds: dict[str, float] = Field(default_factory=dict, description="model@WxH -> it/s")
     status: str = Field("ready", description="starting (loading, warming up) or ready")
@@ -54,7 +56,7 @@ class WorkerInfo(BaseModel):
         )
 
 
-_JSON_FIELDS = {"models", "families", "loaded", "speeds"}
+_JSON_FIELDS = {"models", "families", "hashes", "loaded", "speeds"}
 
 
 def read_workers(redis: Redis, include_lost: bool = True) -> list[WorkerInfo]:

@@ -21,8 +21,10 @@ _INTS = ("Steps", "Seed")
 _FLOATS = ("CFG scale", "Denoising strength")
 
 
-def parameters_text(request: JobRequest, seed: int) -> str:
-    """The A1111 ``parameters`` text of one image of ``request``, rendered with ``seed``."""
+def parameters_text(request: JobRequest, seed: int, model_hash: str | None = None) -> str:
+    """The A1111 ``parameters`` text of one image of ``request``, rendered with ``seed``.
+    ``model_hash``: the model's SHA-256 (worker/hashes.py), written as A1111's ``Model hash:``
+    (its first 10 hex digits), which civitai and metadata readers match models by."""
     sampler, schedule = A1111_SAMPLERS[request.scheduler]
     params: dict[str, object] = {
         "Steps": request.steps,
@@ -31,8 +33,10 @@ def parameters_text(request: JobRequest, seed: int) -> str:
         "CFG scale": float(request.guidance_scale),
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
-        "Model": request.model,
     }
+    if model_hash:
+        params["Model hash"] = model_hash[:10]
+    params["Model"] = request.model
     if request.mode is Mode.img2img:
         params["Denoising strength"] = float(request.strength)
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items())

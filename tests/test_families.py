@@ -69,4 +69,5 @@ def test_models_command_and_api_show_each_models_family(farm_settings, models_di
            "RENDERFARM_MODELS_DIR": str(models_dir)}
     result = CliRunner().invoke(main, ["models"], env=env)
     assert result.exit_code == 0, result.output
-    assert "tiny\tsd15" in result.output.splitlines()
+    assert [line.split("\t")[:2] for line in result.output.splitlines()
+            if line.startswith("tiny\t")] == [["tiny", "sd15"]]

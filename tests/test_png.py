@@ -85,3 +85,12 @@ def test_read_png_info_without_our_chunks():
     buf = io.BytesIO()
     Image.new("L", (4, 4)).save(buf, format="PNG")
     assert read_png_info(buf.getvalue()) == {"parameters": None, "renderfarm": None}
+
+
+def test_parameters_text_writes_a1111s_model_hash_before_the_model():
+    request = JobRequest(prompt="castle", model="sd15", steps=20, seed=1)
+    sha256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
+    text = parameters_text(request, 1, model_hash=sha256)
+    assert text.endswith("Size: 512x512, Model hash: 6ce0161689, Model: sd15")
+    assert parse_parameters(text)["Model hash"] == "6ce0161689"
+    assert "Model hash" not in parameters_text(request, 1)  # unknown: left out, as A1111 does

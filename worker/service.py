@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 from secrets import token_hex
 
 from producer.enqueue import publish_records, worker_queues
@@ -50,6 +51,7 @@ from renderfarm.schema import ImageResult, JobRecord, JobState, now
 from renderfarm.settings import Settings
 from storage import open_storage
 from storage.png import encode_png, parameters_text
+from worker.hashes import hash_cache
 from worker.memory import device_memory
 from worker.modelfiles import list_models
 
@@ -84,6 +86,8 @@ class WorkerService:
         self.owner = f"{self.host}:{os.getpid()}:{token_hex(2)}"
         self.models: list[str] = []
         self.families: dict[str, str] = {}  # model -> family name, advertised in heartbeats
+        self.model_hashes: dict[str, str] = {}  # model -> SHA-256, as hashed (worker/hashes.py)
+        self._model_paths: dict[str, Path] = {}
         self.queues: list[str] = []
         self.jobs_done = 0
         self.ready = False  # the heartbeat's status: "starting" until mark_ready()
@@ -102,11 +106,13 @@ class WorkerService:
     # -- lifecycle --------------------------------------------------------------------------
     def advertise_models(self) -> list[str]:
         """Find this worker's models and the queues it consumes (one per model and class)."""
-        self.models = list(list_models(self.settings.models_path))
+        self._model_paths = list_models(self.settings.models_path)
+        self.models = list(self._model_paths)
         self.families = self._families(self.models)
         self.queues = worker_queues(self.settings, self.models, self.profile.name)
         if self.models:
             self.redis.hset(keys.MODELS, mapping={n: now() for n in self.models})
+        self._start_hashing()
         return self.models
 
     def _families(self, models: list[str]) -> dict[str, str]:
@@ -119,6 +125,36 @@ class WorkerService:
             except Exception as exc:  # one bad file must not stop the worker
                 log.warning("model %s: %s", name, exc)
         return out
+
+    def _start_hashing(self) -> None:
+        """Hash this worker's models in the background (worker/hashes.py: once per file, then
+        from the cache), so the heartbeat advertises them and stored images name them. Cached
+        ones are known at once; the rest as a thread hashes them, never on the render path."""
+        cache = hash_cache(self.settings.models_path)
+        for name, path in self._model_paths.items():
+            if digest := cache.cached_model_sha256(path):
+                self.model_hashes[name] = digest
+        missing = [name for name in self.models if name not in self.model_hashes]
+        if missing:
+            threading.Thread(target=lambda: [self.model_sha256(n) for n in missing],
+                             name="hash", daemon=True).start()
+
+    def model_sha256(self, name: str) -> str | None:
+        """SHA-256 of model ``name``, hashing it now if the background thread has not (it
+        waits for that thread where it is hashing the same file). None where the model's files
+        cannot be read: a missing hash never fails a job."""
+        if name in self.model_hashes:
+            return self.model_hashes[name]
+        path = self._model_paths.get(name)
+        if path is None:
+            return None
+        try:
+            digest = hash_cache(self.settings.models_path).model_sha256(path)
+        except OSError as exc:
+            log.warning("cannot hash model %s: %s", name, exc)
+            return None
+        self.model_hashes[name] = digest
+        return digest
 
     def preload(self, models: list[str]) -> None:
         from renderfarm.schema import Mode
@@ -203,6 +239,7 @@ class WorkerService:
             "max_batch": self.profile.max_batch,
             "models": json.dumps(self.models),
             "families": json.dumps(self.families),
+            "hashes": json.dumps(dict(self.model_hashes)),
             "loaded": json.dumps(self.cache.loaded()),
             "speeds": json.dumps(self.speeds),
             "status": "ready" if self.ready else "starting",
@@ -449,20 +486,25 @@ class WorkerService:
 
     def _store(self, record: JobRecord, images: list) -> None:
         request = record.request
+        sha256 = self.model_sha256(request.model)
         results = []
         for k, (image, seed) in enumerate(zip(images, request.seeds(), strict=True)):
             key = f"{record.batch_id}/{record.id}-{k}.png"
             job_meta = {"id": record.id, "batch_id": record.batch_id, "image": k, "seed": seed,
-                        **request.model_dump(mode="json", exclude={"init_image"})}
-            self.storage.put(key, encode_png(image, parameters_text(request, seed), job_meta),
-                             "image/png", object_metadata(record, seed))
+                        **request.model_dump(mode="json", exclude={"init_image"}),
+                        "model_sha256": sha256}
+            text = parameters_text(request, seed, model_hash=sha256)
+            self.storage.put(key, encode_png(image, text, job_meta), "image/png",
+                             object_metadata(record, seed))
             results.append(ImageResult(key=key, seed=seed, width=image.width, height=image.height))
-        self.storage.put(f"{record.batch_id}/{record.id}.json", self._sidecar(record, results),
-                         "application/json", object_metadata(record))
+        self.storage.put(f"{record.batch_id}/{record.id}.json",
+                         self._sidecar(record, results, sha256), "application/json",
+                         object_metadata(record))
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
 
-    def _sidecar(self, record: JobRecord, results: list[ImageResult]) -> bytes:
+    def _sidecar(self, record: JobRecord, results: list[ImageResult],
+                 model_sha256: str | None = None) -> bytes:
         fresh = self.records.job(record.id)
         t = {**fresh.timestamps, "stored": now()}
         timings = {
@@ -476,6 +518,7 @@ class WorkerService:
             "batch_id": record.batch_id,
             "request": record.request.model_dump(mode="json", exclude={"init_image"}),
             "has_init_image": record.request.init_image is not None,
+            "model_sha256": model_sha256,
             "worker": self.owner,
             "device": self.profile.name,
             "attempts": fresh.attempts,
