@@ -156,11 +156,11 @@ def _body(model: type[GenerationRequest]) -> GenerationRequest:
 
 # -- models ----------------------------------------------------------------------------------
 def model_hashes(c: FarmClient) -> dict[str, str]:
-    """Model name -> SHA-256 of its weights, for the models whose hash the farm knows.
-
-    Workers do not advertise model hashes yet, so this is empty and ``hash``, ``sha256`` and
-    ``sd_model_hash`` are null, as A1111's own are for a checkpoint it has not hashed."""
-    return {}
+    """Model name -> SHA-256 of its weights, for the models whose hash the farm knows (the
+    workers' heartbeats, FarmClient.model_details). A model no worker has hashed yet has none:
+    ``hash``, ``sha256`` and ``sd_model_hash`` are null, as A1111's own are for a checkpoint it
+    has not hashed."""
+    return {name: info["sha256"] for name, info in c.model_details().items() if info["sha256"]}
 
 
 def model_item(c: FarmClient, name: str, hashes: dict[str, str]) -> dict[str, Any]:

@@ -67,15 +67,25 @@ def test_webuiapi_txt2img_batch_is_spread_into_jobs_with_a1111_seeds(api, client
     assert {j.request.guidance_scale for j in jobs} == {5.5}
 
 
-def test_webuiapi_random_seed_and_models(api):
+@pytest.fixture
+def tiny_hash(farm, client) -> str:
+    """tiny's SHA-256, once the session worker has hashed it and said so in its heartbeat."""
+    from tests.test_model_hashes import advertised
+
+    [sha256] = set(advertised(client, "tiny").values())
+    return sha256
+
+
+def test_webuiapi_random_seed_and_models(api, tiny_hash):
     names = api.util_get_model_names()
-    assert names == ["tiny"]
+    assert names == [f"tiny [{tiny_hash[:10]}]"]  # A1111's checkpoint title: name [hash]
     model = api.get_sd_models()[0]
     assert model["model_name"] == "tiny" and model["filename"].endswith("tiny")
+    assert model["hash"] == tiny_hash[:10] and model["sha256"] == tiny_hash
     assert "Euler a" in api.util_get_sampler_names()
     assert "Karras" in [s["label"] for s in api.get_schedulers()]
     api.util_set_model("tiny")
-    assert api.util_get_current_model() == "tiny"
+    assert api.util_get_current_model() == f"tiny [{tiny_hash[:10]}]"
     result = api.txt2img(prompt="a fox", seed=-1, **SMALL)
     seed = result.info["all_seeds"][0]
     assert 0 <= seed < 2**32 and png_seed(result.image) == seed
@@ -94,7 +104,7 @@ def test_webuiapi_refused_features_name_the_field(api):
     assert "tiny" in err.value.args[1]
 
 
-def test_auth_takes_bearer_and_basic_and_refuses_others(server):
+def test_auth_takes_bearer_and_basic_and_refuses_others(server, tiny_hash):
     url = f"{server}/sdapi/v1/sd-models"
     assert requests.get(url, timeout=10).status_code == 401
     assert requests.get(url, auth=("anyone", "wrong"), timeout=10).status_code == 401
@@ -102,7 +112,7 @@ def test_auth_takes_bearer_and_basic_and_refuses_others(server):
     assert refused.headers["WWW-Authenticate"].startswith("Basic")
     assert requests.get(url, auth=("someone", TOKEN), timeout=10).status_code == 200
     ok = requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
-    assert ok.status_code == 200 and ok.json()[0]["title"] == "tiny"
+    assert ok.status_code == 200 and ok.json()[0]["title"] == f"tiny [{tiny_hash[:10]}]"
 
 
 def test_native_api_takes_a1111_sampler_names(server, client):

@@ -26,7 +26,7 @@ def tiny_sha256(models_dir) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
-def _advertised(client, model: str, timeout: float = 60.0) -> dict[str, str]:
+def advertised(client, model: str, timeout: float = 60.0) -> dict[str, str]:
     """The live workers' advertised hashes of ``model``, once one has hashed it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,7 +57,7 @@ def test_workers_advertise_hashes_and_the_api_and_cli_list_them(farm, client, fa
                                                                  tiny_sha256):
     from dashboard import create_app
 
-    assert set(_advertised(client, "tiny").values()) == {tiny_sha256}
+    assert set(advertised(client, "tiny").values()) == {tiny_sha256}
     api = create_app({"TESTING": True, "SETTINGS": farm_settings}).test_client()
     data = api.get("/api/v1/models").get_json()
     assert "tiny" in data["models"]
