@@ -13,10 +13,13 @@ import time
 
 import pytest
 
+from renderfarm import keys
 from renderfarm.fleet import live_workers
 from renderfarm.schema import JobState
 from storage.png import parse_parameters, read_png_info
 from tests.test_cli import farm_env
+
+pytest_plugins = ["tests.dashboard_fixtures"]
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +73,31 @@ def test_workers_advertise_hashes_and_the_api_and_cli_list_them(farm, client, fa
                          text=True, env=farm_env(farm_settings), timeout=60, check=True).stdout
     [line] = [line.split("\t") for line in out.splitlines() if line.startswith("tiny\t")]
     assert line[2:4] == [tiny_sha256[:10], tiny_sha256]
+
+
+def test_details_when_workers_disagree_or_none_has_hashed(dash_settings, dash_farm):
+    """Two workers with different files under one name: the majority's hash, the others listed.
+    A model no live worker advertises: its hash from the models dir's cache, else None."""
+    from worker.hashes import hash_cache
+
+    t = time.time()
+    beats = {"w1": {"a": "1" * 64}, "w2": {"a": "1" * 64}, "w3": {"a": "2" * 64}}
+    for worker_id, hashes in beats.items():
+        dash_farm.redis.hset(keys.worker(worker_id), mapping={
+            "id": worker_id, "models": json.dumps(["a"]), "hashes": json.dumps(hashes),
+            "beat": t})
+        dash_farm.redis.zadd(keys.WORKERS, {worker_id: t})
+    dash_farm.redis.hset(keys.MODELS, "a", t)  # as advertise_models() does
+    checkpoint = dash_settings.models_path / "local.safetensors"
+    checkpoint.write_bytes(b"weights")
+    (dash_settings.models_path / "unhashed.safetensors").write_bytes(b"other")
+    details = dash_farm.model_details()
+    assert details["a"] == {"sha256": "1" * 64, "model_hash": "1" * 10, "workers": 3,
+                            "other_sha256": ["2" * 64]}
+    assert details["local"]["sha256"] is None  # nobody has hashed it: not hashed here either
+    hash_cache(dash_settings.models_path).model_sha256(checkpoint)  # a worker on this machine
+    details = dash_farm.model_details()
+    assert details["local"] == {"sha256": hashlib.sha256(b"weights").hexdigest(),
+                                "model_hash": hashlib.sha256(b"weights").hexdigest()[:10],
+                                "workers": 0}
+    assert details["unhashed"]["sha256"] is None and details["tiny"]["sha256"] is None
