@@ -26,9 +26,11 @@ Two variants (:data:`VARIANTS`), differing only in the padding token:
 
 transformers' tokenizer normalises a prompt with NFC, whitespace folding and lower-casing.
 OpenAI's reference tokenizer also runs ``ftfy.fix_text`` and ``html.unescape`` first (curly
-quotes to straight ones, ``&amp;`` to ``&``, full-width letters to ASCII...). diffusers and
-AUTOMATIC1111 encode with transformers' tokenizer, as the farm does, so such prompts encode as
-they do there; every other prompt gets OpenAI's ids (tests/test_clip_tokenizer.py).
+quotes to straight ones, ``&amp;`` to ``&``, ligatures and full-width letters to ASCII...).
+The farm encodes with transformers' tokenizer as diffusers does, so such prompts encode as in
+diffusers (transformers 4's older Python tokenizer, which AUTOMATIC1111 runs, applied ftfy
+where it was installed, but never ``html.unescape``); every other prompt gets OpenAI's ids
+(tests/test_clip_tokenizer.py).
 """
 
 from __future__ import annotations
