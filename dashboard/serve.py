@@ -59,6 +59,22 @@ def resolve_host(app: Flask, host: str | None, insecure_no_auth: bool = False) -
     return bind
 
 
+def check_redis(app: Flask) -> None:
+    """Warn loudly about the farm's Redis if it would lose queued jobs; RuntimeError with
+    RENDERFARM_REDIS_CHECK=refuse. An unreachable Redis is not a reason not to serve (the pages
+    say it is unreachable)."""
+    from redis.exceptions import RedisError
+
+    from renderfarm.errors import FarmUnavailable
+    from renderfarm.redis_check import check
+
+    client = app.extensions["renderfarm"]
+    try:
+        check(client.settings, client.redis, log, "dashboard")
+    except (RedisError, FarmUnavailable) as exc:
+        log.warning("could not check the farm's Redis: %s", exc)
+
+
 def allow_bound_host(app: Flask, bind: str) -> None:
     """Requests naming the bound address in their Host are the dashboard's own."""
     hosts.allow(app, bind)
@@ -73,6 +89,7 @@ def serve(settings: Settings | None = None, host: str | None = None, port: int =
     app = build(settings, config)
     bind = resolve_host(app, host, insecure_no_auth)
     allow_bound_host(app, bind)
+    check_redis(app)
     shown = f"[{bind}]" if ":" in bind else bind
     log.info("dashboard at http://%s:%d/", shown, port)
     waitress_serve(app, host=bind, port=port, threads=threads or min(16, (os.cpu_count() or 4) * 2),

@@ -390,12 +390,21 @@ def retry_job(job_id: str):
 # -- fleet -----------------------------------------------------------------------------------
 @bp.get("/workers")
 def workers():
-    return render_template("workers.html", workers=api.workers())
+    return render_template("workers.html", workers=api.workers(), redis_report=redis_report())
 
 
 @bp.get("/queues")
 def queues():
-    return render_template("queues.html", data=api.queues())
+    return render_template("queues.html", data=api.queues(), redis_report=redis_report())
+
+
+def redis_report():
+    """What renderfarm.redis_check finds about the farm's Redis (a few commands per page)."""
+    from renderfarm.connection import redis_url
+    from renderfarm.redis_check import inspect
+
+    c = api.client()
+    return inspect(c.redis, redis_url(c.settings))
 
 
 # -- images of the local backend -------------------------------------------------------------

@@ -98,17 +98,19 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, **option
 
 
 @main.command()
-@click.argument("ident")
+@click.argument("ident", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
-def status(ident: str, as_json: bool) -> None:
-    """Print a batch or a job."""
+def status(ident: str | None, as_json: bool) -> None:
+    """Print a batch or a job; with no IDENT, the farm: its Redis and its workers."""
     from producer import FarmClient
     from renderfarm.errors import FarmUnavailable, JobNotFound
     from renderfarm.progress import print_batch, print_job
 
     client = FarmClient(_settings())
     try:
-        if client.records.exists(ident):
+        if ident is None:
+            _print_farm(client)
+        elif client.records.exists(ident):
             record = client.records.job(ident)
             if as_json:
                 click.echo(record.model_dump_json(indent=2, exclude={"request": {"init_image"}}))
@@ -124,6 +126,22 @@ def status(ident: str, as_json: bool) -> None:
         _fail(str(exc))
     except FarmUnavailable as exc:
         _fail(str(exc))
+
+
+def _print_farm(client) -> None:
+    from renderfarm.connection import redis_url
+    from renderfarm.fleet import live_workers
+    from renderfarm.redis_check import inspect
+
+    report = inspect(client.redis, redis_url(client.settings))
+    click.echo(report.summary)
+    for problem in report.problems:
+        click.echo(f"UNSAFE REDIS: {problem}")
+    if "unknown" in (report.persistence, report.eviction):
+        click.echo("(unknown: CONFIG is not allowed on this Redis; check it persists and never "
+                   "evicts)")
+    workers = live_workers(client.redis)
+    click.echo(f"{len(workers)} live worker(s)")
 
 
 @main.command()

@@ -45,10 +45,12 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process with its files under ``directory``."""
 
-    def __init__(self, directory: Path, port: int | None = None, password: str | None = None):
+    def __init__(self, directory: Path, port: int | None = None, password: str | None = None,
+                 extra_args: list[str] | None = None):
         self.directory = Path(directory)
         self.port = port or free_port()
         self.password = password if password is not None else secrets.token_hex(16)
+        self.extra_args = list(extra_args or [])  # more redis-server directives (tests)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -72,6 +74,7 @@ class EmbeddedRedis:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout

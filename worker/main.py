@@ -25,6 +25,7 @@ def run_worker(
 ) -> None:
     """Start a worker and block until it is shut down (SIGTERM: warm shutdown)."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_redis(settings)
     service = WorkerService(settings, profile, max_models=max_models, affinity=affinity)
     register(service.app, service)
     models = service.advertise_models()
@@ -59,3 +60,18 @@ def run_worker(
         f"--hostname={name or 'rf-' + service.owner.replace(':', '-')}@%h",
     ]
     service.app.worker_main(argv)
+
+
+def _check_redis(settings: Settings) -> None:
+    """Warn loudly about (or, with RENDERFARM_REDIS_CHECK=refuse, refuse) a Redis that would
+    lose queued jobs; before anything is loaded."""
+    from renderfarm.connection import connect
+    from renderfarm.redis_check import check
+
+    redis = connect(settings)
+    try:
+        check(settings, redis, log, "worker")
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    finally:
+        redis.close()
