@@ -27,7 +27,6 @@ from flask import Flask, request, session
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 
 from renderfarm import keys
-from renderfarm.connection import redis_url
 from renderfarm.errors import FarmUnavailable
 from renderfarm.settings import Settings
 
@@ -71,15 +70,17 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         limits.append(ApplicationLimit(settings.rate_limit_token, key_function=credential_key,
                                        scope="token",
                                        exempt_when=_no_credential))
-    try:
-        storage = redis_url(settings)
+    storage, options = "memory://", {}
+    try:  # the farm client's own connection pool: any URL it takes (unix sockets, TLS) works
+        options = {"connection_pool": app.extensions["renderfarm"].redis.connection_pool}
+        storage = "redis://"
     except FarmUnavailable:
         log.warning("no farm Redis found: rate limits count in this process only")
-        storage = "memory://"
     limiter = Limiter(
         address_key,
         application_limits=limits,
         storage_uri=storage,
+        storage_options=options,
         key_prefix=keys.RATE_LIMITS.rstrip(":"),
         headers_enabled=True,
         swallow_errors=True,

@@ -30,12 +30,14 @@ def redis_url(settings: Settings) -> str:
 
 
 def connect(settings: Settings) -> Redis:
+    url = redis_url(settings)
+    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}  # not for unix sockets
     return Redis.from_url(
-        redis_url(settings),
+        url,
         health_check_interval=30,
         socket_connect_timeout=5,
-        socket_keepalive=True,
         retry_on_timeout=True,
+        **tcp,
     )
 
 

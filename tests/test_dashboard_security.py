@@ -286,3 +286,22 @@ def test_rate_limit_per_token_counts_basic_auth_on_sdapi(make_dash_app, dash_set
         assert rv.status_code == 200
     rv = client.get("/sdapi/v1/sd-models", headers=basic)
     assert rv.status_code == 429 and "Retry-After" in rv.headers
+
+
+def test_rate_limits_work_over_a_unix_socket_redis(make_dash_app, dash_settings, tmp_path):
+    """The limiter uses the farm's own connection, whatever its URL (here a unix socket)."""
+    from renderfarm.embedded import EmbeddedRedis
+
+    sock = tmp_path / "r.sock"
+    server = EmbeddedRedis(tmp_path / "redis", password="",
+                           extra_args=["--unixsocket", str(sock), "--unixsocketperm", "700"])
+    server.start()
+    try:
+        settings = dash_settings.model_copy(update={"redis_url": f"unix://{sock}?db=0",
+                                                    "rate_limit_address": "2 per minute"})
+        client = make_dash_app(SETTINGS=settings).test_client()
+        assert client.get("/api/v1/models").status_code == 200
+        assert client.get("/api/v1/models").status_code == 200
+        assert client.get("/api/v1/models").status_code == 429
+    finally:
+        server.stop()
