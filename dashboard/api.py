@@ -13,6 +13,7 @@ from flask import Blueprint, current_app, request, url_for
 from werkzeug.exceptions import BadRequest
 
 from producer.client import FarmClient
+from producer.enqueue import priority_lists
 from renderfarm import keys
 from renderfarm.errors import FieldError, InvalidJob
 from renderfarm.fleet import HEARTBEAT_INTERVAL, LOST_AFTER_BEATS, read_workers
@@ -24,8 +25,6 @@ bp = Blueprint("api", __name__)
 
 #: A worker whose last heartbeat is older than this is reported lost (3 beats of 2 s).
 LOST_AFTER = LOST_AFTER_BEATS * HEARTBEAT_INTERVAL
-#: kombu's Redis transport keeps priority n of queue q in the list "q\x06\x16n" (n = 1..9).
-PRIORITY_SEP = "\x06\x16"
 BATCH_FIELDS = frozenset({"jobs", "label"})
 MAX_LABEL = 200
 
@@ -166,9 +165,8 @@ def queues(now: float | None = None) -> dict[str, Any]:
     names = queue_names(c)
     pipe = c.redis.pipeline(transaction=False)
     for name in names:
-        pipe.llen(name)
-        for n in range(1, 10):
-            pipe.llen(f"{name}{PRIORITY_SEP}{n}")
+        for key in priority_lists(name):
+            pipe.llen(key)
     lengths = pipe.execute()
     out = []
     for i, name in enumerate(names):
@@ -215,8 +213,7 @@ def retryable(records: list[JobRecord]) -> list[str]:
 
 
 def cancel_jobs(records: list[JobRecord]) -> dict[str, str]:
-    c = client()
-    return {r.id: c.records.cancel(r.id) for r in records if not r.terminal}
+    return client().cancel([r.id for r in records if not r.terminal])
 
 
 def parse_batch_body(body: Any, max_jobs: int) -> tuple[list[dict], str]:
@@ -262,9 +259,11 @@ def submit_batch():
     handle = c.submit_batch(jobs, label=label)
     batch = c.records.batch(handle.id)
     location = url_for("api.get_batch", batch_id=handle.id)
+    # job_ids: per request, in order (the first submit's job for a repeated idempotency key).
+    # A replay of jobs that were all submitted before answers as the first submit did, 200.
     out = {"id": handle.id, "url": location, "batch": batch_json(batch),
-           "job_ids": c.records.batch_job_ids(handle.id)}
-    return out, 201, {"Location": location}
+           "job_ids": handle.job_ids}
+    return out, 200 if handle.replay else 201, {"Location": location}
 
 
 @bp.get("/batches")

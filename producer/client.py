@@ -9,12 +9,14 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cached_property
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
-from producer.enqueue import queue_for, send
+from producer.enqueue import drop_dead_messages, queue_for, send
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import FarmUnavailable, FieldError, InvalidJob, JobFailed
@@ -36,6 +38,16 @@ from worker.families import FAMILIES, job_errors, model_families, with_family_de
 from worker.modelfiles import list_models
 
 IDEMPOTENCY_TTL = 7 * 24 * 3600
+#: Cancelling at least this many queued jobs at once also removes their queued messages (one
+#: pass over each queue); fewer dead messages cost a worker next to nothing to drop.
+DROP_MESSAGES_AT = 50
+
+
+@dataclass(frozen=True)
+class Submitted:
+    batch_id: str
+    job_ids: list[str]  #: per request, in order: its job (the first one's, for a repeated key)
+    replay: bool  #: every job had been submitted before with its idempotency key
 
 
 def new_id() -> str:
@@ -154,19 +166,23 @@ class FarmClient:
     def submit(self, job: JobRequest | dict) -> JobHandle:
         """Submit one job (as a batch of one). Returns its handle; with an idempotency key
         already used, the handle of the job first submitted with it."""
-        _, job_ids = self._submit([job], label="", batch_id=None)
-        return JobHandle(self, job_ids[0])
+        return JobHandle(self, self._submit([job], label="", batch_id=None).job_ids[0])
 
     def submit_batch(
         self, jobs: Iterable[JobRequest | dict], label: str = "", batch_id: str | None = None
     ) -> BatchHandle:
-        """Validate every job, then record and enqueue them all, or none if any is invalid."""
-        batch_id, _ = self._submit(jobs, label, batch_id)
-        return BatchHandle(self, batch_id)
+        """Validate every job, then record and enqueue them all, or none if any is invalid.
+
+        Jobs whose idempotency key was used before are not submitted again: the handle's
+        ``job_ids`` name, in request order, the job each request maps to (the first one's, for
+        a repeated key), and ``replay`` says that every job was a repeat; then the handle is
+        the first submit's batch."""
+        submitted = self._submit(jobs, label, batch_id)
+        return BatchHandle(self, submitted.batch_id, submitted.job_ids, submitted.replay)
 
     def _submit(
         self, jobs: Iterable[JobRequest | dict], label: str, batch_id: str | None
-    ) -> tuple[str, list[str]]:
+    ) -> Submitted:
         if batch_id is not None:  # given apart from the jobs: the schema's rule all the same
             batch_id = parse_batch_id(batch_id)
         try:
@@ -178,19 +194,26 @@ class FarmClient:
         batch_id = batch_id or requests[0].batch_id or new_id()
         pending = [(new_id(), _with_seed(r, batch_id)) for r in requests]
         try:
-            owners = self._idempotency_owners(pending)
-            fresh = [(job_id, r) for job_id, r in pending if owners.get(job_id, job_id) == job_id]
+            # Records and idempotency keys are written in one atomic step (Records.add_jobs).
+            owners = self.records.add_jobs(
+                batch_id, pending, label=label,
+                queues=[queue_for(r, self.settings) for _, r in pending],
+                compat=[compat_key(r, job_id) for job_id, r in pending],
+                idempotency_ttl=IDEMPOTENCY_TTL,
+            )
+            fresh = {job_id for (job_id, _), owner in zip(pending, owners, strict=True)
+                     if owner == job_id}
             if fresh:
-                self.records.add_jobs(
-                    batch_id, fresh, label=label,
-                    queues=[queue_for(r, self.settings) for _, r in fresh],
-                    compat=[compat_key(r, job_id) for job_id, r in fresh],
-                )
                 self._publish_or_abandon([(job_id, queue_for(r, self.settings), r.priority)
-                                          for job_id, r in fresh])
+                                          for job_id, r in pending if job_id in fresh])
+            else:  # every job was submitted before: answer with the first submit's batch
+                first = self.redis.hget(keys.job(owners[0]), "batch_id")
+                batch_id = first.decode() if first else batch_id
         except RedisConnectionError as exc:
             raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc
-        return batch_id, [owners.get(job_id, job_id) for job_id, _ in pending]
+        except RedisError as exc:  # refused: out of memory, read-only replica, ...
+            raise FarmUnavailable(f"the farm's Redis refused the submit: {exc}") from exc
+        return Submitted(batch_id, owners, replay=not fresh)
 
     def retry(self, job_ids: Iterable[str]) -> list[str]:
         """Put failed or cancelled jobs back in their queue and send their messages again.
@@ -199,6 +222,17 @@ class FarmClient:
         if moved:
             self._publish_or_abandon(self.records.messages(moved))
         return moved
+
+    def cancel(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """Cancel jobs (see :meth:`Records.cancel`): job id -> outcome. When many queued jobs
+        were cancelled (a batch), their messages are taken off the queues too, so a job
+        submitted next does not wait behind them."""
+        outcomes = {job_id: self.records.cancel(job_id) for job_id in job_ids}
+        cancelled = [job_id for job_id, out in outcomes.items() if out == "cancelled"]
+        if len(cancelled) >= DROP_MESSAGES_AT:
+            queues = sorted({queue for _, queue, _ in self.records.messages(cancelled)})
+            drop_dead_messages(self.redis, queues)
+        return outcomes
 
     def _publish_or_abandon(self, messages: list[tuple[str, str, int]]) -> None:
         """Send the jobs' messages. If Redis fails part-way, the recorded jobs are failed with
@@ -213,14 +247,10 @@ class FarmClient:
             except Exception:  # Redis is gone altogether: nothing more can be written
                 outcome = "its records may remain queued; check the batch and submit again"
             raise FarmUnavailable(f"{reason}: {outcome}") from exc
-
-    def _idempotency_owners(self, pending: list[tuple[str, JobRequest]]) -> dict[str, str]:
-        """Job id -> the id of the job that first used its idempotency key."""
-        keyed = [(r.idempotency_key, job_id) for job_id, r in pending if r.idempotency_key]
-        if not keyed:
-            return {}
-        owners = self.records.claim_idempotency_keys(keyed, IDEMPOTENCY_TTL)
-        return {job_id: owner for (_, job_id), owner in zip(keyed, owners, strict=True)}
+        try:
+            self.records.sent([job_id for job_id, _, _ in messages])
+        except RedisError:  # sent all the same; the outbox sweep sends them once more, harmless
+            pass
 
     # -- following --------------------------------------------------------------------------
     def job(self, job_id: str) -> JobHandle:
@@ -283,9 +313,12 @@ class JobHandle:
 class BatchHandle:
     """A submitted batch of jobs."""
 
-    def __init__(self, client: FarmClient, batch_id: str):
+    def __init__(self, client: FarmClient, batch_id: str, job_ids: list[str] | None = None,
+                 replay: bool = False):
         self.client = client
         self.id = batch_id
+        self.job_ids = job_ids  #: from submit: the job of each request, in request order
+        self.replay = replay  #: from submit: every job had been submitted before
 
     def __repr__(self) -> str:
         return f"<BatchHandle {self.id}>"
@@ -310,4 +343,12 @@ class BatchHandle:
         return {r.id: self.client.urls(r) for r in self.records() if r.state.value == "succeeded"}
 
     def cancel(self) -> dict[str, str]:
-        return {h.id: h.cancel() for h in self.jobs()}
+        """Cancel every job of the batch that has not ended: job id -> outcome."""
+        ids = self.client.records.batch_job_ids(self.id)
+        pipe = self.client.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "state")
+        states = pipe.execute()
+        return self.client.cancel(
+            [i for i, s in zip(ids, states, strict=True)
+             if s not in (b"succeeded", b"failed", b"cancelled")])

@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from renderfarm import keys
 from renderfarm.connection import TASK_NAME, celery_priority
 from renderfarm.schema import JobRequest
 from renderfarm.settings import Settings
 
 if TYPE_CHECKING:
     from celery import Celery
+    from redis import Redis
 
     from renderfarm.records import Records
 
@@ -48,6 +50,24 @@ def publish_records(app: Celery, records: Records, job_ids: Sequence[str]) -> No
     their raw queue and priority fields: a job whose record cannot be read is still sent, and
     fails alone when a worker claims it."""
     send(app, records.messages(job_ids))
+    records.sent(job_ids)
+
+
+def send_unsent(app: Celery, records: Records, older_than: float) -> list[str]:
+    """The outbox sweep: send again the messages of queued jobs that went queued more than
+    ``older_than`` seconds ago and whose sender never confirmed (it died, or Redis failed
+    between recording and sending). A message sent twice is harmless: the second delivery
+    finds the job claimed and is dropped. Returns the ids sent."""
+    ids = records.unsent(older_than)
+    if not ids:
+        return []
+    states = records.redis.pipeline(transaction=False)
+    for job_id in ids:
+        states.hget(keys.job(job_id), "state")
+    queued = [i for i, state in zip(ids, states.execute(), strict=True) if state == b"queued"]
+    send(app, records.messages(queued))
+    records.sent(ids)
+    return queued
 
 
 def send(app: Celery, messages: Sequence[tuple[str, str, int]]) -> None:
@@ -68,3 +88,50 @@ def send(app: Celery, messages: Sequence[tuple[str, str, int]]) -> None:
                     producer, TASK_NAME, message, queue=queue, declare=[],
                     priority=celery_priority(priority), retry=False,
                 )
+
+
+#: kombu's Redis transport keeps one list per priority step: ``queue`` for step 0 and
+#: ``queue`` + this + step for the others (``priority_steps`` is 0..9, renderfarm/connection.py).
+PRIORITY_SEP = "\x06\x16"
+
+
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists holding a Celery queue's undelivered messages, one per priority step."""
+    return [queue] + [f"{queue}{PRIORITY_SEP}{n}" for n in range(1, 10)]
+
+
+# KEYS: a queue's lists. Drops the undelivered messages whose job has ended (or is gone), and
+# keeps the others in their order. One pass over the lists, atomic against the consumers.
+_DROP_DEAD = """
+local dropped = 0
+for _, list in ipairs(KEYS) do
+  local messages = redis.call('LRANGE', list, 0, -1)
+  local kept = {}
+  for _, m in ipairs(messages) do
+    local ok, msg = pcall(cjson.decode, m)
+    local id = ok and type(msg) == 'table' and type(msg.headers) == 'table' and msg.headers.id
+    local state = id and redis.call('HGET', 'rf:job:' .. id, 'state')
+    if id and ((not state) or state == 'cancelled' or state == 'failed'
+        or state == 'succeeded') then
+      dropped = dropped + 1
+    else
+      table.insert(kept, m)
+    end
+  end
+  if #kept < #messages then
+    redis.call('DEL', list)
+    for i = 1, #kept, 1000 do
+      redis.call('RPUSH', list, unpack(kept, i, math.min(i + 999, #kept)))
+    end
+  end
+end
+return dropped
+"""
+
+
+def drop_dead_messages(redis: Redis, queues: Sequence[str]) -> int:
+    """Remove from the queues the messages of jobs that have ended (a cancelled batch's), so
+    a new job does not wait while workers take and drop them one by one. Returns how many.
+    Each queue is one script over its lists: O(messages waiting), run after bulk cancels."""
+    script = redis.register_script(_DROP_DEAD)
+    return sum(int(script(keys=priority_lists(q))) for q in queues)

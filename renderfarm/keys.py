@@ -4,6 +4,7 @@ PREFIX = "rf:"
 BATCHES = "rf:batches"  #: zset batch id -> created_at (newest first listing)
 JOBS = "rf:jobs"  #: zset job id -> created_at (every job)
 RUNNING = "rf:running"  #: zset job id -> lease expiry, for jobs a worker holds
+OUTBOX = "rf:outbox"  #: zset job id -> time it went queued, until its message is sent
 MODELS = "rf:models"  #: hash model name -> last time a worker advertised it
 
 

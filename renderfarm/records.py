@@ -26,17 +26,24 @@ from renderfarm.schema import (
     JobRequest,
     JobState,
     field_errors,
-    now,
 )
 
 log = logging.getLogger("renderfarm.records")
 
-# Every script gets KEYS = [job, running] and finds the job's batch from the record itself.
+# Every script reads the time from Redis (``TIME``), never from its caller: leases, their expiry
+# and the records' timestamps all use one clock, whatever the hosts' clocks say. Every script
+# that touches one job gets KEYS = [job, running] and finds the job's batch from the record.
 _TERMINAL = """
 local function terminal(s) return s == 'succeeded' or s == 'failed' or s == 'cancelled' end
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local B = 'rf:batch:' .. (redis.call('HGET', KEYS[1], 'batch_id') or '_')
 """
 
+# move() keeps the batch's counts, the queue's pending set and the outbox (queued jobs whose
+# message may not have been sent: the sender removes them once it has) in step with the state.
 _MOVE = """
 local function move(job, batch, from, to, t)
   redis.call('HSET', job, 'state', to, 't:' .. to, t)
@@ -48,6 +55,7 @@ local function move(job, batch, from, to, t)
       local id = redis.call('HGET', job, 'id')
       if to == 'queued' then
         redis.call('ZADD', 'rf:pending:' .. queue, redis.call('HGET', job, 'score') or 0, id)
+        redis.call('ZADD', 'rf:outbox', t, id)
       elseif from == 'queued' then
         redis.call('ZREM', 'rf:pending:' .. queue, id)
       end
@@ -58,151 +66,249 @@ local function release(job, running, id)
   redis.call('HDEL', job, 'lease_owner', 'lease_until')
   redis.call('ZREM', running, id)
 end
+-- A job going round again (retried, or its worker lost): the last attempt's timeline, state,
+-- worker and error move to 'history', so the new attempt's times start afresh.
+local function new_attempt(job)
+  local names = redis.call('HKEYS', job)
+  local entry = {timestamps = {}}
+  local drop = {}
+  for _, name in ipairs(names) do
+    if string.sub(name, 1, 2) == 't:' then
+      entry.timestamps[string.sub(name, 3)] = tonumber(redis.call('HGET', job, name))
+      table.insert(drop, name)
+    end
+  end
+  for _, name in ipairs({'state', 'worker', 'error'}) do
+    entry[name] = redis.call('HGET', job, name) or nil
+  end
+  local history = cjson.decode(redis.call('HGET', job, 'history') or '[]')
+  table.insert(history, entry)
+  redis.call('HSET', job, 'history', cjson.encode(history))
+  table.insert(drop, 'error')
+  table.insert(drop, 'storing')
+  table.insert(drop, 'retrying')
+  redis.call('HDEL', job, unpack(drop))
+end
 """
 
-# ARGV: id, owner, now, lease_until, max_attempts
+# ARGV: batch id, label, idempotency ttl, then per job: job id, idempotency key|'', queue,
+# priority, compat, request JSON. Records every job whose idempotency key is free (taking the
+# key) and the batch, in one atomic step: a key never points at a job that was not written.
+# Returns, per job, its own id or the id of the job that holds its key.
+_ADD = """
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local t = clock()
+local batch_id, ttl = ARGV[1], tonumber(ARGV[3])
+local bkey = 'rf:batch:' .. batch_id
+local out, fresh, queues = {}, {}, {}
+for i = 4, #ARGV, 6 do
+  local id, idem, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local owner = false
+  if idem ~= '' then
+    owner = redis.call('GET', 'rf:idem:' .. idem)
+    if not owner then redis.call('SET', 'rf:idem:' .. idem, id, 'EX', ttl) end
+  end
+  if owner then
+    table.insert(out, owner)
+  else
+    local score = (9 - tonumber(ARGV[i + 3])) * 1e10 + t
+    redis.call('HSET', 'rf:job:' .. id, 'id', id, 'batch_id', batch_id, 'state', 'queued',
+      'request', ARGV[i + 5], 'created_at', t, 't:queued', t, 'queue', queue,
+      'compat', ARGV[i + 4], 'score', score)
+    if idem ~= '' then redis.call('HSET', 'rf:job:' .. id, 'idem', idem) end
+    redis.call('ZADD', 'rf:pending:' .. queue, score, id)
+    redis.call('ZADD', 'rf:outbox', t, id)
+    redis.call('ZADD', 'rf:jobs', t, id)
+    redis.call('RPUSH', bkey .. ':jobs', id)
+    queues[queue] = true
+    table.insert(fresh, id)
+    table.insert(out, id)
+  end
+end
+if #fresh > 0 then
+  redis.call('HSETNX', bkey, 'id', batch_id)
+  redis.call('HSETNX', bkey, 'created_at', t)
+  if ARGV[2] ~= '' then redis.call('HSETNX', bkey, 'label', ARGV[2]) end
+  redis.call('HINCRBY', bkey, 'total', #fresh)
+  redis.call('HINCRBY', bkey, 'n:queued', #fresh)
+  redis.call('ZADD', 'rf:batches', 'NX', t, batch_id)
+  for queue, _ in pairs(queues) do redis.call('SADD', 'rf:queues', queue) end
+end
+return out
+"""
+
+# ARGV: id, owner, lease seconds, max_attempts
 _CLAIM = _TERMINAL + _MOVE + """
+local now = clock()
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
 if terminal(state) then return {'terminal', state} end
 if state ~= 'queued' then
   local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-  if lease > tonumber(ARGV[3]) then
+  if lease > now then
     return {'busy', redis.call('HGET', KEYS[1], 'lease_owner') or ''}
   end
 end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
-  move(KEYS[1], B, state, 'cancelled', ARGV[3])
+  move(KEYS[1], B, state, 'cancelled', now)
   release(KEYS[1], KEYS[2], ARGV[1])
   return {'cancelled', state}
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[5]) then
-  move(KEYS[1], B, state, 'failed', ARGV[3])
+if attempts > tonumber(ARGV[4]) then
+  move(KEYS[1], B, state, 'failed', now)
   redis.call('HSET', KEYS[1], 'error', 'gave up after ' .. (attempts - 1) ..
     ' attempts: the worker running it was lost each time')
   release(KEYS[1], KEYS[2], ARGV[1])
   return {'poison', tostring(attempts - 1)}
 end
-move(KEYS[1], B, state, 'started', ARGV[3])
-redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease_owner', ARGV[2], 'lease_until', ARGV[4],
+local lease = now + tonumber(ARGV[3])
+move(KEYS[1], B, state, 'started', now)
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease_owner', ARGV[2], 'lease_until', lease,
   'step', 0)
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[2], lease, ARGV[1])
 return {'ok', tostring(attempts)}
 """
 
-# ARGV: id, owner, new_state, now, lease_until|'', field, value, ...
+# ARGV: id, owner, new_state, lease seconds|'', field, value, ...
 # Returns {status, previous state, cancel flag}.
 _UPDATE = _TERMINAL + _MOVE + """
+local now = clock()
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', '', ''} end
 if terminal(state) then return {'terminal', state, ''} end
 if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[2] then return {'lost', state, ''} end
 local new = ARGV[3]
-move(KEYS[1], B, state, new, ARGV[4])
-if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+move(KEYS[1], B, state, new, now)
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 if terminal(new) then
   release(KEYS[1], KEYS[2], ARGV[1])
-elseif ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[1], 'lease_until', ARGV[5])
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+elseif ARGV[4] ~= '' then
+  local lease = now + tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], 'lease_until', lease)
+  redis.call('ZADD', KEYS[2], lease, ARGV[1])
 end
 return {'ok', state, redis.call('HGET', KEYS[1], 'cancel') or ''}
 """
 
-# ARGV: id, owner, lease_until. Keeps a running job's lease alive; returns the cancel flag,
+# ARGV: id, owner, lease seconds. Keeps a running job's lease alive; returns the cancel flag,
 # or 'lost' when the caller no longer holds the job.
 _RENEW = _TERMINAL + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if (not state) or terminal(state) then return 'lost' end
 if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[2] then return 'lost' end
-redis.call('HSET', KEYS[1], 'lease_until', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+local lease = clock() + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_until', lease)
+redis.call('ZADD', KEYS[2], lease, ARGV[1])
 return redis.call('HGET', KEYS[1], 'cancel') or ''
 """
 
-# ARGV: id, now
+# ARGV: id. A queued job is cancelled at once; a running one is flagged and stops at its next
+# step, or before its first image is stored. Once an image is stored ('storing'), the cancel
+# comes too late: the job will succeed, and the answer says so.
 _CANCEL = _TERMINAL + _MOVE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if terminal(state) then return state end
 if state == 'queued' then
-  move(KEYS[1], B, state, 'cancelled', ARGV[2])
+  move(KEYS[1], B, state, 'cancelled', clock())
   redis.call('HSET', KEYS[1], 'cancel', '1')
   return 'cancelled'
 end
+if redis.call('HGET', KEYS[1], 'storing') == '1' then return 'storing' end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 return 'cancelling'
 """
 
-# ARGV: id, now, max_attempts
+# ARGV: id, max_attempts
 # A running job whose lease ran out (its worker died or hung): back to queued, or failed when
 # it has used up its attempts. Returns 'requeued', 'failed' or ''.
 _REAP = _TERMINAL + _MOVE + """
+local now = clock()
 local state = redis.call('HGET', KEYS[1], 'state')
 if (not state) or terminal(state) or state == 'queued' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return ''
 end
 local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-if lease > tonumber(ARGV[2]) then
+if lease > now then
   redis.call('ZADD', KEYS[2], lease, ARGV[1])
   return ''
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 local host = redis.call('HGET', KEYS[1], 'lease_owner') or '?'
 release(KEYS[1], KEYS[2], ARGV[1])
-if attempts >= tonumber(ARGV[3]) then
-  move(KEYS[1], B, state, 'failed', ARGV[2])
+if attempts >= tonumber(ARGV[2]) then
+  move(KEYS[1], B, state, 'failed', now)
   redis.call('HSET', KEYS[1], 'error', 'gave up after ' .. attempts ..
     ' attempts: the worker running it was lost each time (last: ' .. host .. ')')
   return 'failed'
 end
-move(KEYS[1], B, state, 'queued', ARGV[2])
+redis.call('HSET', KEYS[1], 'error', 'the worker running it was lost: ' .. host)
+new_attempt(KEYS[1])
+move(KEYS[1], B, state, 'queued', now)
 redis.call('HSET', KEYS[1], 'step', 0)
 return 'requeued'
 """
 
-# ARGV: now.  A failed or cancelled job goes back to queued, attempts reset.
+# A failed or cancelled job goes back to queued, attempts reset, its last timeline kept as
+# history.
 _RETRY = _TERMINAL + _MOVE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'failed' and state ~= 'cancelled' then return 'no' end
-move(KEYS[1], B, state, 'queued', ARGV[1])
-redis.call('HDEL', KEYS[1], 'error', 'cancel', 'results')
+new_attempt(KEYS[1])
+move(KEYS[1], B, state, 'queued', clock())
+redis.call('HDEL', KEYS[1], 'cancel', 'results')
 redis.call('HSET', KEYS[1], 'attempts', 0, 'step', 0)
 return 'queued'
+"""
+
+# ARGV: older than (s), limit. The outbox's entries older than that, stamped now (handed out).
+_UNSENT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ids = redis.call('ZRANGEBYSCORE', 'rf:outbox', '-inf', now - tonumber(ARGV[1]),
+  'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZADD', 'rf:outbox', now, id) end
+return ids
 """
 
 # Largest list offset asked of Redis: offset + limit must stay within its 64-bit integers.
 MAX_INDEX = 2**62
 
 
-# KEYS: running, pending zsets...  ARGV: owner, now, lease_until, max_attempts, n, compat|'',
+# KEYS: running, pending zsets...  ARGV: owner, lease seconds, max_attempts, n, compat|'',
 # scan limit. Claims up to n queued jobs from the pending zsets in order, only those whose
-# 'compat' field equals ARGV[6] when it is given (micro-batch partners). Skips (and drops from
+# 'compat' field equals ARGV[5] when it is given (micro-batch partners). Skips (and drops from
 # the zset) ids that are no longer queued. Partners are only jobs never tried before: a job
 # whose worker was lost runs alone, so a poison job cannot take partners down with it.
 # Returns the ids claimed.
 _CLAIM_MORE = _MOVE + """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lease = now + tonumber(ARGV[2])
 local out = {}
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[4])
 for k = 2, #KEYS do
-  local ids = redis.call('ZRANGE', KEYS[k], 0, tonumber(ARGV[7]) - 1)
+  local ids = redis.call('ZRANGE', KEYS[k], 0, tonumber(ARGV[6]) - 1)
   for _, id in ipairs(ids) do
     if #out >= n then return out end
     local job = 'rf:job:' .. id
     local state = redis.call('HGET', job, 'state')
     if state ~= 'queued' or redis.call('HGET', job, 'cancel') == '1' then
       redis.call('ZREM', KEYS[k], id)
-    elseif ARGV[6] == '' or (redis.call('HGET', job, 'compat') == ARGV[6]
+    elseif ARGV[5] == '' or (redis.call('HGET', job, 'compat') == ARGV[5]
         and tonumber(redis.call('HGET', job, 'attempts') or '0') == 0) then
       local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-      if attempts <= tonumber(ARGV[4]) then
+      if attempts <= tonumber(ARGV[3]) then
         local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
-        move(job, B, state, 'started', ARGV[2])
+        move(job, B, state, 'started', now)
         redis.call('HSET', job, 'worker', ARGV[1], 'lease_owner', ARGV[1],
-          'lease_until', ARGV[3], 'step', 0)
-        redis.call('ZADD', KEYS[1], ARGV[3], id)
+          'lease_until', lease, 'step', 0)
+        redis.call('ZADD', KEYS[1], lease, id)
         table.insert(out, id)
       else
         redis.call('HINCRBY', job, 'attempts', -1)
@@ -214,12 +320,17 @@ return out
 """
 
 
-# ARGV: now, reason. A queued job whose message could not be sent: failed, with the reason.
+# ARGV: reason. A queued job whose message could not be sent: failed, with the reason, and its
+# idempotency key given back, so the same request submitted again is recorded afresh.
 _ABANDON = _TERMINAL + _MOVE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' then return 0 end
-move(KEYS[1], B, state, 'failed', ARGV[1])
-redis.call('HSET', KEYS[1], 'error', ARGV[2])
+move(KEYS[1], B, state, 'failed', clock())
+redis.call('HSET', KEYS[1], 'error', ARGV[1])
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem and redis.call('GET', 'rf:idem:' .. idem) == redis.call('HGET', KEYS[1], 'id') then
+  redis.call('DEL', 'rf:idem:' .. idem)
+end
 return 1
 """
 
@@ -243,6 +354,7 @@ for _, id in ipairs(ids) do
   end
   redis.call('DEL', job)
   redis.call('ZREM', KEYS[4], id)
+  redis.call('ZREM', 'rf:outbox', id)
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -285,6 +397,8 @@ class Records:
         self._claim_more = redis.register_script(_CLAIM_MORE)
         self._abandon = redis.register_script(_ABANDON)
         self._prune = redis.register_script(_PRUNE)
+        self._add = redis.register_script(_ADD)
+        self._unsent = redis.register_script(_UNSENT)
 
     # -- writing new work -------------------------------------------------------------------
     def add_jobs(
@@ -294,56 +408,39 @@ class Records:
         label: str = "",
         queues: Sequence[str] | None = None,
         compat: Sequence[str] | None = None,
-    ) -> None:
-        """Create (or extend) a batch and the records of its jobs, in one pipelined round trip.
+        idempotency_ttl: int = 7 * 24 * 3600,
+    ) -> list[str]:
+        """Create (or extend) a batch and the records of its jobs, in one atomic script.
 
-        ``queues[i]`` is the Celery queue job i goes to, ``compat[i]`` its micro-batch key."""
-        t = now()
+        ``queues[i]`` is the Celery queue job i goes to, ``compat[i]`` its micro-batch key. A
+        job whose idempotency key is already held is not recorded: the answer, per job in
+        order, is its own id, or the id of the job that holds its key. The keys are taken in
+        the same step as the records are written, so a failed write (Redis out of memory)
+        leaves no key pointing at nothing."""
         queues = queues or ["renderfarm"] * len(jobs)
         compat = compat or [job_id for job_id, _ in jobs]
-        pipe = self.redis.pipeline(transaction=True)
-        bkey = keys.batch(batch_id)
-        pipe.hsetnx(bkey, "id", batch_id)
-        pipe.hsetnx(bkey, "created_at", t)
-        if label:
-            pipe.hsetnx(bkey, "label", label)
-        pipe.hincrby(bkey, "total", len(jobs))
-        pipe.hincrby(bkey, "n:queued", len(jobs))
-        pipe.zadd(keys.BATCHES, {batch_id: t}, nx=True)
-        pending: dict[str, dict[str, float]] = {}
+        args: list[str | int] = [batch_id, label, idempotency_ttl]
         for (job_id, request), queue, key in zip(jobs, queues, compat, strict=True):
-            score = pending_score(request.priority, t)
-            idem = {"idem": request.idempotency_key} if request.idempotency_key else {}
-            pipe.hset(
-                keys.job(job_id),
-                mapping=idem | {
-                    "id": job_id,
-                    "batch_id": batch_id,
-                    "state": JobState.queued.value,
-                    "request": request.model_dump_json(),
-                    "created_at": t,
-                    "t:queued": t,
-                    "queue": queue,
-                    "compat": key,
-                    "score": score,
-                },  # attempts, step, steps_total: absent means 0 / request.steps (see below)
-            )
-            pending.setdefault(queue, {})[job_id] = score
-        for queue, members in pending.items():
-            pipe.zadd(keys.pending(queue), members)
-        pipe.sadd(keys.QUEUES, *pending)
-        pipe.rpush(keys.batch_jobs(batch_id), *[job_id for job_id, _ in jobs])
-        pipe.zadd(keys.JOBS, {job_id: t for job_id, _ in jobs})
-        pipe.execute()
+            args += [job_id, request.idempotency_key or "", queue, request.priority, key,
+                     request.model_dump_json()]
+        return [v.decode() for v in self._add(args=args)]
 
-    def claim_idempotency_keys(self, pairs: Sequence[tuple[str, str]], ttl: int) -> list[str]:
-        """For each (key, job id): the job id that owns the key (ours if we were first)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for key, job_id in pairs:
-            pipe.set(keys.idempotency(key), job_id, nx=True, ex=ttl)
-            pipe.get(keys.idempotency(key))
-        out = pipe.execute()
-        return [v.decode() if isinstance(v, bytes) else v for v in out[1::2]]
+    def sent(self, job_ids: Sequence[str]) -> None:
+        """The messages of these jobs are on their queues: take them out of the outbox."""
+        if job_ids:
+            self.redis.zrem(keys.OUTBOX, *job_ids)
+
+    def unsent(self, older_than: float, limit: int = 500) -> list[str]:
+        """Jobs put in the outbox more than ``older_than`` seconds ago whose sender never said
+        their messages went out (it died, or Redis failed between the two steps). They are
+        stamped afresh as they are handed out, so sweepers do not send them at once: one that
+        dies before it is done leaves them to the next sweep."""
+        return [i.decode() for i in self._unsent(args=[older_than, limit])]
+
+    def clock(self) -> float:
+        """Redis' time: the one clock of leases and records, whatever this host's says."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
 
     # -- reading ----------------------------------------------------------------------------
     def job(self, job_id: str) -> JobRecord:
@@ -428,9 +525,8 @@ class Records:
 
     # -- a worker's transitions -------------------------------------------------------------
     def claim(self, job_id: str, owner: str, lease_seconds: float, max_attempts: int) -> Claim:
-        t = now()
         status, detail = self._claim(
-            keys=self._keys(job_id), args=[job_id, owner, t, t + lease_seconds, max_attempts]
+            keys=self._keys(job_id), args=[job_id, owner, lease_seconds, max_attempts]
         )
         return Claim(status.decode(), detail.decode())
 
@@ -449,10 +545,9 @@ class Records:
         later, find them claimed and are dropped."""
         if n <= 0 or not queues:
             return []
-        t = now()
         ids = self._claim_more(
             keys=[keys.RUNNING, *[keys.pending(q) for q in queues]],
-            args=[owner, t, t + lease_seconds, max_attempts, n, compat, scan],
+            args=[owner, lease_seconds, max_attempts, n, compat, scan],
         )
         return [i.decode() for i in ids]
 
@@ -489,18 +584,17 @@ class Records:
     ) -> list[tuple[str, bool]]:
         """:meth:`update` of several jobs in one round trip (a micro-batch's progress): each
         job is moved by its own script run, atomic as in :meth:`update`."""
-        t = now()
-        lease = "" if lease_seconds is None else t + lease_seconds
+        lease = "" if lease_seconds is None else lease_seconds
         extra = [item for name, value in fields.items() for item in (name, value)]
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            self._update(keys=self._keys(job_id), args=[job_id, owner, state.value, t, lease,
+            self._update(keys=self._keys(job_id), args=[job_id, owner, state.value, lease,
                                                         *extra], client=pipe)
         return [(status.decode(), cancel == b"1") for status, _, cancel in pipe.execute()]
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> str:
         """Extend the caller's lease: returns 'ok', 'cancel' (a user asked to cancel) or 'lost'."""
-        out = self._renew(keys=self._keys(job_id), args=[job_id, owner, now() + lease_seconds])
+        out = self._renew(keys=self._keys(job_id), args=[job_id, owner, lease_seconds])
         return {b"lost": "lost", b"1": "cancel"}.get(out, "ok")
 
     def succeed(self, job_id: str, owner: str, results: list[ImageResult]) -> str:
@@ -513,19 +607,18 @@ class Records:
     # -- users' and reapers' transitions ----------------------------------------------------
     def cancel(self, job_id: str) -> str:
         """Cancel a job: at once if queued, at its next step if running. Returns the outcome."""
-        out = self._cancel(keys=self._keys(job_id), args=[job_id, now()]).decode()
+        out = self._cancel(keys=self._keys(job_id), args=[job_id]).decode()
         if out == "missing":
             raise JobNotFound(job_id)
         return out
 
     def retry(self, job_id: str) -> bool:
         """Put a failed or cancelled job back in the queue; True if it was."""
-        return self._retry(keys=self._keys(job_id), args=[now()]) == b"queued"
+        return self._retry(keys=self._keys(job_id), args=[]) == b"queued"
 
     def abandon(self, job_ids: Sequence[str], reason: str) -> int:
         """Fail queued jobs whose messages were never sent (so none waits for nothing)."""
-        t = now()
-        return sum(self._abandon(keys=self._keys(i), args=[t, reason]) for i in job_ids)
+        return sum(self._abandon(keys=self._keys(i), args=[reason]) for i in job_ids)
 
     def prune(self, older_than: float, dry_run: bool = False,
               limit: int | None = None) -> Pruned:
@@ -534,7 +627,7 @@ class Records:
         with a job still queued or running stay whatever their age. One script per batch, so
         Redis is never blocked for longer than one batch's deletion; ``limit`` stops after
         that many batches are deleted (a worker prunes a few at a time)."""
-        cutoff = now() - older_than
+        cutoff = self.clock() - older_than
         batches = jobs = kept = 0
         for raw in self.redis.zrangebyscore(keys.BATCHES, "-inf", cutoff):
             if limit is not None and batches >= limit:
@@ -561,12 +654,12 @@ class Records:
         return Pruned(batches, jobs, kept)
 
     def expired_leases(self, limit: int = 100) -> list[str]:
-        ids = self.redis.zrangebyscore(keys.RUNNING, "-inf", now(), start=0, num=limit)
+        ids = self.redis.zrangebyscore(keys.RUNNING, "-inf", self.clock(), start=0, num=limit)
         return [i.decode() for i in ids]
 
     def reap(self, job_id: str, max_attempts: int) -> str:
         """Recover a job whose lease ran out: 'requeued' (caller re-sends it), 'failed' or ''."""
-        return self._reap(keys=self._keys(job_id), args=[job_id, now(), max_attempts]).decode()
+        return self._reap(keys=self._keys(job_id), args=[job_id, max_attempts]).decode()
 
     @staticmethod
     def _keys(job_id: str) -> list[str]:
@@ -623,6 +716,8 @@ def _parse_job_hash(data: dict) -> JobRecord:
         cancel_requested=_s(data, "cancel") == "1",
         queue=_s(data, "queue"),
         compat=_s(data, "compat"),
+        retrying=_s(data, "retrying") or None,
+        history=json.loads(_s(data, "history", "[]")),
     )
 
 

@@ -6,6 +6,7 @@ keeps in Redis about it. Bounds are checked here, before anything is enqueued.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from enum import Enum
@@ -262,6 +263,12 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     queue: str = Field("", description="The Celery queue the job was sent to.")
     compat: str = Field("", description="Jobs with equal keys may share a pipeline call.")
+    retrying: str | None = Field(
+        None, description="Why storing is being retried (storage unreachable), while it is.")
+    history: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Earlier attempts (retried, or their worker lost): each one's timestamps, "
+        "state, worker and error. ``timestamps`` is the current attempt's alone.")
 
     @property
     def terminal(self) -> bool:
@@ -284,8 +291,14 @@ class BatchRecord(BaseModel):
         return self.done >= self.total
 
 
+#: Test hook: pretend this host's clock is off by this many seconds (``RENDERFARM_CLOCK_SKEW``),
+#: to check that leases use Redis' clock and never a host's (tests/test_lost_work.py).
+CLOCK_SKEW = float(os.environ.get("RENDERFARM_CLOCK_SKEW") or 0)
+
+
 def now() -> float:
-    return time.time()
+    """This host's clock. Leases and job timestamps use Redis' (``Records.clock``) instead."""
+    return time.time() + CLOCK_SKEW
 
 
 _MESSAGES = {

@@ -44,6 +44,16 @@ class Settings(BaseSettings):
         gt=0,
         description="A running job's lease (s), renewed while it runs; expired: job re-queued.",
     )
+    resend_after: float = Field(
+        30.0, gt=0,
+        description="A queued job whose message was not confirmed sent this many seconds after "
+        "it went queued (its sender died, or Redis failed in between) is sent again by a worker.",
+    )
+    store_retry_seconds: float = Field(
+        300.0, ge=0,
+        description="How long a worker retries storing a job's images while storage fails in a "
+        "way that can pass (unreachable, timeouts, 5xx, throttling) before failing the job.",
+    )
     task_time_limit: int = Field(3600, ge=1, description="Longest a single job may render (s).")
     visibility_timeout: int = Field(
         7200,

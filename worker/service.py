@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from secrets import token_hex
 
-from producer.enqueue import publish_records, worker_queues
+from producer.enqueue import publish_records, send_unsent, worker_queues
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import BadRecord, Cancelled
@@ -62,6 +62,7 @@ RENEW_INTERVAL = 1.0  # seconds between lease renewals of the held jobs
 AFFINITY_SECONDS = 120.0  # longest a worker keeps taking jobs of loaded models in one task
 PRUNE_INTERVAL = 60.0  # seconds between a worker's passes of RENDERFARM_KEEP_DAYS pruning
 PRUNE_BATCHES = 20  # batches one pass deletes at most: the lease thread must stay prompt
+SWEEP_INTERVAL = 5.0  # seconds between a worker's passes over the outbox (unsent messages)
 
 
 class LostJob(Exception):
@@ -190,7 +191,7 @@ class WorkerService:
             time.sleep(0.05)
 
     def _background(self) -> None:
-        next_reap = next_beat = next_prune = 0.0
+        next_reap = next_beat = next_prune = next_sweep = 0.0
         keep_days = self.settings.keep_days
         while True:
             try:
@@ -201,6 +202,11 @@ class WorkerService:
                 if time.monotonic() >= next_reap:
                     self.reap()
                     next_reap = time.monotonic() + max(1.0, self.settings.lease_seconds / 2)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_INTERVAL
+                    for job_id in send_unsent(self.app, self.records,
+                                              self.settings.resend_after):
+                        log.warning("job %s: queued with no message sent; sent it", job_id)
                 if keep_days and time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_INTERVAL
                     pruned = self.records.prune(keep_days * 86400, limit=PRUNE_BATCHES)
@@ -221,7 +227,7 @@ class WorkerService:
 
     def heartbeat(self) -> None:
         """Publish what this worker is and does; the dashboard, ``up`` and routing read it."""
-        t = now()
+        t = self.records.clock()  # Redis' time: readers compare beats with it, not ours
         with self._lock:
             current = self._current[0] if self._current else ""
         total, free = device_memory(self.profile.device)
@@ -506,7 +512,7 @@ class WorkerService:
     def _sidecar(self, record: JobRecord, results: list[ImageResult],
                  model_sha256: str | None = None) -> bytes:
         fresh = self.records.job(record.id)
-        t = {**fresh.timestamps, "stored": now()}
+        t = {**fresh.timestamps, "stored": self.records.clock()}
         timings = {
             "waited": _span(t, "queued", "started"),
             "loaded": _span(t, "started", "rendering"),
