@@ -10,9 +10,10 @@ counts together. Two limits, both settings (generous by default; empty turns one
   does not starve a person in the browser.
 
 They apply by path to every route under the prefixes in :data:`LIMITED_PREFIXES`, also to
-blueprints registered after :func:`init_app` (the ``/sdapi/v1`` routes). The pages are not
-limited. A request over a limit gets 429 with ``Retry-After`` (seconds). If Redis is down the
-limiter lets requests through (``swallow_errors``); the views then answer 503 themselves.
+blueprints registered after :func:`init_app` (the ``/sdapi/v1`` routes), and to login attempts
+(``POST /login``) per address. The pages are not limited. A request over a limit gets 429
+with ``Retry-After`` (seconds). If Redis is down the limiter lets requests through
+(``swallow_errors``); the views then answer 503 themselves.
 
 The :class:`~flask_limiter.Limiter` is ``app.extensions["renderfarm_limiter"]``; a blueprint may
 add its own limits with ``limiter.limit("10 per second")(blueprint)``.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from flask import Flask, request, session
+from flask import Flask, render_template, request, session
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 
 from renderfarm import keys
@@ -54,6 +55,9 @@ def credential_key() -> str:
 
 
 def is_limited() -> bool:
+    """An API call, or a login attempt (guessing the token through the form counts too)."""
+    if request.path == "/login":
+        return request.method == "POST"
     return request.path.startswith(LIMITED_PREFIXES)
 
 
@@ -94,6 +98,8 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         from dashboard import error_response
 
         message = f"rate limit exceeded ({exc.description}); retry after Retry-After seconds"
-        return error_response(429, message)
+        if request.path.startswith(LIMITED_PREFIXES):
+            return error_response(429, message)
+        return render_template("error.html", status=429, message=message), 429
 
     return limiter

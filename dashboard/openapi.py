@@ -79,6 +79,11 @@ def _op(summary: str, ok: dict[str, Any], *, params: list | None = None, body: d
                                             404: "No such id", 409: "Not in a state for this",
                                             413: "Body over the size limit",
                                             415: "Body is not application/json"}[code])
+    responses["429"] = {
+        **_json(_ERR, "Over a rate limit (RENDERFARM_RATE_LIMIT_ADDRESS or _TOKEN)"),
+        "headers": {"Retry-After": {"description": "Seconds until a request may succeed",
+                                    "schema": {"type": "integer"}}},
+    }
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if params:
         op["parameters"] = params

@@ -305,3 +305,20 @@ def test_rate_limits_work_over_a_unix_socket_redis(make_dash_app, dash_settings,
         assert client.get("/api/v1/models").status_code == 429
     finally:
         server.stop()
+
+
+def test_login_attempts_are_rate_limited(make_dash_app, dash_settings):
+    app = _limited_app(make_dash_app, dash_settings, rate_limit_address="3 per minute")
+    client = app.test_client()
+    for _ in range(3):
+        assert login(client, token="guess").status_code == 401
+    rv = login(client, token="guess")
+    assert rv.status_code == 429 and "Retry-After" in rv.headers
+    assert "rate limit exceeded" in rv.get_data(as_text=True) and rv.mimetype == "text/html"
+    assert client.get("/login").status_code == 200  # the form itself still shows
+
+
+def test_openapi_documents_429(dash_client):
+    spec = dash_client.get("/api/v1/openapi.json").get_json()
+    op = spec["paths"]["/batches"]["post"]
+    assert "Retry-After" in op["responses"]["429"]["headers"]
