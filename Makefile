@@ -14,8 +14,12 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 demo: $(VENV)/.worker
 	$(VENV)/bin/renderfarm demo
 
+# The suite runs in 2 processes (pytest-xdist), a test file on one process (--dist loadfile):
+# each process has its own redis-server, S3 endpoint and farm (tests/conftest.py).
+# `make test PYTEST_ARGS=-n0` runs it in one process.
+PYTEST_ARGS ?= -n auto --maxprocesses=2 --dist loadfile
 test: $(VENV)/.test
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .

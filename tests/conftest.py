@@ -36,6 +36,37 @@ def redis_url(redis_server) -> str:
     return redis_server.url
 
 
+# Databases 1-15 of the session's redis-server, handed out one per user (db 0 is the session
+# farm's). Under pytest-xdist every process has a redis-server, and so a pool, of its own.
+_FREE_DBS = list(range(1, 16))
+
+
+@pytest.fixture(scope="session")
+def take_redis_db(redis_url):
+    """``take_redis_db()``: the URL of an empty Redis database of the caller's own on the
+    session's redis-server; it goes back to the pool when the caller's scope ends."""
+    from redis import Redis
+
+    def take(request: pytest.FixtureRequest) -> str:
+        if not _FREE_DBS:
+            raise RuntimeError("all 15 spare Redis databases are taken")
+        db = _FREE_DBS.pop(0)
+        url = f"{redis_url.rsplit('/', 1)[0]}/{db}"
+        with Redis.from_url(url) as redis:
+            redis.flushdb()
+        request.addfinalizer(lambda: _FREE_DBS.append(db))
+        return url
+
+    return take
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(request, take_redis_db) -> str:
+    """A Redis database of this module's own (emptied at its start): its records and queues
+    stay apart from the session farm's (db 0), whose workers reap and serve there."""
+    return take_redis_db(request)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     from moto.server import ThreadedMotoServer

@@ -32,12 +32,13 @@ def _with_db(url: str, db: int) -> str:
 @pytest.fixture(scope="session")
 def dashboard_redis_url(request, tmp_path_factory) -> str:
     try:
-        url = request.getfixturevalue("redis_url")
+        take = request.getfixturevalue("take_redis_db")
     except pytest.FixtureLookupError:
         server = EmbeddedRedis(tmp_path_factory.mktemp("dashboard-redis"))
         url = server.start()
         request.addfinalizer(server.stop)
-    return _with_db(url, DASHBOARD_DB)
+        return _with_db(url, DASHBOARD_DB)
+    return take(request)  # a database of the session's redis-server, for the session
 
 
 @pytest.fixture

@@ -2,13 +2,19 @@
 own S3 prefix, which a test may kill, restart and starve without disturbing the session farm.
 
 Test modules load them with ``pytest_plugins = ["tests.fault_fixtures"]``.
+
+Their workers run with test holds on (worker/testhooks.py): ``ff.hold_step(prompt, n)`` /
+``ff.hold_upload(prompt)`` make a job stop at a point, ``ff.wait_held()`` waits until one has,
+``ff.release(...)`` lets it go on. A test acts while a job is provably there, never after a sleep.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +28,7 @@ from renderfarm.embedded import EmbeddedRedis
 from renderfarm.farm import EmbeddedFarm
 from renderfarm.schema import JobRecord, JobState
 from renderfarm.settings import Settings
+from worker import testhooks
 
 FAULT_BUCKET = "faults"
 T = TypeVar("T")
@@ -37,6 +44,34 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, poll: float = 0.
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not after {timeout}s")
         time.sleep(poll)
+
+
+class BrokenEndpoint:
+    """S3 down: a listener on the endpoint's port that drops every connection it accepts,
+    counting them, so the test sees that uploads met the outage and were retried."""
+
+    def __init__(self, port: int):
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(16)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
 
 
 class FaultFarm:
@@ -100,6 +135,30 @@ class FaultFarm:
     def logs(self) -> str:
         return "\n".join(self.log(i) for i in range(len(self.farm.workers)))
 
+    # -- test holds (worker/testhooks.py) ---------------------------------------------------
+    def hold_step(self, prompt: str, step: int) -> str:
+        """Jobs with ``prompt`` stop after denoising step ``step`` until released."""
+        field = f"step:{prompt}"
+        self.client.redis.hset(testhooks.HOLDS, field, step)
+        return field
+
+    def hold_upload(self, prompt: str) -> str:
+        """Jobs with ``prompt`` stop after rendering, before storing anything, until released."""
+        field = f"upload:{prompt}"
+        self.client.redis.hset(testhooks.HOLDS, field, "")
+        return field
+
+    def wait_held(self, timeout: float = 90) -> tuple[str, str, int]:
+        """The next stop at a hold: (point, job id, step)."""
+        popped = self.client.redis.blpop([testhooks.REACHED], timeout=timeout)
+        if popped is None:
+            raise TimeoutError(f"no job reached a test hold in {timeout}s")
+        point, job_id, step = popped[1].decode().split(":")
+        return point, job_id, int(step)
+
+    def release(self, *fields: str) -> None:
+        self.client.redis.hdel(testhooks.HOLDS, *fields)
+
     # -- jobs -------------------------------------------------------------------------------
     def wait_state(self, job_id: str, states: set[JobState], timeout: float = 60) -> JobRecord:
         def reached() -> JobRecord | None:
@@ -144,6 +203,7 @@ def make_fault_farm(tmp_path: Path, models_dir: Path, s3_endpoint: str):
             **overrides,
         }
         settings = Settings(**fields)
+        env = {testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE, **(env or {})}
         fault_farm = FaultFarm(settings, server, workers, extra_env=env)
         made.append(fault_farm)
         return fault_farm.start() if start else fault_farm

@@ -17,7 +17,6 @@ from renderfarm.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-BROWSER_DB = 8  # a Redis database of its own: this farm's queue and records stay apart
 
 pytest_plugins = ["tests.dashboard_fixtures"]
 
@@ -33,17 +32,15 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def running_farm(dashboard_redis_url, models_dir, tmp_path_factory):
+def running_farm(module_redis_url, models_dir, tmp_path_factory):
     """A farm of one real worker process, local storage, and its dashboard on waitress."""
     _require_browser()
-    import redis
 
     from dashboard import create_app
     from dashboard.serve import make_server
     from renderfarm.farm import EmbeddedFarm
 
-    url = dashboard_redis_url.rsplit("/", 1)[0] + f"/{BROWSER_DB}"
-    redis.Redis.from_url(url).flushdb()
+    url = module_redis_url
     data = tmp_path_factory.mktemp("browser-farm")
     settings = Settings(redis_url=url, data_dir=data, models_dir=models_dir,
                         storage_url=(data / "images").as_uri(), lease_seconds=5)

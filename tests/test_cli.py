@@ -131,16 +131,16 @@ def test_demo(tmp_path):
         assert str(image) in out.stdout.replace("\n", "")
 
 
-def test_prune(farm_settings, tmp_path):
-    """`renderfarm prune` on a Redis database of its own (db 12: the session farm's batches in
-    db 0 stay): an old ended batch goes, a new one stays; a bad age names the option."""
+def test_prune(farm_settings, module_redis_url, tmp_path):
+    """`renderfarm prune` on a Redis database of its own (the session farm's batches in db 0
+    stay): an old ended batch goes, a new one stays; a bad age names the option."""
     from redis import Redis
 
     from renderfarm import keys
     from renderfarm.records import Records
     from renderfarm.schema import JobRequest
 
-    url = farm_settings.redis_url.rsplit("/", 1)[0] + "/12"
+    url = module_redis_url
     records = Records(Redis.from_url(url))
     records.redis.flushdb()
     for batch_id, age in (("old", 3 * 86400), ("new", 60)):

@@ -4,26 +4,29 @@ own (tests/fault_fixtures.py), so killing and restarting things leaves the sessi
 
 The promise checked throughout: every accepted job ends succeeded, failed with a reason, or
 cancelled — with exactly one set of objects in storage when it succeeded.
+
+A test acts while a job is provably at a point — stopped at a test hold (worker/testhooks.py:
+``ff.hold_step`` / ``ff.hold_upload``, then ``ff.wait_held``) — never after a sleep, so neither a
+faster nor a slower machine makes it miss its window.
 """
 
 from __future__ import annotations
 
 import shutil
 import signal
-import threading
-import time
 
 import pytest
 
 from producer.enqueue import publish
+from renderfarm import keys
 from renderfarm.errors import FarmUnavailable
 from renderfarm.schema import JobState
-from tests.fault_fixtures import FaultFarm, wait_for
+from tests.fault_fixtures import BrokenEndpoint, FaultFarm, wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
 
 SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 4, "scheduler": "euler"}
-SLOW = {**SMALL, "width": 256, "height": 256, "steps": 60}  # ≈ 4-8 s on 2 CPU cores
+SLOW = {**SMALL, "width": 128, "height": 128, "steps": 12}  # held at a step, never timed
 RUNNING = {JobState.started, JobState.rendering}
 ENDED = {JobState.succeeded, JobState.failed, JobState.cancelled}
 
@@ -36,11 +39,14 @@ def assert_one_set(ff: FaultFarm, job_id: str) -> None:
 
 def test_sigkill_mid_render_runs_again_once(make_fault_farm):
     ff = make_fault_farm(workers=2)
+    hold = ff.hold_step("killed once", 2)
     job = ff.client.submit({**SLOW, "prompt": "killed once"})
-    first = wait_for(lambda: (r := job.status()).state is JobState.rendering and r.step >= 2
-                     and r, 60, "job rendering")
+    assert ff.wait_held() == ("step", job.id, 2)
+    first = job.status()
+    assert first.state is JobState.rendering and first.step == 2
     victim = ff.index_of(ff.pid_of(first))
     ff.kill(victim).wait()
+    ff.release(hold)
     ff.restart(victim, wait=False)
 
     record = job.wait(timeout=90)
@@ -55,17 +61,17 @@ def test_sigkill_mid_micro_batch_runs_each_of_its_jobs_again_once(make_fault_far
     """Three compatible jobs share one pipeline call (the worker claims the other two as
     partners); the worker is killed mid-call. Each job comes back and runs once more, alone."""
     ff = make_fault_farm(workers=1)
-    batch = ff.client.submit_batch([{**SLOW, "steps": 30, "prompt": f"batched {i}", "seed": i}
+    hold = ff.hold_step("batched", 2)
+    batch = ff.client.submit_batch([{**SLOW, "prompt": "batched", "seed": i}
                                     for i in range(3)])
     ids = [r.id for r in batch.records()]
 
-    def all_rendering():
-        records = ff.client.records.jobs(ids)
-        return all(r.state is JobState.rendering and r.step >= 2 for r in records) and records
-
-    together = wait_for(all_rendering, 90, "the three jobs rendering together")
+    ff.wait_held()
+    together = ff.client.records.jobs(ids)
+    assert all(r.state is JobState.rendering and r.step == 2 for r in together), together
     assert len({r.worker for r in together}) == 1
     ff.kill(0).wait()
+    ff.release(hold)
     ff.restart(0, wait=False)
 
     batch.wait(timeout=180)
@@ -79,16 +85,22 @@ def test_render_longer_than_visibility_timeout_runs_once(make_fault_farm):
     # start and then periodically; run here by the test, to not wait for it) restores the
     # message of the job being rendered, and the idle worker is handed it: its claim finds the
     # job busy and drops the message.
+    # The job is held at a step for as long as the sweep takes to find its message overdue.
     ff = make_fault_farm(workers=2, visibility_timeout=2,
                          env={"RENDERFARM_VISIBILITY_TIMEOUT": "2"})
-    job = ff.client.submit({**SLOW, "prompt": "long", "steps": 120})
-    rendering = ff.wait_state(job.id, {JobState.rendering}, timeout=30)
+    hold = ff.hold_step("long", 2)
+    job = ff.client.submit({**SLOW, "prompt": "long"})
+    ff.wait_held()
+    rendering = job.status()
     idle = 1 - ff.index_of(ff.pid_of(rendering))
-    time.sleep(2.5)  # the message is now past the visibility timeout
-    with ff.client.celery.connection_for_write() as connection:
-        connection.default_channel.qos.restore_visible(num=100, interval=1)
 
-    wait_for(lambda: f"job {job.id} not run: busy" in ff.log(idle), 30, "redelivery dropped")
+    def redelivered_and_dropped() -> bool:
+        with ff.client.celery.connection_for_write() as connection:
+            connection.default_channel.qos.restore_visible(num=100, interval=1)
+        return f"job {job.id} not run: busy" in ff.log(idle)
+
+    wait_for(redelivered_and_dropped, 30, "redelivery dropped", poll=0.5)
+    ff.release(hold)
     record = job.wait(timeout=120)
     assert record.state is JobState.succeeded, record.error
     assert record.attempts == 1
@@ -112,35 +124,22 @@ def test_same_message_twice_at_once(make_fault_farm):
 
 def test_poison_job_fails_after_max_attempts_and_others_flow(make_fault_farm):
     # A job that kills whichever worker runs it: the test plays the crash, with SIGKILL.
+    # Every attempt of the poison job stops at step 2, where the test kills its worker.
     ff = make_fault_farm(workers=2, max_attempts=3)
+    ff.hold_step("poison", 2)
     poison = ff.client.submit({**SLOW, "prompt": "poison"})
-    others = ff.client.submit_batch([{**SLOW, "prompt": f"innocent {i}"} for i in range(3)])
-    kills: list[int] = []
-    stop = threading.Event()
+    others = ff.client.submit_batch([{**SMALL, "prompt": f"innocent {i}"} for i in range(3)])
+    for attempt in (1, 2, 3):
+        assert ff.wait_held() == ("step", poison.id, 2)
+        record = poison.status()
+        assert record.attempts == attempt
+        index = ff.index_of(ff.pid_of(record))
+        ff.kill(index).wait()
+        ff.restart(index, wait=False)
 
-    def watcher() -> None:
-        while not stop.is_set():
-            record = poison.status()
-            if record.terminal:
-                return
-            if record.state is JobState.rendering and record.attempts > len(kills):
-                index = ff.index_of(ff.pid_of(record))
-                if index is not None:
-                    ff.kill(index).wait()
-                    kills.append(index)
-                    ff.restart(index, wait=False)
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watcher, daemon=True)
-    thread.start()
-    try:
-        record = poison.wait(timeout=150)
-    finally:
-        stop.set()
-        thread.join(5)
+    record = poison.wait(timeout=150)
     assert record.state is JobState.failed
     assert "gave up after 3 attempts" in record.error
-    assert len(kills) == 3
     assert ff.objects(record) == []
     others.wait(timeout=120)
     for other in others.records():
@@ -181,7 +180,8 @@ def test_redis_restart_every_job_completes(make_fault_farm):
         ff.client.submit({**SMALL, "prompt": "while Redis is down"})
     down = dashboard.get(f"/api/v1/batches/{batch.id}")
     assert down.status_code == 503 and "Redis" in down.get_data(as_text=True)
-    time.sleep(2)
+    for i in range(len(ff.farm.workers)):  # every worker has met the outage
+        wait_for(lambda i=i: "lease thread:" in ff.log(i), 30, f"worker {i} sees Redis down")
     ff.redis_server.start()
     # the dashboard reconnects by itself: the same app, no restart
     assert dashboard.get(f"/api/v1/batches/{batch.id}").status_code == 200
@@ -205,62 +205,75 @@ def test_s3_down_during_uploads(make_fault_farm, tmp_path):
     s3.start()
     try:
         ff = make_fault_farm(workers=2, s3_endpoint=f"http://127.0.0.1:{port}")
+        hold = ff.hold_upload("upload 5")
         batch = ff.client.submit_batch(
-            [{**SMALL, "prompt": f"upload {i}", "width": 128, "height": 128, "steps": 6 + i}
-             for i in range(16)])
-        wait_for(lambda: batch.status().counts.get(JobState.succeeded, 0) >= 2, 60, "2 done")
+            [{**SMALL, "prompt": f"upload {i}", "width": 128, "height": 128, "steps": 4 + i % 3}
+             for i in range(8)])
+        _, held_id, _ = ff.wait_held()  # "upload 5" is rendered; nothing of it stored yet
+        done_before = {r.id for r in batch.records() if r.state is JobState.succeeded}
         s3.stop()
-        succeeded_while_down = set()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            succeeded_while_down |= {r.id for r in batch.records()
-                                     if r.state is JobState.succeeded}
-            time.sleep(0.2)
+        broken = BrokenEndpoint(port)
+        ff.release(hold)
+        # The held upload (and any other) now meets the outage: a first try and a retry.
+        wait_for(lambda: broken.connections >= 2, 60, "uploads retried against the outage")
+        broken.close()
         s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         s3.start()  # moto's state lives in the process: the bucket and objects are still there
 
         record = batch.wait(timeout=150)
-        assert record.counts == {JobState.succeeded: 16}, [
+        assert record.counts == {JobState.succeeded: 8}, [
             (r.state.value, r.error) for r in batch.records() if r.error]
         for job in batch.records():
             assert ff.objects(job) == ff.expected_objects(job), job.id
-        assert succeeded_while_down  # jobs done before the outage are still there, whole
+        held = ff.client.records.job(held_id)
+        assert held.attempts == 1  # the upload was retried, not the job
+        assert held_id not in done_before
     finally:
         s3.stop()
 
 
 def test_cancel_running_job_writes_nothing_and_worker_goes_on(make_fault_farm):
+    # The README: a running job stops at its next denoising step. It is held at step 3 while
+    # the cancel is recorded, then let go: it must stop at step 3 or 4 of its 12.
     ff = make_fault_farm(workers=1)
-    running = ff.client.submit({**SLOW, "prompt": "cancelled mid-render", "steps": 150})
+    hold = ff.hold_step("cancelled mid-render", 3)
+    running = ff.client.submit({**SLOW, "prompt": "cancelled mid-render"})
     queued = ff.client.submit({**SMALL, "prompt": "cancelled in the queue"})
     after = ff.client.submit({**SMALL, "prompt": "runs after the cancel", "steps": 5})
     assert queued.cancel() == "cancelled"
-    ff.wait_state(running.id, {JobState.rendering}, timeout=30)
+    assert ff.wait_held() == ("step", running.id, 3)
     assert running.cancel() == "cancelling"
+    ff.release(hold)
 
     record = running.wait(timeout=30)
     assert record.state is JobState.cancelled
-    assert record.step < 150
+    assert 3 <= record.step <= 4, record.step
     assert ff.objects(record) == []
     assert queued.wait(timeout=5).state is JobState.cancelled
     assert queued.status().attempts == 0
     done = after.wait(timeout=60)
     assert done.state is JobState.succeeded, done.error
     assert done.worker == record.worker
-    time.sleep(ff.settings.lease_seconds + 1.5)  # a reaper would have found a dangling lease
+    # no lease left behind for a reaper to find and re-queue
+    assert ff.client.redis.zscore(keys.RUNNING, running.id) is None
     assert running.status().state is JobState.cancelled
     assert ff.client.storage.list(f"{record.batch_id}/") == []
 
 
 def test_warm_shutdown_finishes_running_job(make_fault_farm):
+    # The job is held mid-render until the worker has begun its warm shutdown.
     ff = make_fault_farm(workers=2)
-    running = ff.client.submit({**SLOW, "prompt": "finishes on SIGTERM", "steps": 100})
-    first = ff.wait_state(running.id, {JobState.rendering}, timeout=30)
+    hold = ff.hold_step("finishes on SIGTERM", 2)
+    running = ff.client.submit({**SLOW, "prompt": "finishes on SIGTERM"})
+    ff.wait_held()
+    first = running.status()
     behind = ff.client.submit_batch(
-        [{**SMALL, "prompt": f"behind {i}", "width": 128, "height": 128, "steps": 8 + i}
+        [{**SMALL, "prompt": f"behind {i}", "width": 128, "height": 128, "steps": 4 + i}
          for i in range(6)])
     stopping = ff.index_of(ff.pid_of(first))
     proc = ff.kill(stopping, signal.SIGTERM)
+    wait_for(lambda: "Warm shutdown" in ff.log(stopping), 30, "warm shutdown begun")
+    ff.release(hold)
 
     record = running.wait(timeout=90)
     assert record.state is JobState.succeeded, record.error

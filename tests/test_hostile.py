@@ -18,6 +18,9 @@ from PIL import Image
 from renderfarm.errors import InvalidJob
 from renderfarm.images import MAX_INIT_IMAGE_BYTES
 from renderfarm.schema import JobState
+from tests.fault_fixtures import wait_for
+
+pytest_plugins = ["tests.fault_fixtures"]
 
 JOB = {"model": "tiny", "width": 64, "height": 64, "steps": 2, "scheduler": "euler"}
 
@@ -33,27 +36,22 @@ class _Bomb:
         return (open, (self.path, "w"))
 
 
-def test_pickle_message_is_discarded_never_executed(farm, client, farm_settings, tmp_path):
+def test_pickle_message_is_discarded_never_executed(make_fault_farm, tmp_path):
+    """On a farm of its own: the pickle goes into no queue another module's worker serves."""
     from celery import Celery
 
     from renderfarm.connection import TASK_NAME
 
+    ff = make_fault_farm(workers=1)
     marker = tmp_path / "unpickled"
-    hostile = Celery("hostile", broker=farm_settings.redis_url, set_as_current=False)
+    hostile = Celery("hostile", broker=ff.settings.redis_url, set_as_current=False)
     hostile.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
-    queue = f"{farm_settings.queue}.tiny"  # the queue the session worker consumes
+    queue = f"{ff.settings.queue}.tiny"  # the queue the farm's worker consumes
     hostile.send_task(TASK_NAME, args=(_Bomb(str(marker)),), queue=queue, serializer="pickle")
-    log = farm.log_dir / "worker-0.log"
-
-    def refused() -> bool:
-        return "untrusted content of type pickle" in log.read_text(errors="replace")
-
-    deadline = time.monotonic() + 30
-    while not refused() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert refused(), "the worker never logged the refused pickle message"
+    wait_for(lambda: "untrusted content of type pickle" in ff.log(0), 30,
+             "the worker logging the refused pickle message")
     assert not marker.exists()
-    after = client.submit({**JOB, "prompt": "served after the pickle"}).wait(timeout=60)
+    after = ff.client.submit({**JOB, "prompt": "served after the pickle"}).wait(timeout=60)
     assert after.state is JobState.succeeded, after.error
     assert not marker.exists()
     hostile.close()
@@ -95,12 +93,11 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n"
 
 
 @pytest.fixture
-def idle_client(farm_settings, redis_url):
+def idle_client(farm_settings, module_redis_url):
     """A client of a farm with no workers, on its own Redis database (emptied first)."""
     from producer import FarmClient
 
-    url = redis_url.rsplit("/", 1)[0] + "/11"
-    client = FarmClient(farm_settings.model_copy(update={"redis_url": url}))
+    client = FarmClient(farm_settings.model_copy(update={"redis_url": module_redis_url}))
     client.redis.flushdb()
     return client
 

@@ -13,9 +13,9 @@ from renderfarm.schema import JobRequest, JobState
 
 
 @pytest.fixture
-def records(redis_url) -> Records:
+def records(module_redis_url) -> Records:
     """A database of its own: the session farm's workers reap expired leases in database 0."""
-    redis = Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
+    redis = Redis.from_url(module_redis_url)
     redis.flushdb()
     return Records(redis)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -17,6 +16,7 @@ from renderfarm.settings import Settings
 from storage import Storage, open_storage
 from storage.local import LocalStorage
 from storage.s3 import S3Storage
+from tests.fault_fixtures import BrokenEndpoint, wait_for
 
 SECRET = "dummy-secret-key-for-tests"
 BAD_KEYS = ["", "/abs/x.png", "../x.png", "a/../../x.png", "a\\b.png", "a//b.png", "./x.png"]
@@ -181,20 +181,27 @@ def test_s3_prefix_normalised(moto_endpoint: str):
 
 
 def test_s3_put_retries_until_endpoint_comes_up(s3: S3Storage):
-    """The endpoint is down when the put starts and comes up 1.5 s later: the put succeeds."""
+    """The endpoint is down (it drops every connection) when the put starts; it comes up once
+    the put has tried twice (a try and a retry): the put succeeds."""
     port = free_port()
     late = S3Storage(s3.bucket, "renders/", f"http://127.0.0.1:{port}", "us-east-1")
     # moto keeps its state in-process, so a second server sees the bucket the first one made.
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    timer = threading.Timer(1.5, server.start)
-    timer.start()
+    broken = BrokenEndpoint(port)
+
+    def come_up() -> None:
+        wait_for(lambda: broken.connections >= 2, 60, "the put trying the broken endpoint")
+        broken.close()
+        server.start()
+
+    thread = threading.Thread(target=come_up)
+    thread.start()
     try:
-        started = time.monotonic()
         assert late.put("late/job-0.png", b"late", "image/png") is True
-        assert time.monotonic() - started >= 1.4
     finally:
-        timer.join()
+        thread.join()
         server.stop()
+    assert broken.connections >= 2
     assert s3.get("late/job-0.png") == b"late"
 
 
