@@ -150,10 +150,12 @@ class FaultFarm:
 
     def wait_held(self, timeout: float = 90) -> tuple[str, str, int]:
         """The next stop at a hold: (point, job id, step)."""
-        popped = self.client.redis.blpop([testhooks.REACHED], timeout=timeout)
-        if popped is None:
-            raise TimeoutError(f"no job reached a test hold in {timeout}s")
-        point, job_id, step = popped[1].decode().split(":")
+        try:
+            event = wait_for(lambda: self.client.redis.lpop(testhooks.REACHED), timeout,
+                             "a job stopping at a test hold")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; the workers' logs end:\n{self.logs()[-3000:]}") from None
+        point, job_id, step = event.decode().split(":")
         return point, job_id, int(step)
 
     def release(self, *fields: str) -> None:
