@@ -599,7 +599,7 @@ class Records:
 
     def succeed(self, job_id: str, owner: str, results: list[ImageResult]) -> str:
         payload = json.dumps([r.model_dump(exclude={"url"}) for r in results])
-        return self.update(job_id, owner, JobState.succeeded, results=payload)[0]
+        return self.update(job_id, owner, JobState.succeeded, results=payload, retrying="")[0]
 
     def fail(self, job_id: str, owner: str, error: str) -> str:
         return self.update(job_id, owner, JobState.failed, error=error[:2000])[0]

@@ -55,6 +55,11 @@ class Storage(Protocol):
         """Remove ``key``; no error if it is absent."""
         ...
 
+    def transient(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (raised by this backend) can pass if tried again later: the store
+        is unreachable, timed out, failed on its side or throttles (storage/retry.py)."""
+        ...
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys starting with ``prefix``, sorted."""
         ...

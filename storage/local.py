@@ -53,6 +53,10 @@ class LocalStorage:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyError(key) from None
 
+    def transient(self, exc: BaseException) -> bool:
+        """A local disk's errors (full, read-only, permissions) do not pass by waiting."""
+        return False
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

@@ -7,13 +7,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from storage import check_key, check_prefix
 
-# Standard mode retries connection errors, 5xx and throttling with jittered exponential backoff
-# (up to 20 s apart), so an endpoint that is down for a few seconds does not fail a put.
-RETRY_CONFIG = {"mode": "standard", "max_attempts": 10}
+# Standard mode retries connection errors, 5xx and throttling with jittered exponential backoff,
+# a few times: blips of a second. Longer outages are waited out by the worker
+# (storage/retry.py), which says in the job's record that it is retrying.
+RETRY_CONFIG = {"mode": "standard", "max_attempts": 3}
+#: Error codes of a store that is busy or failing on its side: worth trying again later.
+TRANSIENT_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "SlowDown",
+    "RequestLimitExceeded", "TooManyRequestsException", "RequestThrottled",
+    "RequestThrottledException", "RequestTimeout", "RequestTimeoutException",
+    "ServiceUnavailable", "InternalError", "PriorRequestNotComplete",
+})
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
 _CONFLICT_RETRIES = 5
@@ -99,6 +108,15 @@ class S3Storage:
                 return False
             raise
         return True
+
+    def transient(self, exc: BaseException) -> bool:
+        """Unreachable, timed out, 5xx, throttled: an outage that can pass."""
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            return True
+        if isinstance(exc, ClientError):
+            status = _status(exc) or 0
+            return status >= 500 or status == 429 or _error_code(exc) in TRANSIENT_CODES
+        return False
 
     def url(self, key: str) -> str:
         """A presigned GET URL, valid for ``presign_expires`` seconds."""

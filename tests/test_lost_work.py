@@ -171,3 +171,20 @@ def test_queues_costs_o_queues_not_o_batches(own_farm):
     assert many == few, (few, many)
     answer = api.get("/api/v1/queues").get_json()
     assert answer["oldest_waiting"]["id"] == waiting.id and answer["queued_jobs"] == 2
+
+
+# -- 7. a cancel comes too late once the images are being stored ---------------------------
+def test_cancel_after_the_first_object_is_stored_answers_storing(own_farm):
+    client, _ = own_farm
+    records = client.records
+    for job_id in ("c1", "c2"):
+        records.add_jobs("b", [(job_id, JobRequest(prompt="x", model="tiny", seed=1))])
+        records.claim(job_id, "w1", 30, 3)
+        records.update(job_id, "w1", JobState.uploading)
+    assert records.cancel("c1") == "cancelling"  # nothing stored yet: the cancel wins
+    assert records.renew("c1", "w1", 30) == "cancel"
+    records.update("c2", "w1", JobState.uploading, storing=1)  # its first object is stored
+    assert records.cancel("c2") == "storing"
+    assert records.renew("c2", "w1", 30) == "ok"
+    records.succeed("c2", "w1", [])
+    assert records.job("c2").state is JobState.succeeded

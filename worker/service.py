@@ -51,6 +51,7 @@ from renderfarm.schema import ImageResult, JobRecord, JobState, now
 from renderfarm.settings import Settings
 from storage import open_storage
 from storage.png import encode_png, parameters_text
+from storage.retry import put_with_retries
 from worker.hashes import hash_cache
 from worker.memory import device_memory
 from worker.modelfiles import list_models
@@ -483,8 +484,14 @@ class WorkerService:
             record, images = self._uploads.get()
             try:
                 self._store(record, images)
+            except Cancelled:  # before its first object: cancelled, nothing stored
+                log.info("job %s cancelled before storing", record.id)
+                self.records.update(record.id, self.owner, JobState.cancelled, retrying="")
+            except LostJob as exc:
+                log.warning("job %s: lease lost while storing (%s)", record.id, exc)
             except Exception as exc:
                 log.exception("job %s: storing failed", record.id)
+                self._unstore(record)
                 try:
                     self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
                 except Exception:  # Redis is away too: the lease runs out and the job comes back
@@ -496,10 +503,42 @@ class WorkerService:
                 self._uploads.task_done()
 
     def _store(self, record: JobRecord, images: list) -> None:
+        """Store the job's images and sidecar, then mark it succeeded.
+
+        A store failure that can pass (S3 restarting) is retried for
+        ``store_retry_seconds``, the job still leased and its record saying ``retrying``.
+        Cancel rule: a cancel wins until the job's first object is written (then the job ends
+        ``cancelled`` with nothing stored); from then on it comes too late and the job ends
+        ``succeeded`` (the cancel answers ``storing``)."""
         request = record.request
         if self.holds is not None:
             self.holds.before_upload(record.id, request.prompt)
         sha256 = self.model_sha256(request.model)
+        stored = False
+
+        def before_try(tries: int, last: BaseException | None) -> None:
+            if last is not None:
+                note = f"storage unavailable ({_describe(last)[:300]}); retry {tries}"
+                log.warning("job %s: %s", record.id, note)
+                status, cancel = self.records.update(record.id, self.owner, JobState.uploading,
+                                                     retrying=note)
+                if status != "ok":
+                    raise LostJob(status)
+            if not stored:  # nothing written yet: a cancel still wins
+                answer = self.records.renew(record.id, self.owner, self.settings.lease_seconds)
+                if answer == "lost":
+                    raise LostJob(answer)
+                if answer == "cancel":
+                    raise Cancelled(record.id)
+
+        def put(key: str, data: bytes, content_type: str, metadata) -> None:
+            nonlocal stored
+            put_with_retries(self.storage, key, data, content_type, metadata,
+                             patience=self.settings.store_retry_seconds, before_try=before_try)
+            if not stored:
+                stored = True
+                self.records.update(record.id, self.owner, JobState.uploading, storing=1)
+
         results = []
         for k, (image, seed) in enumerate(zip(images, request.seeds(), strict=True)):
             key = f"{record.batch_id}/{record.id}-{k}.png"
@@ -507,14 +546,25 @@ class WorkerService:
                         **request.model_dump(mode="json", exclude={"init_image"}),
                         "model_sha256": sha256}
             text = parameters_text(request, seed, model_hash=sha256)
-            self.storage.put(key, encode_png(image, text, job_meta), "image/png",
-                             object_metadata(record, seed))
+            put(key, encode_png(image, text, job_meta), "image/png",
+                object_metadata(record, seed))
             results.append(ImageResult(key=key, seed=seed, width=image.width, height=image.height))
-        self.storage.put(f"{record.batch_id}/{record.id}.json",
-                         self._sidecar(record, results, sha256), "application/json",
-                         object_metadata(record))
+        put(f"{record.batch_id}/{record.id}.json", self._sidecar(record, results, sha256),
+            "application/json", object_metadata(record))
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
+
+    def _unstore(self, record: JobRecord) -> None:
+        """A job that failed while storing leaves no objects behind (best effort: a store that
+        is still down keeps what it has, and the log names it)."""
+        n = record.request.num_images
+        for key in [f"{record.batch_id}/{record.id}-{k}.png" for k in range(n)] + [
+                f"{record.batch_id}/{record.id}.json"]:
+            try:
+                self.storage.delete(key)
+            except Exception as exc:
+                log.error("job %s: could not delete %s after failing: %s", record.id, key,
+                          _describe(exc))
 
     def _sidecar(self, record: JobRecord, results: list[ImageResult],
                  model_sha256: str | None = None) -> bytes:
