@@ -134,11 +134,11 @@ def workers(now: float | None = None) -> list[dict[str, Any]]:
             "status": info.status,
             "seconds_since_beat": round(now - info.beat, 1),
         })
-    _add_current_steps(c, out, now)
+    _add_current_steps(c, out)
     return out
 
 
-def _add_current_steps(c: FarmClient, fleet: list[dict[str, Any]], now: float) -> None:
+def _add_current_steps(c: FarmClient, fleet: list[dict[str, Any]]) -> None:
     """Step i/n of each worker's current job, and its it/s since the job started rendering."""
     ids = [w["current_job"] for w in fleet if w["current_job"] and w["state"] == "live"]
     current = {r.id: r for r in c.records.jobs(ids)} if ids else {}
@@ -146,11 +146,18 @@ def _add_current_steps(c: FarmClient, fleet: list[dict[str, Any]], now: float) -
         record = current.get(w["current_job"] or "")
         w["step"] = record.step if record else None
         w["steps_total"] = record.steps_total if record else None
-        started = record.timestamps.get("rendering") if record else None
-        if record and started and record.step and record.state is JobState.rendering:
-            w["its_per_second"] = round(record.step / max(1e-3, now - started), 2)
-        else:
-            w["its_per_second"] = None
+        w["its_per_second"] = its_per_second(record) if record else None
+
+
+def its_per_second(record: JobRecord) -> float | None:
+    """Denoising steps per second of a rendering job: its last recorded step over the time
+    from entering ``rendering`` to that step's write (both Redis' clock, so no polling delay
+    or host clock is counted)."""
+    started = record.timestamps.get("rendering")
+    if record.state is not JobState.rendering or not (started and record.step
+                                                     and record.progressed_at):
+        return None
+    return round(record.step / max(1e-3, record.progressed_at - started), 2)
 
 
 def queue_names(c: FarmClient) -> list[str]:

@@ -45,8 +45,11 @@ local B = 'rf:batch:' .. (redis.call('HGET', KEYS[1], 'batch_id') or '_')
 # move() keeps the batch's counts, the queue's pending set and the outbox (queued jobs whose
 # message may not have been sent: the sender removes them once it has) in step with the state.
 _MOVE = """
+-- 't:<state>' is when the job entered that state: a write that keeps the state (progress)
+-- never moves it.
 local function move(job, batch, from, to, t)
-  redis.call('HSET', job, 'state', to, 't:' .. to, t)
+  redis.call('HSET', job, 'state', to)
+  redis.call(from ~= to and 'HSET' or 'HSETNX', job, 't:' .. to, t)
   if from ~= to then
     redis.call('HINCRBY', batch, 'n:' .. from, -1)
     redis.call('HINCRBY', batch, 'n:' .. to, 1)
@@ -87,6 +90,7 @@ local function new_attempt(job)
   table.insert(drop, 'error')
   table.insert(drop, 'storing')
   table.insert(drop, 'retrying')
+  table.insert(drop, 'progressed_at')
   redis.call('HDEL', job, unpack(drop))
 end
 """
@@ -183,7 +187,10 @@ if terminal(state) then return {'terminal', state, ''} end
 if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[2] then return {'lost', state, ''} end
 local new = ARGV[3]
 move(KEYS[1], B, state, new, now)
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+  if not terminal(new) then redis.call('HSET', KEYS[1], 'progressed_at', now) end
+end
 if terminal(new) then
   release(KEYS[1], KEYS[2], ARGV[1])
 elseif ARGV[4] ~= '' then
@@ -710,6 +717,7 @@ def _parse_job_hash(data: dict) -> JobRecord:
         worker=_s(data, "worker") or None,
         attempts=int(_s(data, "attempts", "0")),
         step=int(_s(data, "step", "0")),
+        progressed_at=float(_s(data, "progressed_at", "0")) or None,
         steps_total=int(_s(data, "steps_total", "0")) or request.steps,
         results=[ImageResult.model_validate(r) for r in json.loads(results)] if results else [],
         error=_s(data, "error") or None,

@@ -258,6 +258,9 @@ class JobRecord(BaseModel):
     attempts: int = 0
     step: int = 0
     steps_total: int = 0
+    progressed_at: float | None = Field(
+        None, description="When the worker last recorded progress (``step``), by Redis' clock; "
+        "``timestamps`` keep when each state was entered.")
     results: list[ImageResult] = Field(default_factory=list)
     error: str | None = None
     cancel_requested: bool = False

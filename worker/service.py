@@ -437,8 +437,17 @@ class WorkerService:
             if self.holds is not None:
                 self.holds.at_step([(r.id, r.request.prompt) for r in group], step)
 
-        started = time.monotonic()
         try:
+            # The model is loaded first, so ``rendering`` is entered when denoising starts:
+            # timestamps started -> rendering is the load, rendering -> uploading the render.
+            self.cache.get(group[0].request.model)
+            answers = self.records.update_many(ids, self.owner, JobState.rendering)
+            for job_id, (status, cancel) in zip(ids, answers, strict=True):
+                if status != "ok":
+                    raise LostJob(status)
+                if cancel:
+                    raise Cancelled(job_id)
+            started = time.monotonic()
             if len(group) == 1:
                 rendered = [render(self.cache, group[0].request, on_step)]
             else:
