@@ -35,6 +35,7 @@ from renderfarm.schema import (
 from renderfarm.settings import Settings
 from worker.compat import compat_key
 from worker.families import FAMILIES, job_errors, model_families, with_family_defaults
+from worker.lorafiles import lora_errors, loras_with_family
 from worker.modelfiles import list_models
 
 IDEMPOTENCY_TTL = 7 * 24 * 3600
@@ -84,6 +85,12 @@ class FarmClient:
         advertised = {m.decode() for m in self.redis.hkeys(keys.MODELS)}
         return sorted(advertised | set(list_models(self.settings.models_path)))
 
+    def loras(self) -> dict[str, str]:
+        """LoRAs the farm knows, with their model family: those workers advertise, and those
+        in the models dir's ``loras/`` folder."""
+        advertised = {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.LORAS).items()}
+        return dict(sorted((advertised | loras_with_family(self.settings.models_path)).items()))
+
     def model_families(self) -> dict[str, str]:
         """Model -> family name (``sd15``, ``sdxl``, ``flux``: :mod:`worker.families`) as the
         workers' heartbeats tell it, and for the models dir as read here (without torch: a
@@ -129,7 +136,7 @@ class FarmClient:
         A job whose model's family is known gets that family's default size and scheduler
         where it left them unset, and is refused where a field makes no sense for the family
         (:func:`worker.families.job_errors`)."""
-        known = families = None
+        known = families = loras = None
         out, errors = [], []
         for index, job in enumerate(jobs):
             if isinstance(job, dict) and "model" not in job:
@@ -153,6 +160,12 @@ class FarmClient:
                 if family is not None:  # else a family this client does not know: no checks
                     request = with_family_defaults(request, family)
                     errors.extend(job_errors(request, family, index))
+            if request.loras:
+                if loras is None:
+                    loras = self.loras()
+                if families is None:
+                    families = self.model_families()
+                errors.extend(lora_errors(request, loras, families.get(request.model), index))
             out.append(request)
         if out and not errors:
             errors = capability_errors(out, live_workers(self.redis))

@@ -36,12 +36,16 @@ class WorkerInfo(BaseModel):
     hashes: dict[str, str] = Field(default_factory=dict,
                                    description="model -> SHA-256 (those hashed so far)")
     loaded: list[str] = Field(default_factory=list)
+    loras: dict[str, str] = Field(default_factory=dict, description="LoRA -> model family")
+    loaded_loras: dict[str, list[str]] = Field(default_factory=dict,
+                                               description="model -> LoRAs loaded into it")
     speeds: dict[str, float] = Field(default_factory=dict, description="model@WxH -> it/s")
     status: str = Field("ready", description="starting (loading, warming up) or ready")
     current_job: str = ""
     step: int = 0
     jobs_done: int = 0
     loads: int = 0
+    lora_loads: int = 0
     beat: float = 0.0
 
     @property
@@ -53,10 +57,11 @@ class WorkerInfo(BaseModel):
             request.hardware in ("any", self.hardware)
             and request.model in self.models
             and request.width * request.height <= self.max_pixels
+            and all(lora.name in self.loras for lora in request.loras)
         )
 
 
-_JSON_FIELDS = {"models", "families", "hashes", "loaded", "speeds"}
+_JSON_FIELDS = {"models", "families", "hashes", "loaded", "speeds", "loras", "loaded_loras"}
 
 
 def read_workers(redis: Redis, include_lost: bool = True) -> list[WorkerInfo]:
@@ -97,12 +102,22 @@ def capability_errors(
             continue
         of_class = [w for w in workers if request.hardware in ("any", w.hardware)]
         with_model = [w for w in of_class if request.model in w.models]
+        fits = [w for w in with_model if request.width * request.height <= w.max_pixels]
+        missing = [(i, lora.name) for i, lora in enumerate(request.loras)
+                   if not any(lora.name in w.loras for w in fits)]
         if not of_class:
             err = FieldError("hardware", f"has no live worker (live classes: {', '.join(classes)})",
                              request.hardware, index)
         elif not with_model:
             err = FieldError("model", f"is on no live worker of hardware {request.hardware!r}",
                              request.model, index)
+        elif fits and missing:  # like an unknown model: no worker that could run it has it
+            i, name = missing[0]
+            err = FieldError(f"loras.{i}.name", f"is a LoRA on no live worker with model "
+                             f"{request.model!r}", name, index)
+        elif fits:
+            err = FieldError("loras", f"are on no one live worker with model {request.model!r} "
+                             "all together", [lora.name for lora in request.loras], index)
         else:
             largest = max(w.max_pixels for w in with_model)
             err = FieldError("width", f"x height {request.width}x{request.height} is over every "

@@ -6,6 +6,7 @@ JOBS = "rf:jobs"  #: zset job id -> created_at (every job)
 RUNNING = "rf:running"  #: zset job id -> lease expiry, for jobs a worker holds
 OUTBOX = "rf:outbox"  #: zset job id -> time it went queued, until its message is sent
 MODELS = "rf:models"  #: hash model name -> last time a worker advertised it
+LORAS = "rf:loras"  #: hash LoRA name -> its model family, as the last worker that has it said
 
 
 def job(job_id: str) -> str:

@@ -13,6 +13,7 @@ merges learnt from a built-in word list, so any prompt (unicode, emoji) tokenize
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -297,3 +298,63 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+#: The LoRA file formats :func:`make_lora` writes: diffusers' own (peft ``lora_A`` /
+#: ``lora_B``, as ``save_lora_weights`` writes) and kohya's (``lora_down`` / ``lora_up`` /
+#: ``alpha``, what A1111 and civitai LoRAs use).
+LORA_FORMATS = ("peft", "kohya")
+#: The layers a made LoRA adapts: the UNet's attention projections and the text encoders'
+#: self-attention projections (what most LoRAs train).
+_LORA_UNET = re.compile(r"^(.*\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.weight$")
+_LORA_TEXT = re.compile(r"^(?:text_model\.)?(encoder\.layers\.\d+\.self_attn\.[qkvo]\w*_proj)"
+                        r"\.weight$")
+
+
+def make_lora(model_dir: Path, path: Path, fmt: str = "peft", seed: int = 0, rank: int = 4,
+              scale: float = 0.3) -> Path:
+    """Write a LoRA for the diffusers model folder ``model_dir`` to ``path`` (``.safetensors``):
+    random low-rank updates (``scale`` x standard normal, seeded) of the UNet's attention and
+    the text encoders' self-attention, in ``fmt`` (:data:`LORA_FORMATS`), with layer names as
+    real LoRAs have them. Shapes come from the model files' headers: nothing is loaded.
+    Returns ``path``."""
+    from safetensors.torch import save_file
+
+    from worker.lorafiles import safetensors_shapes
+
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}")
+    model_dir = Path(model_dir)
+    encoders = sorted(p.name for p in model_dir.glob("text_encoder*") if p.is_dir())
+    parts = [("unet", _LORA_UNET)] + [(name, _LORA_TEXT) for name in encoders]
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for part, pattern in parts:
+        [weights] = sorted((model_dir / part).glob("*.safetensors"))[:1] or [None]
+        if weights is None:
+            raise ValueError(f"{model_dir / part} has no .safetensors weights to shape a LoRA on")
+        for key, shape in sorted(safetensors_shapes(weights).items()):
+            match = pattern.match(key)
+            if not match or len(shape) != 2:
+                continue
+            layer = match.group(1) if part == "unet" else f"text_model.{match.group(1)}"
+            down = torch.randn(rank, shape[1], generator=generator) * scale
+            up = torch.randn(shape[0], rank, generator=generator) * scale
+            if fmt == "peft":
+                tensors[f"{part}.{layer}.lora_A.weight"] = down
+                tensors[f"{part}.{layer}.lora_B.weight"] = up
+            else:
+                prefix = {"unet": "lora_unet", "text_encoder": "lora_te",
+                          "text_encoder_2": "lora_te2"}[part]
+                if part == "text_encoder" and "text_encoder_2" in encoders:
+                    prefix = "lora_te1"
+                name = f"{prefix}_{layer.replace('.', '_')}"
+                tensors[f"{name}.lora_down.weight"] = down
+                tensors[f"{name}.lora_up.weight"] = up
+                tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    if not tensors:
+        raise ValueError(f"{model_dir}: no attention layers found to make a LoRA for")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt", "renderfarm_lora_format": fmt})
+    return path

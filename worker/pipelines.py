@@ -37,7 +37,9 @@ from diffusers.schedulers import scheduling_lms_discrete
 from diffusers.utils import is_scipy_available
 
 from renderfarm.schema import SCHEDULERS, Mode
+from worker.adapters import LoraAdapters
 from worker.families import Family, family_of_folder
+from worker.lorafiles import list_loras
 from worker.memory import available_memory
 from worker.modelfiles import list_models
 from worker.profiles import Profile
@@ -147,21 +149,26 @@ class _Loaded:
     txt2img: DiffusionPipeline
     img2img: DiffusionPipeline | None = None
     offloaded: DiffusionPipeline | None = None  # which pipeline holds the CPU-offload hooks
+    loras: LoraAdapters | None = None  # the LoRAs loaded into it (worker.adapters)
 
 
 class PipelineCache:
     """The models a worker keeps loaded: at most ``max_models``, least recently used evicted.
 
-    ``loads`` counts loads from disk, so a test can prove a model stayed warm.
+    ``loads`` counts loads from disk, so a test can prove a model stayed warm; ``lora_loads``
+    counts LoRA files read (each loaded model keeps up to ``max_loras`` LoRAs loaded).
     """
 
-    def __init__(self, models_dir: Path, profile: Profile, max_models: int = 2):
+    def __init__(self, models_dir: Path, profile: Profile, max_models: int = 2,
+                 max_loras: int = 8):
         if max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {max_models!r}")
         self.models_dir = Path(models_dir)
         self.profile = profile
         self.max_models = max_models
+        self.max_loras = max_loras
         self.loads = 0
+        self.lora_loads = 0
         self.warmed: dict[str, dict[str, float]] = {}  # model -> "WxHxB" -> seconds
         self._entries: OrderedDict[str, _Loaded] = OrderedDict()
         self._families: dict[Path, Family] = {}
@@ -245,6 +252,42 @@ class PipelineCache:
             pipe.enable_model_cpu_offload(device=self.profile.device)
             entry.offloaded = pipe
         return pipe
+
+    def use_loras(self, model: str, loras: tuple[tuple[str, float], ...] = ()) -> None:
+        """Make ``loras`` (``(name, weight)`` pairs, :func:`worker.compat.lora_set`) the
+        active LoRAs of loaded ``model`` for the next call of either of its pipelines (they
+        share the layers the adapters live in); none turns LoRA off. LoRAs are read once and
+        kept (:class:`worker.adapters.LoraAdapters`); the model is never reloaded for them.
+
+        A compiled UNet runs a job with LoRAs eagerly: its graph was traced for the model's
+        own layers, and peft's adapter layers (and every change of set or weight) would make it
+        recompile. A job without LoRAs on a compiled UNet unloads the LoRAs first, so the
+        compiled graph's guards hold again (the next LoRA job reads its files again).
+        """
+        entry = self._entries[model]
+        pipe = entry.txt2img
+        if entry.loras is None:
+            if not loras:
+                return
+            entry.loras = LoraAdapters(model, entry.family.name, self.max_loras)
+        unet = denoiser(pipe)
+        compiled = getattr(unet, "renderfarm_forward", None)
+        if compiled is not None and not loras:
+            entry.loras.clear(pipe)
+            unet.forward = compiled
+            return
+        before = entry.loras.loads
+        try:
+            entry.loras.activate(pipe, list(loras), list_loras(self.models_dir))
+        finally:
+            self.lora_loads += entry.loras.loads - before
+        if compiled is not None:
+            unet.__dict__.pop("forward", None)  # the class's own (eager) forward
+
+    def loaded_loras(self) -> dict[str, list[str]]:
+        """Model -> the LoRAs loaded into it, least recently used first."""
+        return {m: e.loras.loaded() for m, e in self._entries.items()
+                if e.loras is not None and e.loras.loaded()}
 
     def evict(self, model: str) -> None:
         """Unload ``model`` and free its memory (no error if it is not loaded)."""
@@ -418,7 +461,8 @@ def _compile_unet(pipe: DiffusionPipeline, profile: Profile) -> None:
     setattr(config, limit, max(getattr(config, limit), 4 * shapes))
     unet = denoiser(pipe)
     compiled = torch.compile(unet.forward, fullgraph=True, dynamic=False, **options)
-    unet.forward = _steady_inputs(compiled) if _has_unet(pipe) else compiled
+    unet.forward = unet.renderfarm_forward = (
+        _steady_inputs(compiled) if _has_unet(pipe) else compiled)
     unet.renderfarm_compiled = compiled  # how a test (or a log line) tells it is compiled
 
 

@@ -21,7 +21,7 @@ import torch
 
 from renderfarm.images import decode_init_image
 from renderfarm.schema import JobRequest, Mode
-from worker.compat import compat_key, incompatibilities
+from worker.compat import compat_key, incompatibilities, lora_set
 from worker.pipelines import PipelineCache, set_scheduler
 from worker.profiles import Profile
 
@@ -55,6 +55,7 @@ def render(
     # 2. The pipeline, with the job's scheduler
     pipe = cache.get(request.model, request.mode)
     set_scheduler(pipe, request.scheduler)
+    cache.use_loras(request.model, lora_set(request))
 
     # 3. Arguments shared by every call
     init = decode_init_image(request.init_image).resize(
@@ -93,10 +94,11 @@ def render_batch(
     """Render compatible txt2img jobs together; return each job's images, in request order.
 
     The jobs must have equal :func:`compat_key` (model, mode, size, steps, scheduler,
-    guidance), else ``ValueError``. Their images go through the pipeline ``profile.max_batch``
-    at a time, image ``k`` of a job with its own prompt, negative prompt and a CPU generator
-    seeded ``seed + k``, so each image equals the one :func:`render` gives for its job alone
-    (within floating-point tolerance: batched kernels may sum in another order).
+    guidance, LoRA set and weights), else ``ValueError``. Their images go through the pipeline
+    ``profile.max_batch`` at a time, image ``k`` of a job with its own prompt, negative prompt
+    and a CPU generator seeded ``seed + k``, so each image equals the one :func:`render` gives
+    for its job alone (within floating-point tolerance: batched kernels may sum in another
+    order).
 
     ``on_step(done, total)`` counts steps over all the calls, as in :func:`render`; an
     exception it raises stops every job of the batch.
@@ -122,6 +124,7 @@ def render_batch(
     # 2. The pipeline, with the jobs' scheduler
     pipe = cache.get(first.model, Mode.txt2img)
     set_scheduler(pipe, first.scheduler)
+    cache.use_loras(first.model, lora_set(first))
 
     # 3. One entry per image: (job index, prompt, negative prompt, seed)
     entries = [

@@ -53,6 +53,7 @@ from storage import open_storage
 from storage.png import encode_png, parameters_text
 from storage.retry import put_with_retries
 from worker.hashes import hash_cache
+from worker.lorafiles import loras_with_family
 from worker.memory import device_memory
 from worker.modelfiles import list_models
 from worker.testhooks import from_env as test_holds
@@ -92,6 +93,7 @@ class WorkerService:
         self.families: dict[str, str] = {}  # model -> family name, advertised in heartbeats
         self.model_hashes: dict[str, str] = {}  # model -> SHA-256, as hashed (worker/hashes.py)
         self._model_paths: dict[str, Path] = {}
+        self.loras: dict[str, str] = {}  # LoRA name -> family, re-read at every heartbeat
         self.queues: list[str] = []
         self.jobs_done = 0
         self.ready = False  # the heartbeat's status: "starting" until mark_ready()
@@ -234,6 +236,9 @@ class WorkerService:
         with self._lock:
             current = self._current[0] if self._current else ""
         total, free = device_memory(self.profile.device)
+        # LoRAs are re-read at every beat (a listing; headers only of new or changed files),
+        # so one dropped into the loras folder can be used at once: it changes no queue.
+        self.loras = loras_with_family(self.settings.models_path)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.worker(self.owner), mapping={
             "id": self.owner,
@@ -250,6 +255,9 @@ class WorkerService:
             "families": json.dumps(self.families),
             "hashes": json.dumps(dict(self.model_hashes)),
             "loaded": json.dumps(self.cache.loaded()),
+            "loras": json.dumps(self.loras),
+            "loaded_loras": json.dumps(self.cache.loaded_loras()),
+            "lora_loads": self.cache.lora_loads,
             "speeds": json.dumps(self.speeds),
             "status": "ready" if self.ready else "starting",
             "current_job": current,
@@ -259,6 +267,8 @@ class WorkerService:
             "beat": t,
         })
         pipe.expire(keys.worker(self.owner), 300)
+        if self.loras:
+            pipe.hset(keys.LORAS, mapping=self.loras)
         pipe.zadd(keys.WORKERS, {self.owner: t})
         pipe.execute()
 
