@@ -204,3 +204,25 @@ def test_lora_layers_hold_the_files_update(models, name):
         with torch.no_grad():
             expected = base(x) + x @ (up @ down).T
             assert torch.allclose(target(x), expected, atol=1e-4)
+
+
+def test_compiled_unet_renders_lora_jobs_eagerly_and_never_recompiles(models):
+    """A compiled UNet (dynamo's eager backend, as tests/test_compile.py) runs LoRA jobs on
+    its eager forward, and its compiled graph serves the jobs without LoRA as before: no
+    recompile, pixels equal to an eager worker's."""
+    from torch._dynamo.utils import counters
+
+    profile = Profile("cpu", "cpu", torch.float32, compile=True, compile_backend="eager",
+                      warmup_sizes=((64, 64),), max_batch=1)
+    compiled = PipelineCache(models, profile)
+    compiled.warmup("tiny")
+    warmed = counters["stats"]["unique_graphs"]
+    eager = PipelineCache(models, CPU)
+    for loras in ([], [{"name": "ink"}], [{"name": "sketch", "weight": 0.5}], [],
+                  [{"name": "ink"}], []):
+        a = pixels(compiled, loras=loras, scheduler="euler")
+        b = pixels(eager, loras=loras, scheduler="euler")
+        assert np.abs(a - b).max() <= 1, loras
+    assert counters["stats"]["unique_graphs"] == warmed
+    assert compiled.loads == 1
+    assert compiled.lora_loads == 3  # unloaded before each job without LoRA: ink read twice

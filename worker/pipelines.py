@@ -391,6 +391,12 @@ class PipelineCache:
     def _apply_profile(self, pipe: DiffusionPipeline) -> None:
         """Put a freshly loaded pipeline on the profile's device, in its fast path."""
         profile = self.profile
+        # Inference only: freeze every weight now, as loading a LoRA would (peft marks the
+        # base weights frozen and unloading leaves them so), else a compiled UNet's guards on
+        # requires_grad would fail after the first LoRA and it would recompile.
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
         if not profile.cpu_offload:
             pipe.to(profile.device)  # the whole pipeline: the VAE decodes on the device too
         if profile.vae_slicing:
