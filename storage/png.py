@@ -21,10 +21,16 @@ _INTS = ("Steps", "Seed")
 _FLOATS = ("CFG scale", "Denoising strength")
 
 
-def parameters_text(request: JobRequest, seed: int, model_hash: str | None = None) -> str:
+def parameters_text(request: JobRequest, seed: int, model_hash: str | None = None,
+                    lora_hashes: dict[str, str] | None = None) -> str:
     """The A1111 ``parameters`` text of one image of ``request``, rendered with ``seed``.
     ``model_hash``: the model's SHA-256 (worker/hashes.py), written as A1111's ``Model hash:``
-    (its first 10 hex digits), which civitai and metadata readers match models by."""
+    (its first 10 hex digits), which civitai and metadata readers match models by.
+
+    The job's LoRAs are written as A1111 writes them: ``<lora:name:weight>`` tags at the end of
+    the prompt (so the text pasted back in gives the same job), and ``lora_hashes`` (LoRA name
+    -> A1111's LoRA hash, :func:`worker.hashes.addnet_hash`) as ``Lora hashes: "name: <first 12
+    hex digits>, ..."``."""
     sampler, schedule = A1111_SAMPLERS[request.scheduler]
     params: dict[str, object] = {
         "Steps": request.steps,
@@ -39,9 +45,14 @@ def parameters_text(request: JobRequest, seed: int, model_hash: str | None = Non
     params["Model"] = request.model
     if request.mode is Mode.img2img:
         params["Denoising strength"] = float(request.strength)
+    hashed = [f"{lora.name}: {lora_hashes[lora.name][:12]}" for lora in request.loras
+              if lora_hashes and lora_hashes.get(lora.name)]
+    if hashed:
+        params["Lora hashes"] = ", ".join(hashed)
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items())
     negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
-    return f"{request.prompt}{negative}\n{line}".strip()
+    tags = "".join(f" <lora:{lora.name}:{_number(lora.weight)}>" for lora in request.loras)
+    return f"{request.prompt}{tags}{negative}\n{line}".strip()
 
 
 def parse_parameters(text: str) -> dict:
@@ -100,6 +111,12 @@ def read_png_info(data: bytes) -> dict:
         "parameters": str(parameters) if parameters is not None else None,
         "renderfarm": json.loads(job) if job is not None else None,
     }
+
+
+def _number(value: float) -> str:
+    """``1`` for 1.0, else the float's shortest exact text (``0.8``, ``-0.25``)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _quote(value: object) -> str:

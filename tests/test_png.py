@@ -94,3 +94,19 @@ def test_parameters_text_writes_a1111s_model_hash_before_the_model():
     assert text.endswith("Size: 512x512, Model hash: 6ce0161689, Model: sd15")
     assert parse_parameters(text)["Model hash"] == "6ce0161689"
     assert "Model hash" not in parameters_text(request, 1)  # unknown: left out, as A1111 does
+
+
+def test_parameters_text_writes_loras_as_a1111_does():
+    """Tags back at the end of the prompt (pasting the text back gives the same job), and
+    ``Lora hashes`` with the first 12 hex digits of each LoRA's A1111 hash, in job order."""
+    request = JobRequest(prompt="castle <lora:ink:0.8>", model="tiny", steps=20, seed=1,
+                         negative_prompt="fog", loras=[{"name": "sketch", "weight": -1}])
+    hashes = {"ink": "a" * 64, "sketch": "0123456789abcdef" * 4}
+    text = parameters_text(request, 1, lora_hashes=hashes)
+    assert text.startswith("castle <lora:sketch:-1> <lora:ink:0.8>\nNegative prompt: fog\n")
+    assert text.endswith('Model: tiny, Lora hashes: "sketch: 0123456789ab, ink: aaaaaaaaaaaa"')
+    parsed = parse_parameters(text)
+    assert parsed["Lora hashes"] == "sketch: 0123456789ab, ink: aaaaaaaaaaaa"
+    again = JobRequest(prompt=parsed["prompt"], model="tiny")
+    assert again.prompt == "castle" and again.loras == request.loras
+    assert "Lora hashes" not in parameters_text(request, 1)  # not hashed: left out

@@ -47,13 +47,13 @@ from renderfarm.connection import celery_app, connect
 from renderfarm.errors import BadRecord, Cancelled
 from renderfarm.fleet import HEARTBEAT_INTERVAL
 from renderfarm.records import Records
-from renderfarm.schema import ImageResult, JobRecord, JobState, now
+from renderfarm.schema import ImageResult, JobRecord, JobRequest, JobState, now
 from renderfarm.settings import Settings
 from storage import open_storage
 from storage.png import encode_png, parameters_text
 from storage.retry import put_with_retries
 from worker.hashes import hash_cache
-from worker.lorafiles import loras_with_family
+from worker.lorafiles import list_loras, loras_with_family
 from worker.memory import device_memory
 from worker.modelfiles import list_models
 from worker.testhooks import from_env as test_holds
@@ -558,17 +558,19 @@ class WorkerService:
                 stored = True
                 self.records.update(record.id, self.owner, JobState.uploading, storing=1)
 
+        loras = self._lora_hashes(request)
+        addnet = {entry["name"]: entry["addnet_sha256"] for entry in loras}
         results = []
         for k, (image, seed) in enumerate(zip(images, request.seeds(), strict=True)):
             key = f"{record.batch_id}/{record.id}-{k}.png"
             job_meta = {"id": record.id, "batch_id": record.batch_id, "image": k, "seed": seed,
                         **request.model_dump(mode="json", exclude={"init_image"}),
-                        "model_sha256": sha256}
-            text = parameters_text(request, seed, model_hash=sha256)
+                        "model_sha256": sha256, "lora_hashes": loras}
+            text = parameters_text(request, seed, model_hash=sha256, lora_hashes=addnet)
             put(key, encode_png(image, text, job_meta), "image/png",
                 object_metadata(record, seed))
             results.append(ImageResult(key=key, seed=seed, width=image.width, height=image.height))
-        put(f"{record.batch_id}/{record.id}.json", self._sidecar(record, results, sha256),
+        put(f"{record.batch_id}/{record.id}.json", self._sidecar(record, results, sha256, loras),
             "application/json", object_metadata(record))
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
@@ -585,8 +587,28 @@ class WorkerService:
                 log.error("job %s: could not delete %s after failing: %s", record.id, key,
                           _describe(exc))
 
+    def _lora_hashes(self, request: JobRequest) -> list[dict]:
+        """Each LoRA of the job with its file's SHA-256 and A1111's LoRA hash (worker/hashes.py:
+        hashed once per file, cached), for the image's metadata; None where the file cannot
+        be read any more (a missing hash never fails a job)."""
+        if not request.loras:
+            return []
+        files = list_loras(self.settings.models_path)
+        cache = hash_cache(self.settings.models_path)
+        out = []
+        for lora in request.loras:
+            entry = {"name": lora.name, "weight": lora.weight, "sha256": None,
+                     "addnet_sha256": None}
+            try:
+                entry["sha256"] = cache.file_sha256(files[lora.name])
+                entry["addnet_sha256"] = cache.addnet_hash(files[lora.name])
+            except (KeyError, OSError, ValueError) as exc:
+                log.warning("cannot hash LoRA %s: %s", lora.name, exc)
+            out.append(entry)
+        return out
+
     def _sidecar(self, record: JobRecord, results: list[ImageResult],
-                 model_sha256: str | None = None) -> bytes:
+                 model_sha256: str | None = None, loras: list[dict] | None = None) -> bytes:
         fresh = self.records.job(record.id)
         t = {**fresh.timestamps, "stored": self.records.clock()}
         timings = {
@@ -601,6 +623,7 @@ class WorkerService:
             "request": record.request.model_dump(mode="json", exclude={"init_image"}),
             "has_init_image": record.request.init_image is not None,
             "model_sha256": model_sha256,
+            "lora_hashes": loras or [],
             "worker": self.owner,
             "device": self.profile.name,
             "attempts": fresh.attempts,
