@@ -340,6 +340,25 @@ def make_model(kind: str, directory: Path) -> None:
     click.echo(f"wrote {kind} model to {path}")
 
 
+@main.command("make-lora")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft",
+              show_default=True, help="diffusers' own LoRA format, or kohya's (A1111, civitai)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--rank", default=4, show_default=True, type=int)
+def make_lora(model_dir: Path, path: Path, fmt: str, seed: int, rank: int) -> None:
+    """Write a LoRA with seeded random weights for the diffusers model folder MODEL_DIR to
+    PATH (put it in <models dir>/loras/NAME.safetensors to use it as NAME)."""
+    from worker.modelgen import make_lora as build
+
+    try:
+        build(model_dir, path, fmt, seed=seed, rank=rank)
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {fmt} LoRA to {path}")
+
+
 def _redact(url: str | None) -> str:
     if not url or "@" not in url:
         return url or ""
