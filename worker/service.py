@@ -385,7 +385,8 @@ class WorkerService:
                 return outcomes
             for record, images in zip(group, rendered, strict=True):
                 try:
-                    outcomes[record.id] = self._hand_over(record, images)
+                    outcomes[record.id] = self._hand_over(
+                        record, images, [i for i in ids if i != record.id])
                 except LostJob:
                     outcomes[record.id] = "lost"
             return outcomes
@@ -491,18 +492,20 @@ class WorkerService:
             torch.cuda.empty_cache()
 
     # -- storing ------------------------------------------------------------------------------
-    def _hand_over(self, record: JobRecord, images: list) -> str:
+    def _hand_over(self, record: JobRecord, images: list, shared: list[str] | None = None) -> str:
+        """Queue the job's images for upload; ``shared``: the jobs its pipeline calls held too
+        (its micro-batch partners), for the sidecar."""
         status, _ = self.records.update(record.id, self.owner, JobState.uploading)
         if status != "ok":
             raise LostJob(status)
-        self._uploads.put((record, images))  # blocks while 2 are waiting: bounded memory
+        self._uploads.put((record, images, shared or []))  # blocks while 2 wait: bounded memory
         return "uploading"
 
     def _upload_loop(self) -> None:
         while True:
-            record, images = self._uploads.get()
+            record, images, shared = self._uploads.get()
             try:
-                self._store(record, images)
+                self._store(record, images, shared)
             except Cancelled:  # before its first object: cancelled, nothing stored
                 log.info("job %s cancelled before storing", record.id)
                 self.records.update(record.id, self.owner, JobState.cancelled, retrying="")
@@ -521,7 +524,8 @@ class WorkerService:
                 self.jobs_done += 1
                 self._uploads.task_done()
 
-    def _store(self, record: JobRecord, images: list) -> None:
+    def _store(self, record: JobRecord, images: list,
+               shared: list[str] | None = None) -> None:
         """Store the job's images and sidecar, then mark it succeeded.
 
         A store failure that can pass (S3 restarting) is retried for
@@ -570,8 +574,9 @@ class WorkerService:
             put(key, encode_png(image, text, job_meta), "image/png",
                 object_metadata(record, seed))
             results.append(ImageResult(key=key, seed=seed, width=image.width, height=image.height))
-        put(f"{record.batch_id}/{record.id}.json", self._sidecar(record, results, sha256, loras),
-            "application/json", object_metadata(record))
+        put(f"{record.batch_id}/{record.id}.json",
+            self._sidecar(record, results, sha256, loras, shared), "application/json",
+            object_metadata(record))
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
 
@@ -608,7 +613,8 @@ class WorkerService:
         return out
 
     def _sidecar(self, record: JobRecord, results: list[ImageResult],
-                 model_sha256: str | None = None, loras: list[dict] | None = None) -> bytes:
+                 model_sha256: str | None = None, loras: list[dict] | None = None,
+                 shared: list[str] | None = None) -> bytes:
         fresh = self.records.job(record.id)
         t = {**fresh.timestamps, "stored": self.records.clock()}
         timings = {
@@ -624,6 +630,7 @@ class WorkerService:
             "has_init_image": record.request.init_image is not None,
             "model_sha256": model_sha256,
             "lora_hashes": loras or [],
+            "rendered_with": shared or [],  # micro-batch partners: jobs of the same calls
             "worker": self.owner,
             "device": self.profile.name,
             "attempts": fresh.attempts,
