@@ -21,7 +21,28 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@click.group()
+class _FarmGroup(click.Group):
+    """Every command: a farm that cannot be reached is one line on stderr (exit 2), never a
+    traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from redis.exceptions import ConnectionError as RedisDown
+
+        from renderfarm.errors import FarmUnavailable
+
+        try:
+            return super().invoke(ctx)
+        except FarmUnavailable as exc:
+            _fail(str(exc))
+        except RedisDown as exc:
+            _fail(f"the farm's Redis is unreachable: {exc}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+@click.group(cls=_FarmGroup)
 @click.version_option(package_name="renderfarm")
 def main() -> None:
     """A render farm for Stable Diffusion: Redis + Celery workers running diffusers."""
@@ -63,21 +84,27 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, **option
         base.update(width=w, height=h)
     if init_image:
         base.update(mode="img2img", init_image=encode_init_image(init_image.read_bytes()))
-    jobs = [{**base, "prompt": p} for p in prompts]
+    # each job with where it came from, for error messages: "prompt 2", "jobs.jsonl line 3"
+    jobs = [(f"prompt {n}", {**base, "prompt": p}) for n, p in enumerate(prompts, 1)]
     if file:
         try:
-            jobs += [{**base, **j} for j in read_jobs(file)]
+            jobs += [(f"{file.name} line {n}", {**base, **j}) for n, j in read_jobs(file)]
         except ValueError as exc:
             _fail(str(exc))
     if not jobs:
         _fail("give at least one prompt, or --file")
     if count < 1:
         _fail(f"--count must be at least 1, got {count}")
-    expanded = []
-    for job in jobs:
+    expanded, origin = [], []
+    for where, job in jobs:
         first = job.get("seed", seed)
         for k in range(count):
-            expanded.append({**job, **({"seed": first + k} if first is not None else {})})
+            try:
+                extra = {"seed": int(first) + k} if first is not None else {}
+            except (TypeError, ValueError):
+                extra = {}  # a bad seed: validation names it below
+            expanded.append({**job, **extra})
+            origin.append(where)
     from producer import FarmClient
 
     client = FarmClient(_settings())
@@ -85,11 +112,13 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, **option
         batch = client.submit_batch(expanded)
     except InvalidJob as exc:
         for err in exc.errors:
-            click.echo(f"error: {err}", err=True)
+            where = f"{origin[err.index]}: " if err.index is not None else ""
+            err.index = None
+            click.echo(f"error: {where}{err}", err=True)
         sys.exit(2)
     except FarmUnavailable as exc:
         _fail(str(exc))
-    click.echo(f"batch {batch.id}: {len(expanded)} jobs queued")
+    click.echo(f"batch {batch.id}: {_plural(len(expanded), 'job')} queued")
     if wait:
         from renderfarm.progress import follow_batch
 
@@ -146,7 +175,8 @@ def _print_farm(client) -> None:
 
 @main.command()
 @click.argument("ident")
-def cancel(ident: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print job id -> outcome as JSON.")
+def cancel(ident: str, as_json: bool) -> None:
     """Cancel a job, or every unfinished job of a batch."""
     from producer import FarmClient
     from renderfarm.errors import JobNotFound
@@ -154,13 +184,29 @@ def cancel(ident: str) -> None:
     client = FarmClient(_settings())
     try:
         if client.records.exists(ident):
-            click.echo(f"{ident}: {client.job(ident).cancel()}")
+            outcomes = {ident: client.job(ident).cancel()}
         else:
             client.records.batch(ident)
             outcomes = client.batch(ident).cancel()
-            click.echo(json.dumps(outcomes, indent=2))
     except JobNotFound as exc:
         _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(outcomes, indent=2))
+        return
+    if not outcomes:
+        click.echo(f"batch {ident}: every job had already ended; nothing to cancel")
+    for job_id, outcome in outcomes.items():
+        click.echo(f"{job_id}: {CANCEL_OUTCOMES.get(outcome, outcome)}")
+
+
+#: What ``Records.cancel``'s answers mean to a user.
+CANCEL_OUTCOMES = {
+    "cancelled": "cancelled",
+    "cancelling": "cancelling (it is running: it stops at its next step)",
+    "storing": "too late to cancel: its images are being stored, it will succeed",
+    "succeeded": "already succeeded",
+    "failed": "already failed",
+}
 
 
 class Age(click.ParamType):
@@ -205,17 +251,38 @@ def prune(older_than: float, dry_run: bool) -> None:
 
 
 @main.command()
-def models() -> None:
-    """List the models the farm knows, one a line, tab-separated: name, family (sd15, sdxl,
-    flux; "?" where no worker has said and it cannot be read here), A1111's model hash and the
-    SHA-256 ("-" until a worker has hashed the model), and how many live workers have it."""
+@click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
+def models(as_json: bool) -> None:
+    """List the models the farm knows: family (sd15, sdxl, flux; "?" where no worker has said
+    and it cannot be read here), A1111's model hash, the SHA-256 ("-" until a worker has
+    hashed the model) and the live workers that have it."""
+    from rich.console import Console
+    from rich.table import Table
+
     from producer import FarmClient
+    from renderfarm.fleet import live_workers
 
     farm = FarmClient(_settings())
     families = farm.model_families()
-    for name, info in farm.model_details().items():
-        click.echo(f"{name}\t{families.get(name, '?')}\t{info['model_hash'] or '-'}\t"
-                   f"{info['sha256'] or '-'}\t{info['workers']} worker(s)")
+    details = farm.model_details()
+    holders = {name: [w.id for w in live_workers(farm.redis) if name in w.models]
+               for name in details}
+    if as_json:
+        click.echo(json.dumps({name: {**info, "family": families.get(name),
+                                      "worker_ids": holders[name]}
+                               for name, info in details.items()}, indent=2))
+        return
+    if not details:
+        click.echo(f"no models: put one in {farm.settings.models_path} "
+                   "(renderfarm make-model tiny DIR makes a test model)")
+        return
+    table = Table("model", "family", "hash", "sha256", "workers")
+    table.columns[0].no_wrap = True
+    table.columns[3].overflow = "fold"
+    for name, info in details.items():
+        table.add_row(name, families.get(name, "?"), info["model_hash"] or "-",
+                      info["sha256"] or "-", "\n".join(holders[name]) or "none live")
+    Console().print(table)
 
 
 # -- running the farm -----------------------------------------------------------------------
@@ -332,9 +399,14 @@ def demo(workers: int) -> None:
 @main.command("make-model")
 @click.argument("kind", type=click.Choice(["tiny", "sd15-random"]))
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def make_model(kind: str, directory: Path) -> None:
+@click.option("--force", is_flag=True, help="Replace a model already in DIRECTORY.")
+def make_model(kind: str, directory: Path, force: bool) -> None:
     """Write a model with random weights: tiny (tests, demo) or sd15-random (benchmarks)."""
     from worker.modelgen import make_model as build
+
+    if directory.exists() and any(directory.iterdir()) and not force:
+        _fail(f"{directory} is not empty (a farm may be using the model there); "
+              "pass --force to replace it")
 
     path = build(kind, directory)
     click.echo(f"wrote {kind} model to {path}")

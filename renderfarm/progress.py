@@ -67,6 +67,8 @@ def print_results(client, records: list[JobRecord]) -> None:
 def print_batch(client, batch: BatchRecord) -> None:
     console.print(f"batch {batch.id}: {batch.done}/{batch.total} done  {_counts(batch)}")
     table = Table("job", "state", "step", "seed", "worker", "attempts", "error")
+    table.columns[0].no_wrap = True  # a job id is copied whole (to cancel it), never cut
+    table.columns[4].overflow = table.columns[6].overflow = "fold"
     for r in client.records.batch_jobs(batch.id, 0, 200):
         table.add_row(r.id, r.state.value, f"{r.step}/{r.steps_total}", str(r.request.seed),
                       r.worker or "", str(r.attempts), r.error or "")
@@ -74,6 +76,49 @@ def print_batch(client, batch: BatchRecord) -> None:
 
 
 def print_job(client, record: JobRecord) -> None:
-    console.print_json(record.model_dump_json(exclude={"request": {"init_image"}}))
+    """A job for a person: its state and how long ago, its settings, each state's time, and
+    where its images are (``status JOB --json`` gives the whole record)."""
+    r, t = record.request, record.timestamps
+    now = client.records.clock()
+    console.print(f"job {record.id}  (batch {record.batch_id})", soft_wrap=True)
+    state = f"[bold]{record.state}[/]"
+    if record.state in (JobState.rendering, JobState.started):
+        state += f"  step {record.step}/{record.steps_total}"
+    if record.state.value in t:
+        state += f"  since {_age(now - t[record.state.value])} ago"
+    if record.worker:
+        state += f"  on {record.worker}"
+    if record.attempts > 1:
+        state += f"  attempt {record.attempts}"
+    console.print(f"state     {state}", soft_wrap=True)
+    if record.error:
+        console.print(f"error     [red]{record.error}[/]", soft_wrap=True)
+    console.print(f"prompt    {r.prompt!r}", soft_wrap=True)
+    if r.negative_prompt:
+        console.print(f"negative  {r.negative_prompt!r}", soft_wrap=True)
+    console.print(f"settings  {r.model} {r.mode.value} {r.width}x{r.height}, {r.steps} steps, "
+                  f"{r.scheduler} cfg {r.guidance_scale}, seed {r.seed}, "
+                  f"{r.num_images} image(s)", soft_wrap=True)
+    spans = [f"{state} {_age(t[state] - t['queued'])}" for state in
+             ("started", "rendering", "uploading", "succeeded", "failed", "cancelled")
+             if state in t and "queued" in t]
+    if "queued" in t:
+        console.print(f"timeline  queued {_age(now - t['queued'])} ago; after it: "
+                      + (", ".join(spans) or "nothing yet"), soft_wrap=True)
     if record.state is JobState.succeeded:
+        console.print("images")
         print_results(client, [record])
+
+
+def _age(seconds: float) -> str:
+    """1.2 s, 4 min 3 s, 2 h 5 min, 3 d 4 h."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {s} s"
+    hours, m = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {m} min"
+    return f"{hours // 24} d {hours % 24} h"

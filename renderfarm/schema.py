@@ -73,6 +73,9 @@ class JobState(str, Enum):
     failed = "failed"  #: ended with an error; ``error`` says why
     cancelled = "cancelled"  #: cancelled by a user; no images stored
 
+    def __str__(self) -> str:  # print(record.state) -> "queued", as in the records and API
+        return self.value
+
     @property
     def terminal(self) -> bool:
         return self in TERMINAL_STATES

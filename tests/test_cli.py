@@ -72,7 +72,7 @@ def test_jsonl_file_and_bad_input(farm, farm_settings, client, tmp_path):
     before = client.records.count_jobs()
     out = run(["submit", "--file", str(jobs)], env, check=False)
     assert out.returncode == 2
-    assert "job 1: width must be a multiple of 8, got 500" in out.stderr
+    assert "jobs.jsonl line 2: width must be a multiple of 8, got 500" in out.stderr
     assert client.records.count_jobs() == before  # nothing enqueued
     out = run(["submit", "x", "--size", "big"], env, check=False)
     assert out.returncode == 2 and "--size must look like 512x512, got 'big'" in out.stderr
