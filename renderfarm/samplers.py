@@ -30,6 +30,7 @@ A1111_SAMPLERS: dict[str, tuple[str, str]] = {
     "lms": ("LMS", "Automatic"),
     "unipc": ("UniPC", "Automatic"),
     "heun": ("Heun", "Automatic"),
+    "flow_match_euler": ("Euler", "Simple"),  # Flux's, as Forge and ComfyUI write it
 }
 
 #: A1111 sampler -> {schedule type (lower case) -> our scheduler}. "automatic" is the default.

@@ -36,9 +36,13 @@ SCHEDULERS = (
     "lms",
     "unipc",
     "heun",
+    "flow_match_euler",
 )
+# Which of them a model takes is its family's (worker/families): flow_match_euler is the
+# flow-matching Euler scheduler of Flux, and Flux's only one.
 SchedulerName = Literal[
-    "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "unipc", "heun"
+    "euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "unipc", "heun",
+    "flow_match_euler",
 ]
 HardwareClass = Literal["any", "gpu", "cpu", "jetson", "mps"]
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -19,8 +19,9 @@ from PIL import Image  # noqa: E402
 
 from renderfarm.errors import Cancelled  # noqa: E402
 from renderfarm.images import encode_init_image  # noqa: E402
-from renderfarm.schema import SCHEDULERS, JobRequest, Mode  # noqa: E402
+from renderfarm.schema import JobRequest, Mode  # noqa: E402
 from renderfarm.settings import Settings  # noqa: E402
+from worker.families import FAMILIES  # noqa: E402
 from worker.modelgen import make_model  # noqa: E402
 from worker.pipelines import PipelineCache, UnknownModel, set_scheduler  # noqa: E402
 from worker.profiles import Profile, apply_settings, detect_profile  # noqa: E402
@@ -94,7 +95,7 @@ def test_batches_split_by_max_batch_give_the_same_images(models, cache):
     assert steps == [(i, 8) for i in range(1, 9)]  # two calls of 4 steps
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", FAMILIES["sd15"].schedulers)
 def test_every_scheduler_renders_without_reloading(cache, name):
     cache.get("tiny", Mode.txt2img)
     loads = cache.loads

@@ -182,8 +182,13 @@ def make_model(kind: str, directory: Path) -> Path:
     Kinds: ``tiny`` (seconds) and ``sd15-random`` (about a minute, ~2 GB of fp16 weights).
     Returns the folder.
     """
+    from worker import familygen
+
+    if kind in familygen.KINDS:  # SDXL and Flux: worker/familygen.py
+        return familygen.make(kind, directory)
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise ValueError(f"kind must be one of {', '.join(KINDS + familygen.KINDS)}, "
+                         f"got {kind!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     configs = CONFIGS[kind]

@@ -28,6 +28,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -102,6 +103,7 @@ SCHEDULER_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
     "lms": (LMSScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    "flow_match_euler": (FlowMatchEulerDiscreteScheduler, {}),
 }
 assert set(SCHEDULER_CLASSES) == set(SCHEDULERS), "keep in step with renderfarm.schema"
 

@@ -14,6 +14,7 @@ negative prompt and generator; :func:`render` renders one job (txt2img through
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import PIL.Image
@@ -22,8 +23,8 @@ import torch
 from renderfarm.images import decode_init_image
 from renderfarm.schema import JobRequest, Mode
 from worker.compat import compat_key, incompatibilities, lora_set
+from worker.families import Family, job_errors
 from worker.pipelines import PipelineCache, set_scheduler
-from worker.profiles import Profile
 
 __all__ = ["compat_key", "render", "render_batch"]
 
@@ -44,8 +45,8 @@ def render(
     if request.mode is Mode.txt2img:
         return render_batch(cache, [request], on_step)[0]
 
-    # 1. Check the request against what this worker can do
-    _check(request, cache.profile)
+    # 1. Check the request against what this worker and the model's family can do
+    family = _check(request, cache)
     if int(request.steps * request.strength) < 1:
         raise ValueError(
             f"strength {request.strength} of {request.steps} steps runs no denoising step; "
@@ -63,8 +64,11 @@ def render(
     )
     kwargs = {
         "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt or None,
+        **({"negative_prompt": request.negative_prompt or None} if family.negative_prompt else {}),
         "image": init,
+        # Flux's img2img renders at its default size unless told; SD's takes the image's.
+        **({"width": request.width, "height": request.height}
+           if _takes(pipe, "width") else {}),
         "strength": request.strength,
         "num_inference_steps": request.steps,
         "guidance_scale": request.guidance_scale,
@@ -108,7 +112,7 @@ def render_batch(
         return []
     first = requests[0]
     for index, request in enumerate(requests):
-        _check(request, cache.profile)
+        family = _check(request, cache)
         if request.mode is not Mode.txt2img:
             raise ValueError(
                 f"requests[{index}] has mode {request.mode.value!r}: only txt2img jobs are "
@@ -146,16 +150,14 @@ def render_batch(
     for index, chunk in enumerate(chunks):
         padded = _padded(chunk, cache)  # the extra images are thrown away
         negatives = [negative for _, _, negative, _ in padded]
-        images = _call(
-            pipe,
-            kwargs | {
-                "prompt": [prompt for _, prompt, _, _ in padded],
-                # "" is what diffusers uses for None; None skips building the list.
-                "negative_prompt": negatives if any(negatives) else None,
-                "generator": [torch.Generator("cpu").manual_seed(s) for *_, s in padded],
-            },
-            on_step, index, len(chunks),
-        )
+        call = kwargs | {
+            "prompt": [prompt for _, prompt, _, _ in padded],
+            "generator": [torch.Generator("cpu").manual_seed(s) for *_, s in padded],
+        }
+        if family.negative_prompt:
+            # "" is what diffusers uses for None; None skips building the list.
+            call["negative_prompt"] = negatives if any(negatives) else None
+        images = _call(pipe, call, on_step, index, len(chunks))
         for (j, *_), image in zip(chunk, images, strict=False):
             out[j].append(image)
 
@@ -165,15 +167,29 @@ def render_batch(
     return out
 
 
-def _check(request: JobRequest, profile: Profile) -> None:
+def _check(request: JobRequest, cache: PipelineCache) -> Family:
+    """Raise ``ValueError`` where this worker or the model's family cannot render
+    ``request`` (the producer refuses most such jobs at submit; a job enqueued some other way
+    fails here with the same reasons); return the family."""
     if request.seed is None:
         raise ValueError("seed must be set before a job is rendered, got None")
+    profile = cache.profile
     pixels = request.width * request.height
     if pixels > profile.max_pixels:
         raise ValueError(
             f"width x height is {request.width}x{request.height} = {pixels} pixels, over the "
             f"{profile.max_pixels} this worker's {profile.name!r} profile takes"
         )
+    family = cache.family(request.model)
+    errors = job_errors(request, family)
+    if errors:
+        raise ValueError("; ".join(str(e) for e in errors))
+    return family
+
+
+def _takes(pipe, argument: str) -> bool:
+    """Whether the pipeline's ``__call__`` has parameter ``argument``."""
+    return argument in inspect.signature(type(pipe).__call__).parameters
 
 
 def _chunks(items: list, size: int) -> list[list]:

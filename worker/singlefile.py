@@ -50,9 +50,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.clip_tokenizer import install_clip_tokenizer, is_clip_tokenizer
 from worker.modelfiles import CONFIG_SUFFIX
+
+if TYPE_CHECKING:
+    from worker.families import Family
 
 log = logging.getLogger("renderfarm.worker")
 
@@ -161,53 +165,35 @@ def has_sd1_text_encoder(shapes: dict[str, tuple[int, ...]]) -> bool:
     return shapes.get(K_CLIP_POSITIONS) == (77, 768) and shapes.get(K_CLIP_TOKENS) == (49408, 768)
 
 
-def write_sd15_config(directory: Path) -> Path:
-    """Write the diffusers-format config of Stable Diffusion 1.5, without weights, to
-    ``directory``: ``model_index.json``, ``unet/`` ``vae/`` ``text_encoder/`` ``config.json``,
-    ``scheduler/scheduler_config.json`` and CLIP's ``tokenizer/``."""
-    import diffusers
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig
+def write_bundled_config(family: Family, directory: Path) -> Path:
+    """Write ``family``'s diffusers-format config, without weights, to ``directory``: the JSON
+    files shipped in ``worker/families/configs/<family>/`` (``model_index.json``, each part's
+    ``config.json``, ``scheduler/``) and CLIP's tokenizers (:mod:`worker.clip_tokenizer`)."""
+    from worker.families import CONFIGS_DIR
 
-    from worker.modelgen import (
-        SCHEDULER_CONFIG,
-        SD15_TEXT_CONFIG,
-        SD15_UNET_CONFIG,
-        SD15_VAE_CONFIG,
-    )
-
+    if family.bundled_config is None:
+        raise ValueError(f"family {family.name!r} ships no single-file config")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, cls, config in (("unet", UNet2DConditionModel, SD15_UNET_CONFIG),
-                              ("vae", AutoencoderKL, SD15_VAE_CONFIG)):
-        with torch.device("meta"):  # no memory, no init: only the config is written
-            cls(**config).save_config(directory / name)
-    text = CLIPTextConfig(**SD15_TEXT_CONFIG)
-    text.architectures = ["CLIPTextModel"]
-    text.save_pretrained(directory / "text_encoder")
-    PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(directory / "scheduler")
-    install_clip_tokenizer(directory / "tokenizer", "clip-l")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    # Last: a folder with model_index.json is complete.
-    (directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    source = CONFIGS_DIR / family.bundled_config
+    # model_index.json last: a folder with it is complete.
+    shutil.copytree(source, directory, ignore=shutil.ignore_patterns("model_index.json"),
+                    dirs_exist_ok=True)
+    for subfolder, variant in family.tokenizers:
+        install_clip_tokenizer(directory / subfolder, variant)
+    shutil.copy(source / "model_index.json", directory / "model_index.json")
     return directory
 
 
-def sd15_config(models_dir: Path) -> Path:
-    """The SD 1.5 config folder, written on first use: ``<models_dir>/.configs/sd15``, or
+def write_sd15_config(directory: Path) -> Path:
+    """Write the diffusers-format config of Stable Diffusion 1.5, without weights, to
+    ``directory`` (:func:`write_bundled_config` of family ``sd15``)."""
+    from worker.families import FAMILIES
+
+    return write_bundled_config(FAMILIES[SD15], directory)
+
+
+def bundled_config(family: Family, models_dir: Path) -> Path:
+    """``family``'s config folder, written on first use: ``<models_dir>/.configs/<name>``, or
     under ``~/.cache/renderfarm/configs`` where the models directory is not writable.
 
     An existing folder is used as it is (so tokenizer files put there stay), except that the
@@ -215,22 +201,24 @@ def sd15_config(models_dir: Path) -> Path:
     Workers sharing a models directory may race to write it: each writes a private temporary
     folder and renames it into place; the first rename wins.
     """
+    name = family.bundled_config or family.name
     roots = [Path(models_dir) / CONFIG_CACHE]
     cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     roots.append(Path(cache_home) / "renderfarm" / "configs")
     for root in roots:
-        target = root / SD15
+        target = root / name
         if (target / "model_index.json").is_file():
-            _upgrade_tokenizer(target)
+            for subfolder, variant in family.tokenizers:
+                _upgrade_tokenizer(target, subfolder, variant)
             return target
     errors = []
     for root in roots:
-        target = root / SD15
+        target = root / name
         try:
             root.mkdir(parents=True, exist_ok=True)
-            temporary = root / f".{SD15}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+            temporary = root / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
             try:
-                write_sd15_config(temporary)
+                write_bundled_config(family, temporary)
                 try:
                     os.rename(temporary, target)
                 except OSError:
@@ -238,26 +226,35 @@ def sd15_config(models_dir: Path) -> Path:
                         raise
             finally:
                 shutil.rmtree(temporary, ignore_errors=True)
-            log.info("wrote the Stable Diffusion 1.5 config to %s", target)
+            log.info("wrote the %s config to %s", family.label, target)
             return target
         except OSError as exc:
             errors.append(f"{root}: {exc}")
-    raise OSError("cannot write the SD 1.5 config: " + "; ".join(errors))
+    raise OSError(f"cannot write the {family.label} config: " + "; ".join(errors))
 
 
-def _upgrade_tokenizer(folder: Path) -> None:
-    """Replace ``folder/tokenizer`` by CLIP's where it holds fewer ids than the text encoder's
-    vocabulary (the stand-in an older farm wrote). Another worker may do the same at the same
-    time: the new tokenizer is written aside and swapped in by renames; where the folder
-    cannot be written the old tokenizer stays and :func:`_warn_if_built_tokenizer` says so."""
-    tokenizer = folder / "tokenizer"
-    if is_clip_tokenizer(tokenizer) or not _smaller_than_encoder(folder):
+def sd15_config(models_dir: Path) -> Path:
+    """The SD 1.5 config folder (:func:`bundled_config` of family ``sd15``)."""
+    from worker.families import FAMILIES
+
+    return bundled_config(FAMILIES[SD15], models_dir)
+
+
+def _upgrade_tokenizer(folder: Path, subfolder: str = "tokenizer",
+                       variant: str = "clip-l") -> None:
+    """Replace ``folder/<subfolder>`` by CLIP's where it holds fewer ids than the text
+    encoder's vocabulary (the stand-in an older farm wrote). Another worker may do the same at
+    the same time: the new tokenizer is written aside and swapped in by renames; where the
+    folder cannot be written the old tokenizer stays and :func:`_warn_if_built_tokenizer`
+    says so."""
+    tokenizer = folder / subfolder
+    if is_clip_tokenizer(tokenizer) or not _smaller_than_encoder(folder, subfolder):
         return
     suffix = f"{os.getpid()}.{uuid.uuid4().hex}"
-    fresh, old = folder / f".tokenizer.{suffix}.tmp", folder / f".tokenizer.{suffix}.old"
+    fresh, old = folder / f".{subfolder}.{suffix}.tmp", folder / f".{subfolder}.{suffix}.old"
     try:
-        install_clip_tokenizer(fresh, "clip-l")
-        if _smaller_than_encoder(folder):  # not swapped by another worker meanwhile
+        install_clip_tokenizer(fresh, variant)
+        if _smaller_than_encoder(folder, subfolder):  # not swapped by another worker
             os.rename(tokenizer, old)
             os.rename(fresh, tokenizer)
             log.info("replaced the stand-in tokenizer of %s by CLIP's", folder)
@@ -268,11 +265,13 @@ def _upgrade_tokenizer(folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _smaller_than_encoder(folder: Path) -> bool:
-    """Whether ``folder``'s tokenizer has fewer ids than its text encoder's vocabulary."""
+def _smaller_than_encoder(folder: Path, subfolder: str = "tokenizer") -> bool:
+    """Whether ``folder``'s tokenizer ``subfolder`` has fewer ids than its text encoder's
+    vocabulary (``tokenizer_2`` goes with ``text_encoder_2``)."""
+    encoder = subfolder.replace("tokenizer", "text_encoder")
     try:
-        vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
-        text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+        vocab = json.loads((folder / subfolder / "vocab.json").read_text(encoding="utf-8"))
+        text = json.loads((folder / encoder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return len(vocab) < text.get("vocab_size", 0)
@@ -305,18 +304,28 @@ def single_file_options(checkpoint: Path, models_dir: Path) -> dict[str, str]:
                 "folder (configs only is enough)")
         _warn_if_built_tokenizer(folder, checkpoint)
         return options | {"config": str(folder)}
+    from worker.families import FAMILIES, family_of_checkpoint
+
     shapes = checkpoint_shapes(checkpoint)
-    architecture, description = detect_architecture(shapes)
-    if architecture == "sd1" or (yaml.is_file() and has_sd1_text_encoder(shapes)):
-        folder = sd15_config(models_dir)
+    family = family_of_checkpoint(shapes)
+    if family is None and yaml.is_file() and has_sd1_text_encoder(shapes):
+        family = FAMILIES[SD15]
+    if family is not None and family.bundled_config is not None:
+        folder = bundled_config(family, models_dir)
         _warn_if_built_tokenizer(folder, checkpoint)
         return options | {"config": str(folder)}
+    if family is not None:
+        description = (f"it is a {family.label} checkpoint, for which the farm ships no config "
+                       f"({family.single_file_note()})")
+    else:
+        description = detect_architecture(shapes)[1]
     if yaml.is_file():
         description += f"; {yaml.name} alone serves only a checkpoint with SD 1.x's text encoder"
+    shipped = ", ".join(f.label for f in FAMILIES.values() if f.bundled_config)
     raise CheckpointError(
         checkpoint,
-        f"cannot load this checkpoint offline: {description}. The farm carries the config of "
-        f"Stable Diffusion 1.x only. Put the diffusers config of its architecture next to it "
+        f"cannot load this checkpoint offline: {description}. The farm carries the configs of "
+        f"{shipped}. Put the diffusers config of its architecture next to it "
         f"as {folder.name}/ (a diffusers folder of the same model without weights: "
         f"model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
     )

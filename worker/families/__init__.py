@@ -45,9 +45,9 @@ class Family:
     #: order, so a more specific family comes first).
     checkpoint_keys: tuple[str, ...] = ()
     #: Bundled diffusers config (no weights) under :data:`CONFIGS_DIR` for single files, and
-    #: the tokenizer subfolders to build into it with their pad token (None: the EOS token).
+    #: the tokenizer subfolders written into it (:mod:`worker.clip_tokenizer` variants).
     bundled_config: str | None = None
-    tokenizers: tuple[tuple[str, str | None], ...] = ()
+    tokenizers: tuple[tuple[str, str], ...] = ()
     denoiser: str = "unet"  #: the pipeline attribute holding the denoising model
     default_size: tuple[int, int] = (512, 512)
     min_side: int = 64
@@ -55,6 +55,7 @@ class Family:
     size_multiple: int = 8
     schedulers: tuple[str, ...] = ()
     default_scheduler: str = "euler_a"
+    default_guidance: float = 7.0  #: ``guidance_scale`` of a job that leaves it unset
     negative_prompt: bool = True
     #: Peak device memory per output pixel of one image in fp16 beyond the weights, in bytes
     #: (float32 doubles it). The worker's profiles are calibrated for SD 1.5 (4096).
@@ -89,6 +90,7 @@ class Family:
             "size_multiple": self.size_multiple,
             "schedulers": list(self.schedulers),
             "default_scheduler": self.default_scheduler,
+            "default_guidance": self.default_guidance,
             "negative_prompt": self.negative_prompt,
         }
 
@@ -106,16 +108,20 @@ class Family:
             return cls.from_pretrained(path, **options)
         return cls.from_single_file(str(path), **options)
 
+    def single_file_note(self) -> str:
+        """What a single file of this family needs next to it where the farm has no config."""
+        return "put a diffusers folder of the model, without weights, next to it"
+
     def load_options(self) -> dict[str, Any]:
         """Extra ``from_pretrained`` / ``from_single_file`` options of this family."""
         return {}
 
 
-from worker.families import sd15  # noqa: E402  (the modules import Family from here)
+from worker.families import flux, sd15, sdxl  # noqa: E402  (they import Family from here)
 
 #: Every family, in the order single files are tested against them (most specific first).
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (sd15.FAMILY,)
+    f.name: f for f in (sdxl.FAMILY, flux.FAMILY, sd15.FAMILY)
 }
 
 
@@ -202,15 +208,17 @@ def model_families(models_dir: Path) -> dict[str, str]:
 
 
 def with_family_defaults(request: JobRequest, family: Family) -> JobRequest:
-    """``request`` with the family's default size and scheduler where the job left them
-    unset (an SDXL job without a size renders 1024x1024, a Flux job its flow-matching
-    scheduler)."""
+    """``request`` with the family's default size, scheduler and guidance where the job left
+    them unset (an SDXL job without a size renders 1024x1024, a Flux job with its
+    flow-matching scheduler at distilled guidance 3.5)."""
     update: dict[str, Any] = {}
     unset = request.model_fields_set
     if "width" not in unset and "height" not in unset:
         update["width"], update["height"] = family.default_size
     if "scheduler" not in unset:
         update["scheduler"] = family.default_scheduler
+    if "guidance_scale" not in unset:
+        update["guidance_scale"] = family.default_guidance
     update = {k: v for k, v in update.items() if getattr(request, k) != v}
     return request.model_copy(update=update) if update else request
 

@@ -26,7 +26,7 @@ FAMILY = SD15(
     folder_classes=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
     checkpoint_keys=("model.diffusion_model.output_blocks.11.0.skip_connection.weight",),
     bundled_config="sd15",
-    tokenizers=(("tokenizer", None),),
+    tokenizers=(("tokenizer", "clip-l"),),
     default_size=(512, 512),
     schedulers=tuple(s for s in SCHEDULERS if s != "flow_match_euler"),
     default_scheduler="euler_a",
