@@ -397,7 +397,8 @@ def demo(workers: int) -> None:
 
 
 @main.command("make-model")
-@click.argument("kind", type=click.Choice(["tiny", "sd15-random"]))
+@click.argument("kind", type=click.Choice(
+    ["tiny", "sd15-random", "tiny-sdxl", "tiny-flux", "sdxl-random"]))
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a model already in DIRECTORY.")
 def make_model(kind: str, directory: Path, force: bool) -> None:

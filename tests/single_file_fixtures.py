@@ -34,6 +34,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's size and pooled-text conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _VAE_ATTENTION = {  # diffusers -> ldm inside the mid-block attention
     "group_norm": "norm",
@@ -154,3 +156,79 @@ def write_single_file(folder: Path, checkpoint: Path) -> Path:
     save_file(state, checkpoint)
     return checkpoint
 
+
+
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+_OPENCLIP_TOP = {  # transformers CLIPTextModelWithProjection -> OpenCLIP, outside the layers
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPENCLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                   ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
+
+
+def text_encoder_to_open_clip(state: dict[str, torch.Tensor], prefix: str = SDXL_OPENCLIP_PREFIX,
+                              ) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPTextModelWithProjection`` keys -> OpenCLIP's (``resblocks``, one
+    ``in_proj`` for q, k and v, ``text_projection`` transposed): the reverse of diffusers'
+    ``convert_open_clip_checkpoint``, as SDXL checkpoints hold their second text encoder."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in _OPENCLIP_TOP:
+            out[prefix + _OPENCLIP_TOP[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key.startswith("encoder.layers."):
+            layer, _, rest = key.removeprefix("encoder.layers.").partition(".")
+            block = f"{prefix}transformer.resblocks.{layer}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj",
+                                                                        "v_proj"):
+                if rest.startswith("self_attn.q_proj."):  # q, k and v in one in_proj
+                    kind = rest.rpartition(".")[2]
+                    parts = [state[f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}"]
+                             for p in ("q", "k", "v")]
+                    out[block + f"attn.in_proj_{kind}"] = torch.cat(parts)
+                continue
+            for hf, oc in _OPENCLIP_LAYER:
+                if rest.startswith(hf + "."):
+                    out[block + oc + rest[len(hf):]] = value
+                    break
+            else:
+                raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
+        elif key.endswith("position_ids"):
+            continue
+        else:
+            raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
+    return out
+
+
+def sdxl_folder_to_ldm(folder: Path) -> dict[str, torch.Tensor]:
+    """The UNet, VAE and both text encoders of diffusers SDXL ``folder`` in one state dict
+    laid out as Stability's SDXL checkpoints (and civitai's SDXL fine-tunes) are."""
+    folder = Path(folder)
+
+    def part(name: str, weights: str) -> tuple[dict[str, torch.Tensor], dict]:
+        config = json.loads((folder / name / "config.json").read_text())
+        return load_file(folder / name / weights), config
+
+    unet, unet_config = part("unet", "diffusion_pytorch_model.safetensors")
+    vae, vae_config = part("vae", "diffusion_pytorch_model.safetensors")
+    clip, _ = part("text_encoder", "model.safetensors")
+    open_clip, _ = part("text_encoder_2", "model.safetensors")
+    return {
+        **unet_to_ldm(unet, unet_config),
+        **vae_to_ldm(vae, vae_config),
+        **{SDXL_CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in clip.items()},
+        **text_encoder_to_open_clip(open_clip),
+    }
+
+
+def write_sdxl_single_file(folder: Path, checkpoint: Path) -> Path:
+    """Save diffusers SDXL ``folder`` as the single-file ``.safetensors`` ``checkpoint``."""
+    state = {k: v.contiguous() for k, v in sdxl_folder_to_ldm(folder).items()}
+    save_file(state, checkpoint)
+    return checkpoint

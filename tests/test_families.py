@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from worker.families import FAMILIES, UnknownFamily, family_of, model_families
@@ -71,3 +72,126 @@ def test_models_command_and_api_show_each_models_family(farm_settings, models_di
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[:2] for line in result.output.splitlines()
             if line.startswith("tiny\t")] == [["tiny", "sd15"]]
+
+
+# -- SDXL and Flux models in the worker's pipeline cache (in-process renders) ---------------
+@pytest.fixture(scope="module")
+def xl_models(tmp_path_factory):
+    """tiny-sdxl and tiny-flux folders; ``xlfile.safetensors``: tiny-sdxl as an SDXL
+    single-file checkpoint (Stability's layout) with its configs as ``xlfile.config/``;
+    ``fluxfile.safetensors``: tiny-flux's transformer alone, with ``fluxfile.config``
+    pointing at the tiny-flux folder; ``lone.safetensors``: the same without a folder."""
+    import shutil
+
+    from tests.single_file_fixtures import write_sdxl_single_file
+    from worker.modelgen import make_model
+    from worker.singlefile import copy_configs
+
+    root = tmp_path_factory.mktemp("xl-models")
+    make_model("tiny-sdxl", root / "tiny-sdxl")
+    make_model("tiny-flux", root / "tiny-flux")
+    write_sdxl_single_file(root / "tiny-sdxl", root / "xlfile.safetensors")
+    copy_configs(root / "tiny-sdxl", root / "xlfile.config")
+    transformer = root / "tiny-flux" / "transformer" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(transformer, root / "fluxfile.safetensors")
+    shutil.copy(transformer, root / "lone.safetensors")
+    (root / "fluxfile.config").symlink_to(root / "tiny-flux")
+    return root
+
+
+@pytest.fixture(scope="module")
+def xl_cache(xl_models, one_torch_thread):
+    import torch
+
+    from worker.pipelines import PipelineCache
+    from worker.profiles import Profile
+
+    return PipelineCache(xl_models, Profile("cpu", "cpu", torch.float32), max_models=2)
+
+
+def _job(**fields):
+    from renderfarm.schema import JobRequest
+
+    return JobRequest(**{"prompt": "a red fox", "width": 64, "height": 64, "steps": 2,
+                         "seed": 7, **fields})
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_an_sdxl_single_file_renders_as_its_folder(xl_cache, xl_models):
+    from worker.render import render
+
+    assert family_of(xl_models / "xlfile.safetensors").name == "sdxl"
+    folder = render(xl_cache, _job(model="tiny-sdxl", scheduler="euler"))[0]
+    single = render(xl_cache, _job(model="xlfile", scheduler="euler"))[0]
+    assert xl_cache.family("xlfile").name == "sdxl"
+    assert type(xl_cache.get("xlfile")).__name__ == "StableDiffusionXLPipeline"
+    assert np.abs(_pixels(folder) - _pixels(single)).max() <= 1
+
+
+def test_sdxl_batched_equals_unbatched(xl_cache):
+    from worker.render import render, render_batch
+
+    jobs = [_job(model="tiny-sdxl", seed=21, num_images=2),
+            _job(model="tiny-sdxl", seed=40, prompt="a blue jay", negative_prompt="rain")]
+    batched = render_batch(xl_cache, jobs)
+    assert [len(images) for images in batched] == [2, 1]
+    alone = [render(xl_cache, _job(model="tiny-sdxl", seed=22))[0],
+             render(xl_cache, jobs[1])[0]]
+    assert np.abs(_pixels(batched[0][1]) - _pixels(alone[0])).max() <= 2
+    assert np.abs(_pixels(batched[1][0]) - _pixels(alone[1])).max() <= 2
+    assert np.abs(_pixels(batched[0][0]) - _pixels(batched[0][1])).max() > 10  # seeds differ
+
+
+def test_a_flux_transformer_file_loads_with_its_folder(xl_cache, xl_models):
+    from worker.render import render
+    from worker.singlefile import CheckpointError, single_file_options
+
+    flux = {"scheduler": "flow_match_euler", "guidance_scale": 3.5}
+    folder = render(xl_cache, _job(model="tiny-flux", **flux))[0]
+    single = render(xl_cache, _job(model="fluxfile", **flux))[0]
+    assert np.abs(_pixels(folder) - _pixels(single)).max() <= 1
+    assert family_of(xl_models / "lone.safetensors").name == "flux"
+    with pytest.raises(CheckpointError, match=r"Flux\.1 checkpoint.*lone\.config/"):
+        single_file_options(xl_models / "lone.safetensors", xl_models)
+
+
+def test_the_worker_refuses_a_field_the_family_has_no_use_for(xl_cache):
+    from worker.render import render
+
+    with pytest.raises(ValueError, match=r"scheduler is not a scheduler of flux.*'euler_a'"):
+        render(xl_cache, _job(model="tiny-flux"))
+    with pytest.raises(ValueError, match=r"negative_prompt is not used by flux"):
+        render(xl_cache, _job(model="tiny-flux", scheduler="flow_match_euler",
+                              negative_prompt="rain"))
+
+
+def test_an_sdxl_checkpoint_without_configs_gets_the_bundled_sdxl_config(tmp_path):
+    """A civitai SDXL file (here: its tensor names with tiny tensors) gets the SDXL config the
+    farm ships, with CLIP's two tokenizers; the config is the full SDXL base architecture."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTokenizer
+
+    from worker.clip_tokenizer import is_clip_tokenizer
+    from worker.singlefile import single_file_options
+
+    fake = {key: torch.zeros(1) for key in (
+        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+        "model.diffusion_model.input_blocks.0.0.weight")}
+    save_file(fake, tmp_path / "pony.safetensors")
+    options = single_file_options(tmp_path / "pony.safetensors", tmp_path)
+    folder = tmp_path / ".configs" / "sdxl"
+    assert options == {"config": str(folder)}
+    assert family_of(tmp_path / "pony.safetensors").name == "sdxl"
+    assert is_clip_tokenizer(folder / "tokenizer") and is_clip_tokenizer(folder / "tokenizer_2")
+    assert CLIPTokenizer.from_pretrained(folder / "tokenizer_2").pad_token == "!"
+    assert CLIPTokenizer.from_pretrained(folder / "tokenizer").pad_token == "<|endoftext|>"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    assert 2.5e9 < sum(p.numel() for p in unet.parameters()) < 2.7e9  # SDXL base: 2.57 B
+    text_2 = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+    assert (text_2["hidden_size"], text_2["num_hidden_layers"]) == (1280, 32)

@@ -2,8 +2,9 @@
 nothing is downloaded.
 
 - ``tiny-sdxl``: the shapes of diffusers' own SDXL tests (``get_dummy_components``: a 2-level
-  UNet with ``text_time`` micro-conditioning, two tiny CLIP text encoders), with SD's 4-level
-  VAE so latents are 1/8 of the image as in the real model. Seconds to build.
+  UNet with ``text_time`` micro-conditioning, two tiny CLIP text encoders, the second one
+  wider as in SDXL), with SD's 4-level VAE so latents are 1/8 of the image as in the real
+  model. Seconds to build.
 - ``tiny-flux``: the shapes of diffusers' Flux tests (one double and one single transformer
   block, a tiny CLIP and a tiny T5 encoder), a 4-level VAE (8x smaller latents, so sizes are
   multiples of 16 as for real Flux) and guidance embedding (Flux-dev's distilled guidance).
@@ -58,7 +59,7 @@ TINY_SDXL_UNET_CONFIG = {
     "addition_time_embed_dim": 8,
     "transformer_layers_per_block": (1, 2),
     "projection_class_embeddings_input_dim": 80,  # 6 size numbers x 8 + the pooled text (32)
-    "cross_attention_dim": 64,  # the two encoders' hidden states side by side
+    "cross_attention_dim": 80,  # the two encoders' hidden states side by side (32 + 48)
     "norm_num_groups": 1,
 }
 TINY_TEXT_CONFIG = {
@@ -74,6 +75,9 @@ TINY_TEXT_CONFIG = {
     "hidden_act": "gelu",
     "projection_dim": 32,
 }
+# The second encoder is wider than the first, as in SDXL (768 and 1280): diffusers' single-file
+# loader tells SDXL's two encoders apart by their width.
+TINY_TEXT_2_CONFIG = {**TINY_TEXT_CONFIG, "hidden_size": 48}
 SDXL_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -145,7 +149,7 @@ def _tiny_sdxl(directory: Path) -> Path:
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
     torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_2_CONFIG))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -144,8 +144,15 @@ def render_batch(
         "num_images_per_prompt": 1,
     }
 
-    # 4. Render, call_size images per call, padded to a compiled batch size if need be
-    chunks = _chunks(entries, cache.call_size(first.width, first.height, first.model))
+    # 4. Render, call_size images per call, padded to a compiled batch size if need be.
+    #    SDXL (force_zeros_for_empty_prompt) conditions an image without a negative prompt on
+    #    zeros, but on the encoded "" once any image of the call has one: such images go in
+    #    calls of their own, so each renders as it does alone.
+    size = cache.call_size(first.width, first.height, first.model)
+    groups = [entries]
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        groups = [[e for e in entries if not e[2]], [e for e in entries if e[2]]]
+    chunks = [chunk for group in groups for chunk in _chunks(group, size)]
     out: list[list[PIL.Image.Image]] = [[] for _ in requests]
     for index, chunk in enumerate(chunks):
         padded = _padded(chunk, cache)  # the extra images are thrown away

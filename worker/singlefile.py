@@ -11,12 +11,13 @@ downloads, so :func:`single_file_options` finds that config locally. For a check
    ``text_encoder/config.json``, ``tokenizer/``, ``scheduler/``) -> ``config=``. Make one with
    :func:`copy_configs` from any diffusers folder of that architecture. A folder named
    ``<stem>.config`` is never listed as a model (:func:`worker.modelfiles.list_models`).
-2. Else, a Stable Diffusion 1.x checkpoint (told by its tensor names and shapes:
-   :func:`detect_architecture`) -> the SD 1.5 config that ships with the farm
-   (:data:`worker.modelgen` ``SD15_*``), written once on demand to
-   ``<models_dir>/.configs/sd15/`` (hidden: not a model), or to
-   ``$XDG_CACHE_HOME/renderfarm/configs/sd15/`` (``~/.cache/...``) where the models directory
-   is read-only.
+2. Else, a checkpoint of a family that ships a config (:mod:`worker.families`: SD 1.x and
+   SDXL, told by tensor names and shapes: :func:`worker.families.family_of_checkpoint`) ->
+   that config (JSON files in ``worker/families/configs/<family>/`` and CLIP's tokenizers),
+   written once on demand to ``<models_dir>/.configs/<family>/`` (hidden: not a model), or
+   to ``$XDG_CACHE_HOME/renderfarm/configs/<family>/`` (``~/.cache/...``) where the models
+   directory is read-only. A Flux file holds only the transformer and needs rule 1's folder
+   with the other parts' weights (:mod:`worker.families.flux`).
 3. ``<stem>.yaml`` next to it (the original LDM config, AUTOMATIC1111's convention) ->
    ``original_config=``: it describes the UNet and VAE. diffusers still takes the text
    encoder, tokenizer and scheduler from a diffusers config, so a ``.yaml`` goes with rule 1's
@@ -315,10 +316,9 @@ def single_file_options(checkpoint: Path, models_dir: Path) -> dict[str, str]:
         _warn_if_built_tokenizer(folder, checkpoint)
         return options | {"config": str(folder)}
     if family is not None:
-        description = (f"it is a {family.label} checkpoint, for which the farm ships no config "
-                       f"({family.single_file_note()})")
-    else:
-        description = detect_architecture(shapes)[1]
+        raise CheckpointError(checkpoint, f"cannot load this {family.label} checkpoint offline: "
+                              f"{family.single_file_note()} (here: {folder.name}/)")
+    description = detect_architecture(shapes)[1]
     if yaml.is_file():
         description += f"; {yaml.name} alone serves only a checkpoint with SD 1.x's text encoder"
     shipped = ", ".join(f.label for f in FAMILIES.values() if f.bundled_config)

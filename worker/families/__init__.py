@@ -17,7 +17,7 @@ check jobs at submit); the worker-side methods import diffusers when called.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,6 @@ class Family:
     #: (ComfyUI's ``comfy/latent_formats.py``).
     latent_rgb_factors: tuple[tuple[float, float, float], ...] = ()
     latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    notes: dict[str, Any] = field(default_factory=dict)
 
     # -- recognising --------------------------------------------------------------------
     def owns_folder(self, class_name: str) -> bool:
