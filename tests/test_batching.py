@@ -164,7 +164,7 @@ def test_img2img_chunks_by_call_size_and_pads_for_a_compiled_unet(models, monkey
                         images=lambda kwargs: kwargs["num_images_per_prompt"])
     split = render(tight, request)
     monkeypatch.setattr(PipelineCache, "batch_size_for", lambda self, n: 4)  # as if compiled
-    monkeypatch.setattr(PipelineCache, "call_size", lambda self, w, h: 4)
+    monkeypatch.setattr(PipelineCache, "call_size", lambda self, w, h, model=None: 4)
     padded = render(tight, request)
     assert calls == [2, 1, 4]
     assert len(split) == len(padded) == 3

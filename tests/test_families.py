@@ -195,3 +195,32 @@ def test_an_sdxl_checkpoint_without_configs_gets_the_bundled_sdxl_config(tmp_pat
     assert 2.5e9 < sum(p.numel() for p in unet.parameters()) < 2.7e9  # SDXL base: 2.57 B
     text_2 = json.loads((folder / "text_encoder_2" / "config.json").read_text())
     assert (text_2["hidden_size"], text_2["num_hidden_layers"]) == (1280, 32)
+
+
+@pytest.mark.parametrize("model, fields", [
+    ("tiny-sdxl", {"scheduler": "euler"}),
+    ("tiny-flux", {"scheduler": "flow_match_euler", "guidance_scale": 3.5}),
+])
+def test_compiled_sdxl_and_flux_render_as_eager_without_recompiling(xl_models, xl_cache, model,
+                                                                    fields):
+    """The compile path (worker.pipelines._compile_unet) for a UNet with SDXL's extra
+    conditioning and for Flux's transformer: warmed up once, a job renders the eager pixels
+    and compiles nothing more (dynamo with the ``eager`` backend: tracing and guards, no
+    code generation)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from worker.pipelines import PipelineCache, denoiser
+    from worker.profiles import Profile
+    from worker.render import render
+
+    profile = Profile("cpu", "cpu", torch.float32, compile=True, compile_backend="eager",
+                      warmup_sizes=((64, 64),), max_batch=1)
+    compiled = PipelineCache(xl_models, profile, max_models=1)
+    assert hasattr(denoiser(compiled.get(model)), "renderfarm_compiled")
+    compiled.warmup(model, steps=2, guidance_scale=fields.get("guidance_scale", 7.0))
+    warmed = counters["stats"]["unique_graphs"]
+    a = render(xl_cache, _job(model=model, **fields))[0]
+    b = render(compiled, _job(model=model, **fields))[0]
+    assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+    assert counters["stats"]["unique_graphs"] == warmed

@@ -112,7 +112,6 @@ def render_batch(
         return []
     first = requests[0]
     for index, request in enumerate(requests):
-        family = _check(request, cache)
         if request.mode is not Mode.txt2img:
             raise ValueError(
                 f"requests[{index}] has mode {request.mode.value!r}: only txt2img jobs are "
@@ -124,6 +123,7 @@ def render_batch(
                 f"requests[{index}] cannot share a pipeline call with requests[0]: "
                 + ", ".join(differences)
             )
+        family = _check(request, cache)  # one model: one family for all
 
     # 2. The pipeline, with the jobs' scheduler
     pipe = cache.get(first.model, Mode.txt2img)
