@@ -68,10 +68,13 @@ def test_models_command_and_api_show_each_models_family(farm_settings, models_di
 
     env = {"RENDERFARM_REDIS_URL": farm_settings.redis_url,
            "RENDERFARM_MODELS_DIR": str(models_dir)}
-    result = CliRunner().invoke(main, ["models"], env=env)
+    result = CliRunner().invoke(main, ["models", "--json"], env=env)
     assert result.exit_code == 0, result.output
-    assert [line.split("\t")[:2] for line in result.output.splitlines()
-            if line.startswith("tiny\t")] == [["tiny", "sd15"]]
+    assert json.loads(result.output)["tiny"]["family"] == "sd15"
+    table = CliRunner().invoke(main, ["models"], env=env).output
+    rows = [[cell.strip() for cell in line.split("│")[1:3]] for line in table.splitlines()
+            if " tiny " in line]
+    assert rows == [["tiny", "sd15"]]
 
 
 # -- SDXL and Flux models in the worker's pipeline cache (in-process renders) ---------------
