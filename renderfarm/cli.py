@@ -347,8 +347,16 @@ def dashboard(host: str | None, port: int, insecure_no_auth: bool) -> None:
 @click.option("--profile", default="auto", show_default=True)
 @click.option("--dashboard/--no-dashboard", "with_dashboard", default=True, show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int, help="Dashboard port.")
-def up(workers: int, profile: str, with_dashboard: bool, port: int) -> None:
-    """Start the embedded farm (Redis, workers, dashboard) and keep it running until Ctrl-C."""
+@click.option("--stop-timeout", default=300.0, show_default=True, type=float,
+              help="On Ctrl-C, seconds running jobs get to finish before they go back to the "
+              "queue.")
+def up(workers: int, profile: str, with_dashboard: bool, port: int,
+       stop_timeout: float) -> None:
+    """Start the embedded farm (Redis, workers, dashboard) and keep it running until Ctrl-C.
+
+    Ctrl-C stops it in order: the workers take no new job and finish (and store) the running
+    ones, then the dashboard and Redis stop. A second Ctrl-C stops the running jobs at their
+    next step and puts them back in the queue at once; the next ``up`` runs them."""
     import signal
     import threading
 
@@ -356,35 +364,94 @@ def up(workers: int, profile: str, with_dashboard: bool, port: int) -> None:
 
     settings = _settings()
     farm = EmbeddedFarm(settings, workers=workers, profile=profile)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if not stop.is_set():
+            stop.set()
+        elif not hurry.is_set():
+            hurry.set()
+            click.echo("second Ctrl-C: running jobs stop now and go back to the queue...")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     server = None
     click.echo(f"starting Redis and {workers} worker(s); a worker is ready once its models are "
                "loaded (and compiled, with RENDERFARM_COMPILE=1: minutes)...")
+    click.echo(f"logs: {farm.log_dir}/worker-N.log")
     try:
-        with farm:
-            click.echo(f"farm up: Redis {_redact(farm.redis_url)}, {workers} worker(s), "
-                       f"data in {settings.data_path}")
-            if with_dashboard:
-                from dashboard import create_app
-                from dashboard.serve import make_server
-
-                server = make_server(create_app({"SETTINGS": farm.settings}), port=port)
-                threading.Thread(target=server.run, name="dashboard", daemon=True).start()
-                click.echo(f"dashboard: http://127.0.0.1:{server.effective_port}/ "
-                           "(localhost only, no auth)")
-            click.echo("submit from another terminal with the same RENDERFARM_DATA_DIR, e.g.:")
-            click.echo('  renderfarm submit "a lighthouse at dawn" --count 4 --wait')
-            click.echo("Ctrl-C stops the farm.")
-            try:
-                stop.wait()
-            except KeyboardInterrupt:
-                pass
-            click.echo("stopping: workers finish their running jobs...")
-            if server is not None:
-                server.close()
-    except RuntimeError as exc:
+        farm.start()
+    except (RuntimeError, TimeoutError) as exc:
+        farm.stop()
         _fail(str(exc))
+    try:
+        click.echo(f"farm up: Redis {_redact(farm.redis_url)}, {workers} worker(s), "
+                   f"data in {settings.data_path}")
+        if with_dashboard:
+            from dashboard import create_app
+            from dashboard.serve import make_server
+
+            app = create_app({"SETTINGS": farm.settings})
+            server = make_server(app, port=port)
+            threading.Thread(target=server.run, name="dashboard", daemon=True).start()
+            auth = "token required" if app.config["TOKEN"] else "no auth"
+            click.echo(f"dashboard: http://127.0.0.1:{server.effective_port}/ "
+                       f"(localhost only, {auth})")
+        click.echo("submit from another terminal with the same RENDERFARM_DATA_DIR, e.g.:")
+        click.echo('  renderfarm submit "a lighthouse at dawn" --count 4 --wait')
+        click.echo("Ctrl-C stops the farm (running jobs finish first; Ctrl-C twice: they go "
+                   "back to the queue).")
+        _report_finished_jobs(farm, stop)
+        click.echo(f"stopping: no new jobs; running jobs finish and are stored (up to "
+                   f"{stop_timeout:g} s; Ctrl-C again to put them back in the queue now)...")
+        killed = farm.stop_workers(timeout=stop_timeout, hurry=hurry)
+        if killed:
+            click.echo(f"killed worker(s) {killed}: they did not stop in time")
+        click.echo("workers stopped")
+    finally:
+        farm.stop_workers(timeout=0, grace=5)  # an error above: never leave a worker behind
+        if server is not None:
+            server.close()
+            click.echo("dashboard stopped")
+        farm.stop_redis()
+    click.echo("farm stopped")
+
+
+def _report_finished_jobs(farm, stop) -> None:
+    """Until ``stop`` is set: one line per job that ends (succeeded, failed, cancelled), from
+    the records of jobs submitted since the farm started."""
+    from producer import FarmClient
+    from renderfarm import keys
+    from renderfarm.records import Records
+
+    client = FarmClient(farm.settings)
+    records = Records(client.redis)
+    since: float | str = records.clock()
+    watching: set[str] = set()
+    while not stop.wait(0.5):
+        try:
+            fresh = client.redis.zrangebyscore(keys.JOBS, since, "+inf", withscores=True)
+            for job_id, score in fresh:
+                watching.add(job_id.decode())
+                since = f"({score!r}"  # after the newest seen
+            ended = [r for r in records.jobs(sorted(watching)) if r.terminal]
+        except Exception as exc:  # a Redis blip must not end the farm
+            click.echo(f"(could not read the records: {exc})")
+            continue
+        for record in ended:
+            watching.discard(record.id)
+            click.echo(_finished_line(client, record))
+
+
+def _finished_line(client, record) -> str:
+    t = record.timestamps
+    took = t.get(record.state.value, 0) - t.get("queued", 0)
+    line = f"job {record.id} {record.state} after {took:.1f} s"
+    if record.error and record.state.value != "succeeded":
+        line += f": {record.error}"
+    for image in client.urls(record) if record.state.value == "succeeded" else []:
+        line += f"  {image.url}"
+    return line
 
 
 @main.command()

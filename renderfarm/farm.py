@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,8 +91,12 @@ class EmbeddedFarm:
             command += ["--preload", model]
         command += args or []
         log = open(self.log_dir / f"worker-{index}.log", "ab")  # noqa: SIM115 (owned by the child)
+        # A session (and process group) of its own: a Ctrl-C in the terminal reaches only the
+        # farm's owner, which stops the workers in order; the group is killed at the end, so
+        # no child of a worker (a compile helper) outlives it.
         proc = subprocess.Popen(command, env={**self.worker_env(), **(env or {})}, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
         log.close()
         if index < len(self.workers):
             self.workers[index] = proc
@@ -134,22 +139,44 @@ class EmbeddedFarm:
             self.wait_for_workers()
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop_workers(self, timeout: float = 30.0, hurry: threading.Event | None = None,
+                     grace: float = 30.0) -> list[int]:
+        """Stop the workers in order: SIGTERM (Celery's warm shutdown: no new job is taken, the
+        running one finishes and is stored). When ``hurry`` is set or ``timeout`` passes,
+        SIGUSR2: running jobs stop at their next step and go back to the queue at once (no
+        lease to wait out). Whatever still runs ``grace`` seconds later is killed, with its
+        process group. Returns the pids that had to be killed."""
         for proc in self.workers:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # warm shutdown: the running job finishes
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        gave_back = False
+        killed = []
+        while any(p.poll() is None for p in self.workers):
+            now = time.monotonic()
+            if not gave_back and (now > deadline or (hurry is not None and hurry.is_set())):
+                for proc in self.workers:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGUSR2)
+                gave_back, deadline = True, now + grace
+            elif gave_back and now > deadline:
+                killed = [p.pid for p in self.workers if p.poll() is None]
+                break
+            time.sleep(0.05)
         for proc in self.workers:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _kill_group(proc)
         self.workers = []
+        return killed
+
+    def stop_redis(self) -> None:
         if self.redis_server:
             self.redis_server.stop()
             self.redis_server = None
             self.settings.farm_file.unlink(missing_ok=True)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_workers(timeout, grace=min(30.0, timeout))
+        self.stop_redis()
 
     def __enter__(self) -> EmbeddedFarm:
         try:
@@ -160,3 +187,13 @@ class EmbeddedFarm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a worker's process group (the worker, if it still runs, and any
+    child it left behind), then reap the worker."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

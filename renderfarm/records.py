@@ -261,6 +261,21 @@ redis.call('HSET', KEYS[1], 'step', 0)
 return 'requeued'
 """
 
+# ARGV: id, owner. The worker holding a running job gives it back (its farm is stopping now):
+# queued again at once, with no lease to wait out, and the attempt not counted.
+_GIVE_BACK = _TERMINAL + _MOVE + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (not state) or terminal(state) then return 'lost' end
+if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[2] then return 'lost' end
+release(KEYS[1], KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'error', 'given back unfinished: its worker was stopped')
+new_attempt(KEYS[1])
+move(KEYS[1], B, state, 'queued', clock())
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+redis.call('HSET', KEYS[1], 'step', 0, 'attempts', math.max(0, attempts - 1))
+return 'requeued'
+"""
+
 # A failed or cancelled job goes back to queued, attempts reset, its last timeline kept as
 # history.
 _RETRY = _TERMINAL + _MOVE + """
@@ -401,6 +416,7 @@ class Records:
         self._cancel = redis.register_script(_CANCEL)
         self._reap = redis.register_script(_REAP)
         self._retry = redis.register_script(_RETRY)
+        self._give_back = redis.register_script(_GIVE_BACK)
         self._claim_more = redis.register_script(_CLAIM_MORE)
         self._abandon = redis.register_script(_ABANDON)
         self._prune = redis.register_script(_PRUNE)
@@ -663,6 +679,11 @@ class Records:
     def expired_leases(self, limit: int = 100) -> list[str]:
         ids = self.redis.zrangebyscore(keys.RUNNING, "-inf", self.clock(), start=0, num=limit)
         return [i.decode() for i in ids]
+
+    def give_back(self, job_id: str, owner: str) -> str:
+        """The holder of a running job puts it back in the queue now (its worker is stopping):
+        'requeued' (the caller re-sends its message) or 'lost'. The attempt does not count."""
+        return self._give_back(keys=self._keys(job_id), args=[job_id, owner]).decode()
 
     def reap(self, job_id: str, max_attempts: int) -> str:
         """Recover a job whose lease ran out: 'requeued' (caller re-sends it), 'failed' or ''."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 from celery import signals
 
@@ -35,6 +36,10 @@ def run_worker(
     log.info("worker %s: profile %s, models %s", service.owner, service.profile.name, models)
     service.start_background()  # beats "starting" while models load and compile
     service.preload(preload or [])
+
+    # SIGUSR2: stop now (``renderfarm up``'s second Ctrl-C): the running job goes back to the
+    # queue at once; SIGTERM (warm shutdown) then ends the worker.
+    signal.signal(signal.SIGUSR2, lambda *_: service.give_back_running())
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:

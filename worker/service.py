@@ -72,6 +72,11 @@ class LostJob(Exception):
     """This worker no longer holds the job (its lease was taken over, or it ended)."""
 
 
+class GivenBack(Exception):
+    """The worker was told to stop now (``renderfarm up``'s second Ctrl-C, SIGUSR2): the job
+    it renders goes back to the queue at once instead of finishing."""
+
+
 class WorkerService:
     def __init__(self, settings: Settings, profile: str = "auto", max_models: int = 2,
                  affinity: bool = True):
@@ -104,6 +109,7 @@ class WorkerService:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._giving_back = threading.Event()  # stop now: running jobs go back to the queue
         self._thread: threading.Thread | None = None
         self._uploads: queue.Queue = queue.Queue(maxsize=2)
         self._uploader = threading.Thread(target=self._upload_loop, name="upload", daemon=True)
@@ -188,6 +194,20 @@ class WorkerService:
 
     def stop_background(self) -> None:
         self._stop.set()
+
+    def give_back_running(self) -> None:
+        """Stop now (a signal handler calls it): the job rendering stops at its next step and
+        is queued again at once; no job is taken after it. Jobs already rendered are stored."""
+        self._stop.set()
+        self._giving_back.set()
+
+    def _give_back(self, record: JobRecord) -> str:
+        if self.records.give_back(record.id, self.owner) != "requeued":
+            return "lost"
+        publish_records(self.app, self.records, [record.id])
+        log.warning("job %s: given back unfinished (worker stopping now); queued again",
+                    record.id)
+        return "requeued"
 
     def drain(self, timeout: float = 600.0) -> None:
         """Wait for the background uploads to finish (warm shutdown)."""
@@ -376,6 +396,8 @@ class WorkerService:
             if len(group) > 1:
                 try:
                     rendered = self._render(group)
+                except GivenBack:
+                    return {r.id: self._give_back(r) for r in group}
                 except Exception as exc:  # one bad partner must not fail the others
                     log.info("batch of %d split after %s; rendering one by one",
                              len(group), type(exc).__name__)
@@ -403,6 +425,8 @@ class WorkerService:
         except Cancelled:
             self.records.update(record.id, self.owner, JobState.cancelled)
             return "cancelled"
+        except GivenBack:
+            return self._give_back(record)
         except LostJob:
             log.warning("job %s: lease lost mid-run; left to its new owner", record.id)
             return "lost"
@@ -432,6 +456,8 @@ class WorkerService:
         def on_step(step: int, total: int) -> None:
             nonlocal last_write, steps
             self._step = steps = step
+            if self._giving_back.is_set():
+                raise GivenBack()
             if self._cancel.is_set():
                 self._check_still_ours(ids)
             t = time.monotonic()
