@@ -293,6 +293,15 @@ def get_batch(batch_id: str):
             "offset": offset, "limit": limit, "total": batch.total}
 
 
+@bp.get("/batches/<batch_id>/events")
+def batch_events(batch_id: str):
+    """Server-Sent Events of the batch's state changes and steps, until it ends (events.py)."""
+    from dashboard.events import stream
+
+    last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    return stream(client(), batch_id, last_id)
+
+
 @bp.post("/batches/<batch_id>/cancel")
 def cancel_batch(batch_id: str):
     c = client()

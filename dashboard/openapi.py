@@ -92,6 +92,18 @@ def _op(summary: str, ok: dict[str, Any], *, params: list | None = None, body: d
     return op
 
 
+def _events_op() -> dict[str, Any]:
+    resume = {"name": "Last-Event-ID", "in": "header", "required": False,
+              "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
+              "description": "Resume after this event (EventSource sends it on reconnect)"}
+    op = _op("Server-Sent Events of the batch: snapshot, job (state changes), step, end; "
+             "resumable with Last-Event-ID; the stream ends when the batch ends", _OBJ,
+             params=[_id("batch_id"), resume], errors=(400, 404))
+    op["responses"]["200"] = {"description": "An event stream",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    return op
+
+
 def spec(app: Flask) -> dict[str, Any]:
     job_out = _ref("JobRecord")
     paths = {
@@ -104,6 +116,7 @@ def spec(app: Flask) -> dict[str, Any]:
             "get": _op("A batch with a page of its jobs (each a JobRecord, results with url)",
                        _OBJ, params=[_id("batch_id"), *_PAGE], errors=(400, 404)),
         },
+        "/batches/{batch_id}/events": {"get": _events_op()},
         "/batches/{batch_id}/cancel": {
             "post": _op("Cancel every job of the batch that has not ended", _OBJ,
                         params=[_id("batch_id")]),

@@ -17,6 +17,11 @@ def batch(batch_id: str) -> str:
     return f"rf:batch:{batch_id}"
 
 
+def batch_events(batch_id: str) -> str:
+    """Stream of a batch's job state changes and steps (written by records.py's scripts)."""
+    return f"rf:batch:{batch_id}:events"
+
+
 def batch_jobs(batch_id: str) -> str:
     """List of a batch's job ids, in submit order."""
     return f"rf:batch:{batch_id}:jobs"

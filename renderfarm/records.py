@@ -1,7 +1,9 @@
 """Job and batch records in Redis: what the client and the dashboard read, what workers update.
 
 A job record is a hash at ``rf:job:<id>``. Every state change goes through a Lua script so it
-is atomic with the batch's per-state counts and with the job's lease: a worker may move a job
+is atomic with the batch's per-state counts, with the batch's event stream (``rf:batch:<id>:
+events``: each state change and step, read by ``GET /api/v1/batches/<id>/events``) and with the
+job's lease: a worker may move a job
 only while it holds the lease (``lease_owner``), and a job in a terminal state never moves again
 (except by an explicit :meth:`Records.retry`). That is what keeps a job from being done twice
 when Redis delivers its message twice.
@@ -45,6 +47,10 @@ local B = 'rf:batch:' .. (redis.call('HGET', KEYS[1], 'batch_id') or '_')
 # move() keeps the batch's counts, the queue's pending set and the outbox (queued jobs whose
 # message may not have been sent: the sender removes them once it has) in step with the state.
 _MOVE = """
+-- event(): appends to the batch's event stream (SSE: dashboard/events.py), capped.
+local function event(batch, ...)
+  redis.call('XADD', batch .. ':events', 'MAXLEN', '~', 10000, '*', ...)
+end
 -- 't:<state>' is when the job entered that state: a write that keeps the state (progress)
 -- never moves it.
 local function move(job, batch, from, to, t)
@@ -53,6 +59,7 @@ local function move(job, batch, from, to, t)
   if from ~= to then
     redis.call('HINCRBY', batch, 'n:' .. from, -1)
     redis.call('HINCRBY', batch, 'n:' .. to, 1)
+    event(batch, 'job', redis.call('HGET', job, 'id') or '', 'state', to, 'from', from, 't', t)
     local queue = redis.call('HGET', job, 'queue')
     if queue then
       local id = redis.call('HGET', job, 'id')
@@ -190,6 +197,12 @@ move(KEYS[1], B, state, new, now)
 if #ARGV > 4 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 5))
   if not terminal(new) then redis.call('HSET', KEYS[1], 'progressed_at', now) end
+end
+for i = 5, #ARGV - 1, 2 do
+  if ARGV[i] == 'step' then
+    event(B, 'job', ARGV[1], 'step', ARGV[i + 1],
+          'steps', redis.call('HGET', KEYS[1], 'steps_total') or '')
+  end
 end
 if terminal(new) then
   release(KEYS[1], KEYS[2], ARGV[1])
@@ -378,7 +391,7 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[4], id)
   redis.call('ZREM', 'rf:outbox', id)
 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[1] .. ':events')
 redis.call('ZREM', KEYS[3], ARGV[1])
 return #ids
 """

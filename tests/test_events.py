@@ -1,0 +1,101 @@
+"""``GET /api/v1/batches/<id>/events``: Server-Sent Events from the batch's Redis stream, read
+through a served dashboard (waitress) while the session's real worker renders the batch."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import requests
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(farm, farm_settings):
+    from dashboard import create_app
+    from dashboard.serve import make_server
+
+    server = make_server(create_app({"SETTINGS": farm_settings}), port=0)
+    threading.Thread(target=server.run, name="events-dashboard", daemon=True).start()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    server.close()
+
+
+def read_events(response: requests.Response) -> list[dict]:
+    """Parse an SSE body into [{id, event, data}] (comments and retry lines skipped)."""
+    events, current = [], {}
+    for line in response.iter_lines(decode_unicode=True):
+        if not line:
+            if "event" in current:
+                events.append(current)
+            current = {}
+        elif line.startswith(("id: ", "event: ")):
+            name, _, value = line.partition(": ")
+            current[name] = value
+        elif line.startswith("data: "):
+            current["data"] = json.loads(line[6:])
+    return events
+
+
+def test_events_follow_a_batch_to_its_end_and_resume(dashboard_url, client):
+    handle = client.submit_batch([
+        {"prompt": f"a kite {i}", "model": "tiny", "width": 64, "height": 64, "steps": 3,
+         "seed": i} for i in range(2)])
+    url = f"{dashboard_url}/api/v1/batches/{handle.id}/events"
+    with requests.get(url, stream=True, timeout=120) as live:
+        assert live.headers["Content-Type"].startswith("text/event-stream")
+        events = read_events(live)  # returns only when the server ends the stream
+    assert events[0]["event"] == "snapshot" and events[0]["data"]["total"] == 2
+    assert events[-1]["event"] == "end" and events[-1]["data"]["counts"]["succeeded"] == 2
+    for job_id in (j.id for j in handle.jobs()):
+        states = [e["data"]["state"] for e in events
+                  if e["event"] == "job" and e["data"]["job_id"] == job_id]
+        assert states[-1] == "succeeded" and "rendering" in states
+        done = next(e for e in events if e["event"] == "job" and e["data"]["job_id"] == job_id
+                    and e["data"]["state"] == "succeeded")
+        assert done["data"]["results"][0]["key"].endswith(f"{job_id}-0.png")
+        steps = [e["data"]["step"] for e in events
+                 if e["event"] == "step" and e["data"]["job_id"] == job_id]
+        assert steps == sorted(steps) and steps[-1] == 3
+    ids = [e["id"] for e in events]
+    assert len(set(ids[1:-1])) == len(ids) - 2  # every change once, in stream order
+    # Reconnect after the third event: exactly the events after it, then the end.
+    resumed_from = events[2]["id"]
+    with requests.get(url, headers={"Last-Event-ID": resumed_from}, stream=True,
+                      timeout=60) as again:
+        replay = read_events(again)
+    assert [e["id"] for e in replay[:-1]] == ids[3:-1]
+    assert replay[-1]["event"] == "end"
+
+
+def test_events_refuse_unknown_batches_and_bad_ids(dashboard_url, client):
+    assert requests.get(f"{dashboard_url}/api/v1/batches/nope/events",
+                        timeout=10).status_code == 404
+    handle = client.submit({"prompt": "a kite", "model": "tiny", "width": 64, "height": 64,
+                            "steps": 2})
+    batch_id = handle.status().batch_id
+    bad = requests.get(f"{dashboard_url}/api/v1/batches/{batch_id}/events",
+                       headers={"Last-Event-ID": "yesterday"}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "Last-Event-ID"
+    handle.wait(timeout=120)
+
+
+def test_the_event_stream_is_written_with_each_change_and_pruned_with_its_batch(redis_url):
+    import redis
+
+    from renderfarm import keys
+    from renderfarm.records import Records
+    from renderfarm.schema import JobRequest
+
+    r = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6")  # a db of its own: prune
+    r.flushdb()
+    records = Records(r)
+    request = JobRequest(prompt="a kite", model="tiny", seed=1)
+    records.add_jobs("b1", [("j1", request), ("j2", request)])
+    records.cancel("j1")
+    [(_, fields)] = r.xrange(keys.batch_events("b1"))
+    assert fields == {b"job": b"j1", b"state": b"cancelled", b"from": b"queued",
+                      b"t": fields[b"t"]}
+    records.cancel("j2")
+    assert records.prune(older_than=-60).batches == 1
+    assert not r.exists(keys.batch_events("b1"))
