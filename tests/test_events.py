@@ -42,15 +42,15 @@ def test_events_follow_a_batch_to_its_end_and_resume(dashboard_url, client):
         {"prompt": f"a kite {i}", "model": "tiny", "width": 64, "height": 64, "steps": 3,
          "seed": i} for i in range(2)])
     url = f"{dashboard_url}/api/v1/batches/{handle.id}/events"
-    with requests.get(url, stream=True, timeout=120) as live:
+    # From the stream's start ("0-0"): every event, whenever this client connected.
+    with requests.get(url, headers={"Last-Event-ID": "0-0"}, stream=True, timeout=120) as live:
         assert live.headers["Content-Type"].startswith("text/event-stream")
         events = read_events(live)  # returns only when the server ends the stream
-    assert events[0]["event"] == "snapshot" and events[0]["data"]["total"] == 2
     assert events[-1]["event"] == "end" and events[-1]["data"]["counts"]["succeeded"] == 2
     for job_id in (j.id for j in handle.jobs()):
         states = [e["data"]["state"] for e in events
                   if e["event"] == "job" and e["data"]["job_id"] == job_id]
-        assert states[-1] == "succeeded" and "rendering" in states
+        assert states[0] == "started" and "rendering" in states and states[-1] == "succeeded"
         done = next(e for e in events if e["event"] == "job" and e["data"]["job_id"] == job_id
                     and e["data"]["state"] == "succeeded")
         assert done["data"]["results"][0]["key"].endswith(f"{job_id}-0.png")
@@ -58,7 +58,7 @@ def test_events_follow_a_batch_to_its_end_and_resume(dashboard_url, client):
                  if e["event"] == "step" and e["data"]["job_id"] == job_id]
         assert steps == sorted(steps) and steps[-1] == 3
     ids = [e["id"] for e in events]
-    assert len(set(ids[1:-1])) == len(ids) - 2  # every change once, in stream order
+    assert len(set(ids[:-1])) == len(ids) - 1  # every change once, in stream order
     # Reconnect after the third event: exactly the events after it, then the end.
     resumed_from = events[2]["id"]
     with requests.get(url, headers={"Last-Event-ID": resumed_from}, stream=True,
@@ -66,6 +66,11 @@ def test_events_follow_a_batch_to_its_end_and_resume(dashboard_url, client):
         replay = read_events(again)
     assert [e["id"] for e in replay[:-1]] == ids[3:-1]
     assert replay[-1]["event"] == "end"
+    # A new client (no Last-Event-ID) gets the batch as it is, then the end.
+    with requests.get(url, stream=True, timeout=60) as fresh:
+        first = read_events(fresh)
+    assert [e["event"] for e in first] == ["snapshot", "end"]
+    assert first[0]["data"]["counts"]["succeeded"] == 2 and first[0]["id"] == ids[-1]
 
 
 def test_events_refuse_unknown_batches_and_bad_ids(dashboard_url, client):

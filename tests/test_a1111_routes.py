@@ -1,0 +1,61 @@
+"""The A1111 routes that need no worker: LoRA listing, refusals before anything is enqueued,
+per-caller skip, unknown routes. (tests/test_a1111.py drives the rendering ones.)"""
+
+from __future__ import annotations
+
+pytest_plugins = ["tests.dashboard_fixtures"]
+
+BASIC = {"Authorization": "Basic dXNlcjpwdw=="}  # user:pw (no token configured: ignored)
+
+
+def test_loras_lists_the_models_dirs_lora_files(dash_client, dash_settings):
+    folder = dash_settings.models_path / "loras"
+    folder.mkdir()
+    (folder / "ink-style.safetensors").write_bytes(b"x")
+    (folder / "notes.txt").write_text("not a lora")
+    loras = dash_client.get("/sdapi/v1/loras").get_json()
+    assert [(item["name"], item["alias"]) for item in loras] == [("ink-style", "ink-style")]
+
+
+def test_refusals_name_the_field_and_enqueue_nothing(make_dash_app, queue_depth):
+    # No worker here: a body wrongly accepted would wait, so the wait is short (504, not 422).
+    dash_client = make_dash_app(A1111_TIMEOUT=2).test_client()
+    body = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64}
+    cases = [
+        ({"script_name": "x/y/z plot"}, "script_name"),
+        ({"styles": ["cinematic"]}, "styles"),
+        ({"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts"),
+        ({"override_settings": {"sd_vae": "kl-f8.safetensors"}}, "override_settings.sd_vae"),
+        ({"scheduler": "Exponential"}, "sampler_name"),
+        ({"batch_size": 20, "n_iter": 6}, "batch_size"),
+        ({"cfg_scale": 99}, "cfg_scale"),
+    ]
+    for extra, field in cases:
+        answer = dash_client.post("/sdapi/v1/txt2img", json={**body, **extra})
+        assert answer.status_code == 422, (extra, answer.get_data(as_text=True))
+        assert field in [e["field"] for e in answer.get_json()["errors"]], extra
+    img = dash_client.post("/sdapi/v1/img2img", json={**body, "init_images": []})
+    assert img.status_code == 422 and img.get_json()["errors"][0]["field"] == "init_images"
+    assert queue_depth() == 0
+
+
+def test_skip_and_interrupt_touch_only_the_callers_own(dash_client, dash_farm, make_job):
+    from dashboard.a1111 import _active_key
+
+    mine = dash_farm.submit_batch([make_job(), make_job()])
+    theirs = dash_farm.submit_batch([make_job()])
+    dash_farm.redis.zadd(_active_key("user:user"), {mine.id: 1})
+    dash_farm.redis.zadd(_active_key("user:other"), {theirs.id: 1})
+    [first, second] = mine.records()
+    dash_farm.records.claim(first.id, "w1", 30, 3)  # rendering now; the other one waits
+    assert dash_client.post("/sdapi/v1/skip", headers=BASIC).get_json() == {}
+    assert dash_farm.records.job(first.id).cancel_requested  # stops at its next step
+    assert dash_farm.records.job(second.id).state.value == "queued"  # still to render
+    assert dash_client.post("/sdapi/v1/interrupt", headers=BASIC).get_json() == {}
+    assert dash_farm.records.job(second.id).state.value == "cancelled"
+    assert theirs.records()[0].state.value == "queued"
+
+
+def test_unknown_routes_answer_json_404(dash_client):
+    answer = dash_client.get("/sdapi/v1/extra-single-image")
+    assert answer.status_code == 404 and "not served" in answer.get_json()["detail"]
