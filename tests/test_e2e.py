@@ -77,11 +77,51 @@ def test_same_seed_same_pixels_and_seed_plus_k(farm, client):
     assert not np.array_equal(pixels(client, first[0].key), pixels(client, first[1].key))
 
 
-def test_random_seed_is_recorded(farm, client):
-    handle = client.submit({**JOB, "prompt": "no seed given"})
+def test_random_seed_is_recorded_and_reproduces_the_image(farm, client):
+    """Two jobs without a seed get different seeds; the recorded seed renders the same pixels."""
+    job = {**JOB, "prompt": "no seed given"}
+    first, second = (client.submit(job).wait(timeout=60) for _ in range(2))
+    for record in (first, second):
+        assert record.state is JobState.succeeded, record.error
+        assert record.results[0].seed == record.request.seed is not None
+    assert first.request.seed != second.request.seed  # a constant "random" seed fails here
+    again = client.submit({**job, "seed": first.request.seed}).result(timeout=60)
+    assert np.array_equal(pixels(client, again[0].key), pixels(client, first.results[0].key))
+
+
+def test_largest_seed_and_its_next_image_wrap_around(farm, client):
+    """Seed 2**32-1 is accepted; image 1 of its job gets seed 0 (uint32, as A1111 wraps)."""
+    top = client.submit({**JOB, "prompt": "max seed", "seed": 2**32 - 1, "num_images": 2})
+    record = top.wait(timeout=60)
+    assert record.state is JobState.succeeded, record.error
+    assert [r.seed for r in record.results] == [2**32 - 1, 0]
+    [zero] = client.submit({**JOB, "prompt": "max seed", "seed": 0}).result(timeout=60)
+    diff = np.abs(pixels(client, record.results[1].key).astype(int) - pixels(client, zero.key))
+    assert diff.max() <= 2  # image k is the image of seed+k (batched math: within rounding)
+    assert parse_parameters(read_png_info(client.storage.get(record.results[0].key))[
+        "parameters"])["Seed"] == 2**32 - 1
+
+
+def test_sidecar_json_describes_the_job(farm, client):
+    """``<batch>/<job>.json`` next to the PNGs: the request, the images, worker and timings."""
+    import json
+
+    handle = client.submit({**JOB, "prompt": "a sidecar", "seed": 77, "num_images": 2,
+                            "negative_prompt": "rain"})
     record = handle.wait(timeout=60)
-    assert record.request.seed is not None
-    assert record.results[0].seed == record.request.seed
+    assert record.state is JobState.succeeded, record.error
+    body = json.loads(client.storage.get(f"{record.batch_id}/{record.id}.json"))
+    assert (body["id"], body["batch_id"]) == (record.id, record.batch_id)
+    assert body["request"] == record.request.model_dump(mode="json", exclude={"init_image"})
+    assert body["has_init_image"] is False
+    assert body["worker"] == record.worker and body["attempts"] == record.attempts == 1
+    assert [(i["key"], i["seed"], i["width"], i["height"]) for i in body["images"]] == [
+        (r.key, r.seed, 64, 64) for r in record.results]
+    assert [i["seed"] for i in body["images"]] == [77, 78]
+    stamps = body["timestamps"]
+    assert stamps["queued"] <= stamps["started"] <= stamps["rendering"] <= stamps["uploading"] \
+        <= stamps["stored"]
+    assert all(v is not None and v >= 0 for v in body["timings"].values()), body["timings"]
 
 
 def test_cancel_queued_and_running(farm, client):
