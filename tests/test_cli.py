@@ -159,3 +159,95 @@ def test_prune(farm_settings, module_redis_url, tmp_path):
     bad = run(["prune", "--older-than", "3x"], env, check=False)
     assert bad.returncode == 2
     assert "--older-than" in bad.stderr and "got '3x'" in bad.stderr
+
+
+def test_jsonl_file_submits_each_line_and_waits(farm, farm_settings, client, tmp_path):
+    """`submit --file jobs.jsonl`: one job a line, each line's own fields, rendered."""
+    env = farm_env(farm_settings)
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"prompt": "jsonl one", "model": "tiny", "width": 64, "height": 64, "steps": 2,
+              "seed": 5},
+             {"prompt": "jsonl two", "width": 64, "height": 72, "steps": 3, "seed": 9}]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = run(["submit", "--file", str(jobs), "--wait", "--timeout", "120"], env)
+    batch_id = out.stdout.split()[1].rstrip(":")
+    records = client.batch(batch_id).records()
+    assert [(r.request.prompt, r.request.height, r.request.steps, r.request.seed)
+            for r in records] == [("jsonl one", 64, 2, 5), ("jsonl two", 72, 3, 9)]
+    assert records[1].request.model == "tiny"  # RENDERFARM_DEFAULT_MODEL's default
+    assert all(r.state is JobState.succeeded for r in records), [r.error for r in records]
+
+
+def test_cancel_models_and_default_model(farm, farm_settings, module_redis_url, models_dir,
+                                         tmp_path):
+    """`cancel` a job and a batch, on a Redis database no worker serves (nothing runs them);
+    a job naming no model gets RENDERFARM_DEFAULT_MODEL; `models` lists the session farm's."""
+    import shutil
+
+    from producer import FarmClient
+
+    models = tmp_path / "models"
+    for name in ("tiny", "other"):
+        shutil.copytree(models_dir / "tiny", models / name)
+    env = {**farm_env(farm_settings), "RENDERFARM_REDIS_URL": module_redis_url,
+           "RENDERFARM_MODELS_DIR": str(models), "RENDERFARM_DEFAULT_MODEL": "other"}
+    idle = FarmClient(farm_settings.model_copy(update={"redis_url": module_redis_url}))
+
+    out = run(["submit", "one", "two", "--size", "64x64", "--steps", "2"], env)
+    batch_id = out.stdout.split()[1].rstrip(":")
+    first, second = idle.batch(batch_id).records()
+    assert first.request.model == second.request.model == "other"
+    out = run(["cancel", first.id], env)
+    assert out.stdout.strip() == f"{first.id}: cancelled"
+    assert idle.records.job(first.id).state is JobState.cancelled
+    assert idle.records.job(second.id).state is JobState.queued
+    out = run(["cancel", batch_id], env)
+    assert json.loads(out.stdout) == {second.id: "cancelled"}
+    assert {r.state for r in idle.batch(batch_id).records()} == {JobState.cancelled}
+    out = run(["cancel", "no-such-job"], env, check=False)
+    assert out.returncode == 2 and "no-such-job" in out.stderr
+
+    listed = run(["models"], farm_env(farm_settings)).stdout.splitlines()
+    [tiny] = [line.split("\t") for line in listed if line.startswith("tiny\t")]
+    assert tiny[-1] == "1 worker(s)", listed
+
+
+def test_make_model_writes_a_model_a_worker_can_list(tmp_path, models_dir):
+    from worker.modelfiles import list_models
+
+    out = run(["make-model", "tiny", str(tmp_path / "mine")], os.environ.copy())
+    assert "wrote tiny model to" in out.stdout
+    assert list(list_models(tmp_path)) == ["mine"]
+    for part in ("unet", "vae", "text_encoder"):  # seeded: the same weights as the fixture's
+        [ours] = (tmp_path / "mine" / part).glob("*.safetensors")
+        [theirs] = (models_dir / "tiny" / part).glob("*.safetensors")
+        assert ours.read_bytes() == theirs.read_bytes(), part
+    out = run(["make-model", "huge", str(tmp_path / "x")], os.environ.copy(), check=False)
+    assert out.returncode == 2 and "'huge' is not one of" in out.stderr
+
+
+def test_dashboard_serves_on_the_given_port(farm_settings, module_redis_url, tmp_path):
+    import requests
+
+    from renderfarm.embedded import free_port
+    from tests.fault_fixtures import wait_for
+
+    port = free_port()
+    env = {**farm_env(farm_settings), "RENDERFARM_REDIS_URL": module_redis_url}
+    proc = subprocess.Popen([*RF, "dashboard", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def answers():
+            if proc.poll() is not None:
+                raise AssertionError(f"dashboard exited {proc.returncode}: {proc.stdout.read()}")
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/api/v1/models", timeout=5)
+            except requests.ConnectionError:
+                return None
+
+        response = wait_for(answers, 60, f"the dashboard on port {port}", poll=0.2)
+        assert response.status_code == 200
+        assert response.json()["default"] == "tiny"
+    finally:
+        proc.terminate()
+        proc.wait(15)
