@@ -180,6 +180,35 @@ def test_s3_prefix_normalised(moto_endpoint: str):
         assert S3Storage("bucket", prefix, moto_endpoint).prefix == expected
 
 
+def test_s3_concurrent_puts_exactly_one_wins(s3: S3Storage):
+    """First writer wins against a real endpoint: of 12 writers racing to one key, exactly one
+    put answers True and its bytes are the object; the others got 412 (or 409 and then found
+    the object there)."""
+    n = 12
+    barrier = threading.Barrier(n)
+    results: dict[int, bool] = {}
+    errors: list[BaseException] = []
+
+    def put(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = s3.put("race/job-0.png", f"writer-{i}".encode() * 5000, "image/png")
+        except BaseException as exc:  # noqa: B036 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == n and len(winners) == 1, results
+    assert s3.get("race/job-0.png") == f"writer-{winners[0]}".encode() * 5000
+    assert s3.list("race/") == ["race/job-0.png"]
+    assert s3.put("race/job-0.png", b"late", "image/png") is False  # 412 once it is there
+
+
 def test_s3_put_retries_until_endpoint_comes_up(s3: S3Storage):
     """The endpoint is down (it drops every connection) when the put starts; it comes up once
     the put has tried twice (a try and a retry): the put succeeds."""
