@@ -26,7 +26,7 @@ from tests.fault_fixtures import BrokenEndpoint, FaultFarm, wait_for
 pytest_plugins = ["tests.fault_fixtures"]
 
 SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 4, "scheduler": "euler"}
-SLOW = {**SMALL, "steps": 8}  # held at a step, never timed: it need not be slow
+SLOW = {**SMALL, "width": 128, "height": 128, "steps": 12}  # held at a step, never timed
 RUNNING = {JobState.started, JobState.rendering}
 ENDED = {JobState.succeeded, JobState.failed, JobState.cancelled}
 
