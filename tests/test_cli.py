@@ -207,9 +207,10 @@ def test_cancel_models_and_default_model(farm, farm_settings, module_redis_url, 
     out = run(["cancel", "no-such-job"], env, check=False)
     assert out.returncode == 2 and "no-such-job" in out.stderr
 
-    listed = run(["models"], farm_env(farm_settings)).stdout.splitlines()
-    [tiny] = [line.split("\t") for line in listed if line.startswith("tiny\t")]
-    assert tiny[-1] == "1 worker(s)", listed
+    listed = json.loads(run(["models", "--json"], farm_env(farm_settings)).stdout)
+    assert list(listed) == ["tiny"] and listed["tiny"]["family"] == "sd15", listed
+    assert len(listed["tiny"]["worker_ids"]) == 1  # the session farm's one worker
+    assert "tiny" in run(["models"], farm_env(farm_settings)).stdout
 
 
 def test_make_model_writes_a_model_a_worker_can_list(tmp_path, models_dir):
