@@ -201,7 +201,7 @@ def test_cancel_models_and_default_model(farm, farm_settings, module_redis_url, 
     assert out.stdout.strip() == f"{first.id}: cancelled"
     assert idle.records.job(first.id).state is JobState.cancelled
     assert idle.records.job(second.id).state is JobState.queued
-    out = run(["cancel", batch_id], env)
+    out = run(["cancel", batch_id, "--json"], env)
     assert json.loads(out.stdout) == {second.id: "cancelled"}
     assert {r.state for r in idle.batch(batch_id).records()} == {JobState.cancelled}
     out = run(["cancel", "no-such-job"], env, check=False)

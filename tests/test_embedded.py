@@ -13,6 +13,13 @@ import redis
 from renderfarm.embedded import EmbeddedRedis
 from renderfarm.records import Records
 from renderfarm.schema import JobRequest, JobState
+from tests.fault_fixtures import wait_for
+
+
+def aof_written(client: redis.Redis) -> bool:
+    info = client.info("persistence")
+    return info["aof_enabled"] == 1 and info["aof_buffer_length"] == 0 and \
+        info["aof_pending_bio_fsync"] == 0
 
 
 @pytest.fixture
@@ -42,6 +49,9 @@ def test_sigkill_loses_no_acknowledged_job(server: EmbeddedRedis):
     request = JobRequest(prompt="survives a crash", model="tiny", seed=1)
     records.add_jobs("crash", [(f"job-{i}", request) for i in range(20)])
     records.cancel("job-3")
+    # appendfsync everysec: a write is in the AOF file once Redis says its AOF buffer is
+    # empty (it may hold up to ~2 s of writes under load: the loss everysec allows).
+    wait_for(lambda: aof_written(records.redis), 30, "the AOF buffer written")
     os.kill(server.process.pid, signal.SIGKILL)  # no shutdown: no final save, no fsync
     server.process.wait()
 
