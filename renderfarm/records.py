@@ -105,7 +105,8 @@ end
 # ARGV: batch id, label, idempotency ttl, then per job: job id, idempotency key|'', queue,
 # priority, compat, request JSON. Records every job whose idempotency key is free (taking the
 # key) and the batch, in one atomic step: a key never points at a job that was not written.
-# Returns, per job, its own id or the id of the job that holds its key.
+# Returns, per job, its own id or the id of the job that holds its key. Idempotent: a job whose
+# record exists is left as it is (redis-py retries a call that timed out).
 _ADD = """
 local function clock()
   local t = redis.call('TIME')
@@ -118,7 +119,9 @@ local out, fresh, queues = {}, {}, {}
 for i = 4, #ARGV, 6 do
   local id, idem, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local owner = false
-  if idem ~= '' then
+  if redis.call('EXISTS', 'rf:job:' .. id) == 1 then
+    owner = id  -- written by an earlier run of this very call (a client retry): not twice
+  elseif idem ~= '' then
     owner = redis.call('GET', 'rf:idem:' .. idem)
     if not owner then redis.call('SET', 'rf:idem:' .. idem, id, 'EX', ttl) end
   end
@@ -311,6 +314,8 @@ for _, id in ipairs(ids) do redis.call('ZADD', 'rf:outbox', now, id) end
 return ids
 """
 
+ADD_CHUNK = 500  #: jobs recorded per script call by Records.add_jobs
+
 # Largest list offset asked of Redis: offset + limit must stay within its 64-bit integers.
 MAX_INDEX = 2**62
 
@@ -455,11 +460,24 @@ class Records:
         leaves no key pointing at nothing."""
         queues = queues or ["renderfarm"] * len(jobs)
         compat = compat or [job_id for job_id, _ in jobs]
-        args: list[str | int] = [batch_id, label, idempotency_ttl]
-        for (job_id, request), queue, key in zip(jobs, queues, compat, strict=True):
-            args += [job_id, request.idempotency_key or "", queue, request.priority, key,
-                     request.model_dump_json()]
-        return [v.decode() for v in self._add(args=args)]
+        rows = [[job_id, request.idempotency_key or "", queue, request.priority, key,
+                 request.model_dump_json()]
+                for (job_id, request), queue, key in zip(jobs, queues, compat, strict=True)]
+        # One script per chunk, all in one round trip: Redis serves other clients (workers
+        # renewing leases) between chunks, and no call outlasts the socket timeout.
+        pipe = self.redis.pipeline(transaction=False)
+        for start in range(0, len(rows), ADD_CHUNK):
+            chunk = [v for row in rows[start:start + ADD_CHUNK] for v in row]
+            self._add(args=[batch_id, label, idempotency_ttl, *chunk], client=pipe)
+        answers = pipe.execute(raise_on_error=False)
+        failed = next((a for a in answers if isinstance(a, Exception)), None)
+        if failed is not None:  # all or nothing: fail what the other chunks recorded
+            mine = [row[0] for k, answer in enumerate(answers) if not isinstance(answer, Exception)
+                    for row, owner in zip(rows[k * ADD_CHUNK:(k + 1) * ADD_CHUNK], answer,
+                                          strict=True) if owner.decode() == row[0]]
+            self.abandon(mine, f"not enqueued: Redis refused part of the batch ({failed})")
+            raise failed
+        return [v.decode() for answer in answers for v in answer]
 
     def sent(self, job_ids: Sequence[str]) -> None:
         """The messages of these jobs are on their queues: take them out of the outbox."""
