@@ -18,7 +18,7 @@ from renderfarm import keys
 from renderfarm.errors import FieldError, InvalidJob
 from renderfarm.fleet import HEARTBEAT_INTERVAL, LOST_AFTER_BEATS, read_workers
 from renderfarm.records import PRIORITY_BAND as BAND
-from renderfarm.schema import TERMINAL_STATES, BatchRecord, JobRecord, JobState
+from renderfarm.schema import BatchRecord, JobRecord, JobState
 from storage.local import LocalStorage
 
 bp = Blueprint("api", __name__)
@@ -44,7 +44,7 @@ def image_url(key: str) -> str:
 
 def timings(record: JobRecord) -> dict[str, float | None]:
     t = record.timestamps
-    end = next((t[s.value] for s in TERMINAL_STATES if s.value in t), None)
+    end = t.get(record.state.value) if record.terminal else None  # this attempt's end
 
     def span(a: float | None, b: float | None) -> float | None:
         return round(b - a, 3) if a is not None and b is not None else None

@@ -122,7 +122,7 @@ def test_cancelled_batch_takes_its_messages_off_the_queue(own_farm):
 def test_retry_and_reap_start_a_new_attempt_with_history(own_farm):
     from dashboard.api import timings
 
-    client, _ = own_farm
+    client, api = own_farm
     records = client.records
     records.add_jobs("b", [("r1", JobRequest(prompt="x", model="tiny", seed=1))])
     assert records.claim("r1", "w1", 30, 3).ok
@@ -146,6 +146,8 @@ def test_retry_and_reap_start_a_new_attempt_with_history(own_farm):
     assert record.error is None
     spans = timings(record)
     assert all(v is not None and v >= 0 for v in spans.values()), spans
+    page = api.get("/jobs/r1").get_data(as_text=True)
+    assert "Earlier attempts (2)" in page and "failed on w1: boom" in page
 
 
 # -- 10. /queues costs the same whatever the number of batches kept ------------------------
