@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, request, url_for
+from flask import Blueprint, current_app, g, request, url_for
 from werkzeug.exceptions import BadRequest
 
 from producer.client import FarmClient
@@ -88,7 +88,40 @@ def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
         "counts": counts,
         # jobs ended per minute since the batch was submitted; only while it still runs
         "jobs_per_minute": round(batch.done / age * 60, 2) if running and age > 0 else None,
+        "bar": progress_bar(batch, _running_steps().get(batch.id, 0.0) if running else 0.0),
     }
+
+
+#: The batch bar's parts, in order: ended states, then running (the steps done of the running
+#: jobs, then the rest of them), then queued (the visible empty part).
+BAR_PARTS = ("succeeded", "failed", "cancelled", "steps", "running", "queued")
+
+
+def progress_bar(batch: BatchRecord, steps: float) -> list[dict[str, Any]]:
+    """The batch's bar: each part's state, how many jobs it stands for and its width in % of
+    the batch. ``steps`` is the sum of step/steps_total over the batch's running jobs, so the
+    bar moves with every step, not only when a job ends."""
+    n = {s.value: batch.counts.get(s, 0) for s in JobState}
+    running = n["started"] + n["rendering"] + n["uploading"]
+    steps = min(float(running), steps)
+    amounts = {"succeeded": n["succeeded"], "failed": n["failed"], "cancelled": n["cancelled"],
+               "steps": steps, "running": running - steps, "queued": n["queued"]}
+    total = max(1, batch.total)
+    return [{"part": part, "jobs": round(amounts[part], 2),
+             "width": round(100 * amounts[part] / total, 2)} for part in BAR_PARTS]
+
+
+def _running_steps() -> dict[str, float]:
+    """Batch id -> sum of step/steps_total of its running jobs; read once per request."""
+    if "running_steps" not in g:
+        c = client()
+        ids = [i.decode() for i in c.redis.zrange(keys.RUNNING, 0, -1)]
+        out: dict[str, float] = {}
+        for r in c.records.jobs(ids) if ids else []:
+            if r.steps_total and not r.terminal:
+                out[r.batch_id] = out.get(r.batch_id, 0.0) + r.step / r.steps_total
+        g.running_steps = out
+    return g.running_steps
 
 
 # Largest offset a list request takes (far past any real list; keeps Redis' ranges in range).

@@ -89,6 +89,7 @@ def serve(settings: Settings | None = None, host: str | None = None, port: int =
     app = build(settings, config)
     bind = resolve_host(app, host, insecure_no_auth)
     allow_bound_host(app, bind)
+    app.config["BIND"] = bind
     check_redis(app)
     shown = f"[{bind}]" if ":" in bind else bind
     log.info("dashboard at http://%s:%d/", shown, port)
@@ -101,4 +102,5 @@ def make_server(app: Flask, host: str = LOCALHOST, port: int = 0):
     ``renderfarm up``, which run it in a thread. ``port=0`` picks a free one."""
     from waitress.server import create_server
 
+    app.config["BIND"] = host  # the pages say when they are reachable from this machine only
     return create_server(app, host=host, port=port, threads=8, ident="renderfarm")

@@ -49,7 +49,7 @@ bp = Blueprint("ui", __name__)
 
 SIZE_PRESETS = ("512x512", "768x768", "512x768", "768x512", "1024x1024", "640x384", "256x256",
                 "64x64")
-HARDWARE = ("any", "gpu", "cpu", "jetson")
+HARDWARE = ("any", "gpu", "cpu", "jetson", "mps")
 PAGE = 50  # batches per page
 GRID_PAGE = 250  # tiles per page of a batch
 MAX_PAGE = 10**6  # a larger ?page= shows this one (empty): offsets stay far inside Redis' range
@@ -190,10 +190,15 @@ def _jobs_from_form(form: SubmitForm) -> list[dict]:
 
 
 def _show_errors(form: SubmitForm, errors: list[FieldError]) -> None:
-    """Put each refused field's message next to the form field it came from."""
+    """Put each refused field's message next to the form field it came from: a custom width
+    or height at its own box. An empty value is not shown as ``got ''``."""
+    custom = form.size.data == "custom"
     for e in errors:
-        field = getattr(form, FORM_FIELD.get(e.field, e.field), None) or form.prompts
-        field.errors = [*field.errors, str(e)]
+        name = e.field if custom and e.field in ("width", "height") else FORM_FIELD.get(
+            e.field, e.field)
+        field = getattr(form, name, None) or form.prompts
+        text = str(e) if e.value not in ("", None) else f"{e.field} {e.message}"
+        field.errors = [*field.errors, text]
 
 
 def _prefill(form: SubmitForm) -> None:

@@ -38,6 +38,25 @@ function pills(counts) {
   return span;
 }
 
+// The batch's bar from the API's "bar" parts (see dashboard/api.py progress_bar).
+function statebar(b, bar) {
+  bar = bar || el("div", { class: "statebar", role: "img" });
+  bar.replaceChildren(...b.bar.map((p) => {
+    const part = el("span", { class: `part p-${p.part}`, "data-part": p.part, title: `${p.part} ${p.jobs}` });
+    part.style.width = `${p.width}%`;
+    return part;
+  }));
+  bar.setAttribute("aria-label", doneText(b));
+  return bar;
+}
+
+function doneText(b) {
+  let text = `${b.counts.succeeded}/${b.total} succeeded`;
+  if (b.counts.failed) text += `, ${b.counts.failed} failed`;
+  if (b.counts.cancelled) text += `, ${b.counts.cancelled} cancelled`;
+  return text;
+}
+
 // poll(url, onData): call onData(json) now and every POLL_MS; onData returns false to stop.
 function poll(url, onData) {
   let stopped = false;
@@ -59,12 +78,12 @@ function batchesPage() {
   poll(`/api/v1/batches?offset=${offset}&limit=${limit}`, (data) => {
     if (!data.batches.length) return;
     tbody.replaceChildren(...data.batches.map((b) => {
-      const progress = el("progress", { max: b.total, value: b.done });
+      const progress = statebar(b);
       const tput = b.jobs_per_minute !== null ? `${b.jobs_per_minute} jobs/min` : b.finished ? "done" : "–";
       return el("tr", { "data-id": b.id },
         el("td", {}, el("a", { href: `/batches/${encodeURIComponent(b.id)}` }, el("code", {}, b.id))),
         el("td", {}, b.label),
-        el("td", {}, progress, " ", el("span", { class: "done" }, `${b.done}/${b.total}`)),
+        el("td", {}, progress, " ", el("span", { class: "done" }, doneText(b))),
         el("td", { class: "states" }, pills(b.counts)),
         el("td", { class: "age" }, ago(b.age)),
         el("td", { class: "tput" }, tput));
@@ -83,16 +102,33 @@ function updateTile(tile, job) {
   }
 }
 
+// The batch's buttons, enabled by its state (as the page renders them).
+function batchButtons(b) {
+  document.getElementById("cancel-batch").disabled = b.finished;
+  document.getElementById("retry-batch").disabled = !(b.counts.failed || b.counts.cancelled);
+  const zip = document.getElementById("download-zip");
+  if (b.counts.succeeded) {
+    zip.classList.remove("disabled");
+    zip.removeAttribute("aria-disabled");
+    zip.setAttribute("href", body.dataset.zip);
+  }
+}
+
+// Destructive actions ask first: a form with data-confirm submits only when confirmed.
+document.addEventListener("submit", (event) => {
+  const message = event.target.dataset && event.target.dataset.confirm;
+  if (message && !window.confirm(message)) event.preventDefault();
+});
+
 function batchPage() {
   const { batch, offset, limit } = body.dataset;
   const tiles = new Map([...document.querySelectorAll(".tile")].map((t) => [t.dataset.id, t]));
   let lastRound = false;
   poll(`/api/v1/batches/${encodeURIComponent(batch)}?offset=${offset}&limit=${limit}`, (data) => {
     const b = data.batch;
-    const bar = document.getElementById("batch-progress");
-    bar.max = b.total;
-    bar.value = b.done;
-    document.getElementById("batch-done").textContent = `${b.done}/${b.total} done`;
+    statebar(b, document.getElementById("batch-progress"));
+    document.getElementById("batch-done").textContent = doneText(b);
+    batchButtons(b);
     document.getElementById("batch-counts").replaceChildren(pills(b.counts));
     for (const job of data.jobs) {
       const tile = tiles.get(job.id);
@@ -176,4 +212,8 @@ function submitPage() {
 
 const pages = { batches: batchesPage, batch: batchPage, job: jobPage, workers: workersPage,
   queues: queuesPage, submit: submitPage };
+// The server renders the bars' parts with data-width (the CSP allows no inline style).
+for (const part of document.querySelectorAll(".statebar .part[data-width]")) {
+  part.style.width = `${part.dataset.width}%`;
+}
 (pages[body.dataset.page] || (() => {}))();
