@@ -285,3 +285,23 @@ def test_warm_shutdown_finishes_running_job(make_fault_farm):
     for job in behind.records():
         assert_one_set(ff, job.id)
         assert job.worker != first.worker
+
+
+def test_sigkill_while_the_upload_is_pending_runs_again_once(make_fault_farm):
+    """Killed after rendering, before its background upload stored anything: the job comes back
+    with its lease and runs once more; one set of objects."""
+    ff = make_fault_farm(workers=1)
+    hold = ff.hold_upload("killed before its upload")
+    job = ff.client.submit({**SMALL, "prompt": "killed before its upload"})
+    assert ff.wait_held() == ("upload", job.id, 0)
+    held = job.status()
+    assert held.state is JobState.uploading and held.attempts == 1
+    ff.kill(0).wait()
+    assert ff.objects(held) == []
+    ff.release(hold)
+    ff.restart(0, wait=False)
+
+    record = job.wait(timeout=120)
+    assert record.state is JobState.succeeded, record.error
+    assert record.attempts == 2
+    assert ff.objects(record) == ff.expected_objects(record)

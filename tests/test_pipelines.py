@@ -188,6 +188,31 @@ def test_img2img_shares_weights_and_reports_every_step(cache):
         render(cache, job(mode="img2img", init_image=init, steps=10, strength=0.05))
 
 
+@pytest.mark.parametrize("fmt, options", [("WEBP", {"lossless": True}), ("JPEG", {"quality": 95})])
+def test_jpeg_and_webp_init_images(cache, fmt, options):
+    """The README accepts PNG, JPEG and WebP init images: each is decoded as Pillow reads the
+    file and renders; a lossless WebP renders the very pixels its PNG twin does."""
+    source = Image.merge("RGB", [Image.linear_gradient("L").resize((64, 64)),
+                                 Image.linear_gradient("L").rotate(90).resize((64, 64)),
+                                 Image.new("L", (64, 64), 90)])
+    encoded = {}
+    for name, kwargs in (("PNG", {}), (fmt, options)):
+        buffer = io.BytesIO()
+        source.save(buffer, format=name, **kwargs)
+        encoded[name] = buffer.getvalue()
+    from renderfarm.images import decode_init_image
+
+    decoded = decode_init_image(encode_init_image(encoded[fmt]))
+    assert np.array_equal(pixels(decoded.convert("RGB")),
+                          pixels(Image.open(io.BytesIO(encoded[fmt])).convert("RGB")))
+    renders = {name: render(cache, job(mode="img2img", init_image=encode_init_image(data),
+                                       steps=4, strength=0.5, scheduler="ddim"))[0]
+               for name, data in encoded.items()}
+    assert renders[fmt].size == (64, 64)
+    if fmt == "WEBP":
+        assert np.array_equal(pixels(renders["WEBP"]), pixels(renders["PNG"]))
+
+
 def test_img2img_keeps_the_models_dtype(models):
     half = PipelineCache(models, Profile("cpu", "cpu", torch.bfloat16))
     txt2img = half.get("tiny", Mode.txt2img)
