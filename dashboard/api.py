@@ -395,6 +395,15 @@ def list_models():
             "families": farm.model_families(), "details": farm.model_details()}
 
 
+@bp.get("/families")
+def list_families():
+    """What each model family takes (worker/families): sizes, schedulers and defaults, so a
+    client can offer only what a model's family accepts."""
+    from worker.families import FAMILIES
+
+    return {"families": {name: family.facts() for name, family in FAMILIES.items()}}
+
+
 @bp.get("/openapi.json")
 def openapi():
     from dashboard.openapi import spec

@@ -141,6 +141,8 @@ def spec(app: Flask) -> dict[str, Any]:
         "/queues": {"get": _op("Depth of each queue and the oldest waiting job", _OBJ,
                                errors=())},
         "/models": {"get": _op("Models the farm has", _OBJ, errors=())},
+        "/families": {"get": _op("What each model family takes: sizes, schedulers, defaults",
+                                 _OBJ, errors=())},
         "/openapi.json": {"get": _op("This document", _OBJ, errors=())},
     }
     return {

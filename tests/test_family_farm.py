@@ -134,3 +134,43 @@ def test_models_api_shows_families(family_farm, fclient):
     app = create_app({"TESTING": True, "SETTINGS": fclient.settings})
     data = app.test_client().get("/api/v1/models").get_json()
     assert data["families"] == {"tiny-flux": "flux", "tiny-sdxl": "sdxl"}
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_a_running_sdxl_or_flux_job_cancels_at_a_step(fclient, model):
+    from renderfarm.schema import JobState
+
+    job = fclient.submit({**BASE, "model": model, "width": 128, "height": 128, "steps": 150,
+                          "seed": 1})
+    _until_rendering(job)
+    assert job.cancel() == "cancelling"
+    record = job.wait(timeout=60)
+    assert record.state is JobState.cancelled and record.step < 150
+    assert not fclient.storage.list(f"{record.batch_id}/")
+
+
+def _until_rendering(job, timeout: float = 120.0):
+    """Poll the job's record until a worker reports a denoising step (recorded state, no
+    fixed sleep for a window)."""
+    import time
+
+    from renderfarm.schema import JobState
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = job.status()
+        if record.state is JobState.rendering and record.step > 0:
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"job {job.id} never reported a step: {job.status()}")
+
+
+def test_the_families_api_says_what_each_family_takes(fclient):
+    from dashboard import create_app
+
+    app = create_app({"TESTING": True, "SETTINGS": fclient.settings})
+    families = app.test_client().get("/api/v1/families").get_json()["families"]
+    assert families["flux"]["schedulers"] == ["flow_match_euler"]
+    assert families["flux"]["negative_prompt"] is False
+    assert families["sdxl"]["default_size"] == [1024, 1024]
+    assert families["sd15"]["size_multiple"] == 8 and families["flux"]["size_multiple"] == 16
