@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # Celery is imported when an app is made: the CLI starts fast
     from celery import Celery
 
 TASK_NAME = "renderfarm.render"
+AFFINITY_TASK = "renderfarm.render_loaded"  #: "take the next job of a loaded model"
 
 
 def redis_url(settings: Settings) -> str:
@@ -71,8 +72,10 @@ def celery_app(settings: Settings, url: str | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_soft_shutdown_timeout=0,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Task events on, so Flower and `celery events` see every task's life; each task's
+        # final state says what happened to its job (worker/tasks.py).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
 

@@ -6,10 +6,13 @@ import logging
 import signal
 
 from celery import signals
+from celery.utils.nodenames import host_format
 
 from renderfarm.settings import Settings
+from worker.events import JobEvents
+from worker.revokes import RevokeListener
 from worker.service import WorkerService
-from worker.tasks import register
+from worker.tasks import affinity_queue, register
 
 log = logging.getLogger("renderfarm.worker")
 
@@ -34,6 +37,9 @@ def run_worker(
         raise SystemExit(f"no models in {settings.models_path}: add one (e.g. `renderfarm "
                          "make-model tiny DIR/tiny`) or set RENDERFARM_MODELS_DIR")
     log.info("worker %s: profile %s, models %s", service.owner, service.profile.name, models)
+    hostname = host_format(f"{name or 'rf-' + service.owner.replace(':', '-')}@%h")
+    service.events = JobEvents(service.app, hostname)  # each job's final task event
+    revokes = RevokeListener(service.app, service.records, hostname)
     service.start_background()  # beats "starting" while models load and compile
     service.preload(preload or [])
 
@@ -43,12 +49,14 @@ def run_worker(
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
+        revokes.start()
         service.mark_ready()
         log.info("worker %s ready", service.owner)
 
     @signals.worker_shutting_down.connect(weak=False)
     def _stopping(**_: object) -> None:
         service.stop_background()  # no more affinity jobs; the running one finishes
+        revokes.stop()
 
     @signals.worker_shutdown.connect(weak=False)
     def _stopped(**_: object) -> None:
@@ -58,11 +66,11 @@ def run_worker(
         "worker",
         "--pool=solo",  # one process per device: CUDA does not survive fork
         "--concurrency=1",
-        f"--queues={','.join(queues or service.queues)}",
+        f"--queues={','.join([*(queues or service.queues), affinity_queue(service)])}",
         f"--loglevel={loglevel}",
         "--without-gossip",
         "--without-mingle",
-        f"--hostname={name or 'rf-' + service.owner.replace(':', '-')}@%h",
+        f"--hostname={hostname}",
     ]
     service.app.worker_main(argv)
 

@@ -21,8 +21,10 @@ Throughput (issue 6) without giving that up:
   counted like any other. The partners' own messages are dropped when they arrive. A lone
   job waits for nobody.
 - model affinity (issue 4): after a job, the worker keeps taking queued jobs of the models it
-  has loaded, for up to ``AFFINITY_SECONDS``, before it takes the next message, so a mixed
-  workload does not make workers reload models back and forth.
+  has loaded, for up to ``AFFINITY_SECONDS`` after the last delivered message, so a mixed
+  workload does not make workers reload models back and forth. Each such job is its own task
+  (worker/tasks.py sends this worker a message for it on a queue of its own), so the worker
+  is back in Celery's consumer loop between jobs and answers ping, inspect and revoke.
 - PNG encoding and upload run in a background thread, so the device renders the next job
   while the last one is stored.
 """
@@ -38,6 +40,7 @@ import socket
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from secrets import token_hex
 
@@ -46,12 +49,13 @@ from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import BadRecord, Cancelled
 from renderfarm.fleet import HEARTBEAT_INTERVAL
-from renderfarm.records import Records
+from renderfarm.records import Claim, Records
 from renderfarm.schema import ImageResult, JobRecord, JobRequest, JobState, now
 from renderfarm.settings import Settings
 from storage import open_storage
 from storage.png import encode_png, parameters_text
 from storage.retry import put_with_retries
+from worker.events import JobEvents
 from worker.hashes import hash_cache
 from worker.lorafiles import list_loras, loras_with_family
 from worker.memory import device_memory
@@ -62,10 +66,20 @@ log = logging.getLogger("renderfarm.worker")
 
 PROGRESS_INTERVAL = 0.25  # seconds between step-progress writes to the records
 RENEW_INTERVAL = 1.0  # seconds between lease renewals of the held jobs
-AFFINITY_SECONDS = 120.0  # longest a worker keeps taking jobs of loaded models in one task
+AFFINITY_SECONDS = 120.0  # longest a worker keeps taking jobs of loaded models after a message
 PRUNE_INTERVAL = 60.0  # seconds between a worker's passes of RENDERFARM_KEEP_DAYS pruning
 PRUNE_BATCHES = 20  # batches one pass deletes at most: the lease thread must stay prompt
 SWEEP_INTERVAL = 5.0  # seconds between a worker's passes over the outbox (unsent messages)
+
+
+@dataclass
+class Delivery:
+    """What :meth:`WorkerService.run_job` did with a delivered job: the claim's answer and the
+    outcome of every job it rendered (the delivered one and its micro-batch partners;
+    'uploading' means handed to the uploader)."""
+
+    claim: Claim
+    outcomes: dict[str, str]
 
 
 class LostJob(Exception):
@@ -92,6 +106,8 @@ class WorkerService:
         self.profile = apply_settings(detect_profile(profile), settings)
         self.cache = PipelineCache(settings.models_path, self.profile, max_models=max_models)
         self.affinity = affinity
+        self.affinity_until = 0.0  # monotonic time affinity stops (worker/tasks.py)
+        self.events: JobEvents | None = None  # final task events of jobs (worker/events.py)
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{os.getpid()}:{token_hex(2)}"
         self.models: list[str] = []
@@ -312,12 +328,15 @@ class WorkerService:
                 log.warning("job %s: its worker was lost; re-queued", job_id)
             elif outcome == "failed":
                 log.error("job %s: failed, its worker was lost on every attempt", job_id)
+                self._ended(job_id, "failed", "its worker was lost on every attempt")
         return requeued
 
     # -- a delivered message ------------------------------------------------------------------
-    def run_job(self, job_id: str) -> str:
-        """Run one delivered job (with its micro-batch partners) to its end, then jobs of the
-        loaded models while there are any. Returns the delivered job's outcome.
+    def run_job(self, job_id: str) -> Delivery:
+        """Run one delivered job with its micro-batch partners (one pipeline call), then return
+        to Celery's consumer loop, so control commands (ping, inspect, revoke) are answered
+        between jobs. Model affinity continues in :meth:`run_loaded` (worker/tasks.py sends
+        this worker a message for it).
 
         The job is claimed before its record is read: a record that cannot be read then fails
         alone, with its reason, instead of the worker."""
@@ -326,22 +345,29 @@ class WorkerService:
         )
         if not claim.ok:
             log.info("job %s not run: %s %s", job_id, claim.status, claim.detail)
-            return claim.status
+            return Delivery(claim, {})
+        self.affinity_until = time.monotonic() + AFFINITY_SECONDS
         [record] = self._read_claimed([job_id]) or [None]
         if record is None:
-            return "failed"
+            return Delivery(claim, {job_id: "failed"})
         # A job that was lost before (its worker died) runs alone: were it a poison job, its
         # micro-batch partners would die with it and use up their own attempts.
         partners = self._partners(record) if claim.detail == "1" else []
-        outcome = self._run_group([record, *partners]).get(job_id, "failed")
-        if self.affinity:
-            deadline = time.monotonic() + AFFINITY_SECONDS
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                group = self._next_loaded_group()
-                if not group:
-                    break
-                self._run_group(group)
-        return outcome
+        return Delivery(claim, self._run_group([record, *partners]))
+
+    def run_loaded(self) -> dict[str, str]:
+        """Model affinity (issue 4): render the best queued job of a loaded model (with its
+        partners), if there is one and affinity has not run for ``AFFINITY_SECONDS`` since the
+        last delivered message. Returns job id -> outcome ({} when nothing was taken)."""
+        if not self.wants_loaded():
+            return {}
+        group = self._next_loaded_group()
+        return self._run_group(group) if group else {}
+
+    def wants_loaded(self) -> bool:
+        """Whether affinity should look for a queued job of a loaded model now."""
+        return (self.affinity and not self._stop.is_set()
+                and time.monotonic() < self.affinity_until)
 
     def _partners(self, record: JobRecord) -> list[JobRecord]:
         request = record.request
@@ -363,6 +389,7 @@ class WorkerService:
             if isinstance(found, BadRecord):
                 log.error("%s; failing it", found)
                 self.records.fail(job_id, self.owner, str(found))
+                self._ended(job_id, "failed", str(found))
             else:
                 out.append(found)
         return out
@@ -424,6 +451,7 @@ class WorkerService:
             return self._hand_over(record, images)
         except Cancelled:
             self.records.update(record.id, self.owner, JobState.cancelled)
+            self._ended(record.id, "cancelled")
             return "cancelled"
         except GivenBack:
             return self._give_back(record)
@@ -434,6 +462,7 @@ class WorkerService:
             if retried or not _out_of_memory(exc):
                 log.exception("job %s failed", record.id)
                 self.records.fail(record.id, self.owner, _describe(exc))
+                self._ended(record.id, "failed", _describe(exc))
                 return "failed"
             log.warning("job %s ran out of device memory; retrying with memory savers",
                         record.id)
@@ -542,6 +571,7 @@ class WorkerService:
                 self._unstore(record)
                 try:
                     self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
+                    self._ended(record.id, "failed", f"storing failed: {_describe(exc)}")
                 except Exception:  # Redis is away too: the lease runs out and the job comes back
                     log.exception("job %s: could not record the failure", record.id)
             finally:
@@ -605,6 +635,13 @@ class WorkerService:
             object_metadata(record))
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
+        else:
+            self._ended(record.id, "succeeded", [r.key for r in results])
+
+    def _ended(self, job_id: str, state: str, detail: str | list[str] = "") -> None:
+        """Job ``job_id`` ended here: send its task's final event (worker/events.py)."""
+        if self.events is not None:
+            self.events.ended(job_id, state, detail)
 
     def _unstore(self, record: JobRecord) -> None:
         """A job that failed while storing leaves no objects behind (best effort: a store that

@@ -1,0 +1,144 @@
+"""Celery's own tools against a real farm: ``celery -A renderfarm ...`` as subprocesses, task
+states read from the real event stream, revoke cancelling farm jobs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from celery.events.state import State
+
+from producer import FarmClient
+from renderfarm.connection import celery_app
+from renderfarm.farm import EmbeddedFarm
+from renderfarm.schema import JobState
+from renderfarm.settings import Settings
+
+SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 2, "scheduler": "euler"}
+SLOW = {**SMALL, "width": 256, "height": 256, "steps": 60}
+
+
+@pytest.fixture(scope="module")
+def tools_farm(tmp_path_factory, models_dir):
+    models = tmp_path_factory.mktemp("tools-models")
+    shutil.copytree(models_dir / "tiny", models / "tiny")
+    shutil.copytree(models_dir / "tiny", models / "broken")
+    weights = models / "broken" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    data = tmp_path_factory.mktemp("tools-farm")
+    settings = Settings(data_dir=data, models_dir=models, storage_url=(data / "images").as_uri(),
+                        lease_seconds=3)
+    with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"]) as farm:
+        yield farm
+
+
+@pytest.fixture(scope="module")
+def events(tools_farm):
+    """Every task event of the farm, as celery's own event state (what Flower shows)."""
+    app = celery_app(tools_farm.settings)
+    state = State()
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": state.event})
+            with receiver.consumer_context() as (connection, _, _):
+                ready.set()
+                while not stop.is_set():
+                    try:
+                        connection.drain_events(timeout=0.5)
+                    except TimeoutError:
+                        pass
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield state
+    stop.set()
+    thread.join(5)
+
+
+def celery_cli(farm: EmbeddedFarm, *args: str, timeout: float = 120) -> str:
+    env = {**farm.worker_env(), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "renderfarm", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=farm.settings.data_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (found := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+    return found
+
+
+def task_state(events: State, task_id: str, timeout: float = 60) -> str:
+    """The task's state once it is a ready one (SUCCESS, FAILURE, REVOKED)."""
+    ready = {"SUCCESS", "FAILURE", "REVOKED"}
+    wait_for(lambda: (t := events.tasks.get(task_id)) is not None and t.state in ready,
+             timeout, f"no final event of task {task_id}")
+    return events.tasks[task_id].state
+
+
+def test_ping_answered_between_jobs_of_a_batch(tools_farm):
+    """The worker keeps taking the batch's jobs (model affinity) yet answers a ping between
+    them: the reply comes while the batch still runs (before, a task held on to the model's
+    jobs for up to 120 s and a ping waited for all five)."""
+    client = FarmClient(tools_farm.settings)
+    # different sizes: no micro-batch joins them, each is one render
+    batch = client.submit_batch([{**SMALL, "steps": 6, "height": 64 + 8 * k, "prompt": f"p{k}"}
+                                 for k in range(5)])
+    first = batch.jobs()[0]
+    wait_for(lambda: first.status().state is JobState.rendering,
+                       120, "first job rendering")
+    hostname = f"w0-{os.getpid()}@"  # EmbeddedFarm names its workers w<index>-<its pid>
+    out = celery_cli(tools_farm, "inspect", "ping", "--timeout", "300",
+                     "-d", _node(hostname))
+    assert "pong" in out, out
+    counts = batch.status().counts
+    assert counts.get(JobState.succeeded, 0) < 5, "the ping waited for the whole batch"
+    assert batch.wait(timeout=300).counts.get(JobState.succeeded) == 5
+
+
+def _node(prefix: str) -> str:
+    import socket
+
+    return prefix + socket.gethostname()
+
+
+def test_failed_job_is_failure_with_its_reason(tools_farm, events):
+    client = FarmClient(tools_farm.settings)
+    good = client.submit({**SMALL, "prompt": "fine"})
+    bad = client.submit({**SMALL, "model": "broken", "prompt": "bad weights"})
+    assert bad.wait(120).state is JobState.failed
+    assert good.wait(120).state is JobState.succeeded
+    assert task_state(events, bad.id) == "FAILURE"
+    assert "safetensors" in events.tasks[bad.id].exception.lower()
+    assert task_state(events, good.id) == "SUCCESS"
+    assert good.id in events.tasks[good.id].result
+
+
+def test_revoke_cancels_queued_and_running_jobs(tools_farm, events):
+    client = FarmClient(tools_farm.settings)
+    running = client.submit({**SLOW, "steps": 150, "prompt": "to be revoked while rendering"})
+    queued = client.submit({**SMALL, "prompt": "revoked before it runs", "priority": 0})
+    wait_for(lambda: running.status().state is JobState.rendering, 120, "rendering")
+    # the worker renders: Celery's handler answers later, the farm's listener at once
+    assert f"{queued.id} cancelled" in celery_cli(tools_farm, "control", "revoke", queued.id)
+    assert queued.wait(60).state is JobState.cancelled
+    assert queued.status().attempts == 0  # never ran
+    celery_cli(tools_farm, "control", "revoke", running.id)
+    record = running.wait(60)
+    assert record.state is JobState.cancelled and record.step < 150
+    assert task_state(events, running.id) == "REVOKED"
+    assert task_state(events, queued.id) == "REVOKED"
