@@ -564,6 +564,7 @@ class WorkerService:
             except Cancelled:  # before its first object: cancelled, nothing stored
                 log.info("job %s cancelled before storing", record.id)
                 self.records.update(record.id, self.owner, JobState.cancelled, retrying="")
+                self._ended(record.id, "cancelled")
             except LostJob as exc:
                 log.warning("job %s: lease lost while storing (%s)", record.id, exc)
             except Exception as exc:
