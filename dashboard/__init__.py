@@ -62,7 +62,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config["POLL_MS"] = max(2000, int(app.config["POLL_MS"]))
 
     csrf.init_app(app)
-    from dashboard import a1111, api, auth, hosts, limits, ui
+    from dashboard import a1111, api, auth, hosts, limits, metrics, ui
 
     hosts.init_app(app, settings.allowed_hosts)  # first: before any other hook or view
     limits.init_app(app, settings)
@@ -73,6 +73,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     csrf.exempt(api.bp)  # the API takes a bearer token, not cookies, for anything it changes
     app.register_blueprint(a1111.bp, url_prefix="/sdapi/v1")  # AUTOMATIC1111's API
     csrf.exempt(a1111.bp)  # Bearer or Basic auth, never cookies
+    app.register_blueprint(metrics.bp)  # /metrics (Prometheus) and /healthz (probes)
 
     _register_error_handlers(app)
     app.after_request(_security_headers)

@@ -41,7 +41,7 @@ def host_name(host: str) -> str:
 
 
 def check_host() -> None:
-    if current_app.config["TOKEN"]:
+    if current_app.config["TOKEN"] or request.path == "/healthz":  # probes: it tells nothing
         return
     name = host_name(request.host)
     if name not in current_app.config[CONFIG_KEY]:

@@ -209,6 +209,36 @@ CANCEL_OUTCOMES = {
 }
 
 
+@main.group()
+def health() -> None:
+    """Exit 0 when healthy, 1 when not: for a container HEALTHCHECK or a Kubernetes probe."""
+
+
+@health.command("worker")
+@click.option("--host", help="Whose workers (default: this host's name, i.e. the container).")
+@click.option("--starting-ok", is_flag=True,
+              help="A worker still loading or warming up its models passes too.")
+def health_worker(host: str | None, starting_ok: bool) -> None:
+    """A worker of this host beats in Redis, fresh, and is ready."""
+    from renderfarm.health import worker_health
+
+    ok, why = worker_health(_settings(), host, starting_ok)
+    click.echo(why)
+    sys.exit(0 if ok else 1)
+
+
+@health.command("dashboard")
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True,
+              help="The dashboard's base URL.")
+def health_dashboard(url: str) -> None:
+    """The dashboard answers GET /healthz with 200 (it reaches its Redis)."""
+    from renderfarm.health import dashboard_health
+
+    ok, why = dashboard_health(url)
+    click.echo(why)
+    sys.exit(0 if ok else 1)
+
+
 class Age(click.ParamType):
     """A duration: a number with s, m, h or d (``30d``, ``12h``); seconds out."""
 

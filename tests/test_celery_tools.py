@@ -142,3 +142,13 @@ def test_revoke_cancels_queued_and_running_jobs(tools_farm, events):
     assert record.state is JobState.cancelled and record.step < 150
     assert task_state(events, running.id) == "REVOKED"
     assert task_state(events, queued.id) == "REVOKED"
+
+
+def test_health_worker_command(tools_farm):
+    env = {**tools_farm.worker_env(), "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "renderfarm", "health", "worker"]
+    ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ": ready, beat" in ok.stdout, ok.stdout + ok.stderr
+    other = subprocess.run([*command, "--host", "no-such-host"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode == 1 and "no worker of host no-such-host" in other.stdout
