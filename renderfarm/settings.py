@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         "`renderfarm status`; refuse: workers and the dashboard do not start.",
     )
 
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="A worker serves its own Prometheus /metrics on this "
+        "port (all addresses; one port per worker process). Unset: not served. The fleet's "
+        "metrics are the dashboard's /metrics.",
+    )
+
     @field_validator("warmup_sizes")
     @classmethod
     def _sizes_of_8(cls, value: str) -> str:

@@ -15,6 +15,7 @@ from celery.events.state import State
 
 from producer import FarmClient
 from renderfarm.connection import celery_app
+from renderfarm.embedded import free_port
 from renderfarm.farm import EmbeddedFarm
 from renderfarm.schema import JobState
 from renderfarm.settings import Settings
@@ -32,7 +33,7 @@ def tools_farm(tmp_path_factory, models_dir):
     weights.write_bytes(weights.read_bytes()[:1000])
     data = tmp_path_factory.mktemp("tools-farm")
     settings = Settings(data_dir=data, models_dir=models, storage_url=(data / "images").as_uri(),
-                        lease_seconds=3)
+                        lease_seconds=3, metrics_port=free_port())
     with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"]) as farm:
         yield farm
 
@@ -152,3 +153,62 @@ def test_health_worker_command(tools_farm):
     other = subprocess.run([*command, "--host", "no-such-host"], env=env, capture_output=True,
                            text=True, timeout=60)
     assert other.returncode == 1 and "no worker of host no-such-host" in other.stdout
+
+
+def test_worker_metrics_count_what_the_worker_did(tools_farm):
+    """The worker's own /metrics (RENDERFARM_METRICS_PORT), parsed with prometheus_client's
+    parser, against the records of every job this one-worker farm ran."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = FarmClient(tools_farm.settings)
+    done = client.submit({**SMALL, "prompt": "counted"}).wait(120)
+    assert done.state is JobState.succeeded
+    ended: dict[tuple[str, str], int] = {}
+    images: dict[tuple[str, str], int] = {}
+    taken = 0
+    for batch in client.records.batches(limit=1000):
+        for job in client.records.batch_jobs(batch.id):
+            if not job.attempts:
+                continue  # cancelled before any worker took it: no worker ended it
+            key = (job.request.model, job.state.value)
+            ended[key] = ended.get(key, 0) + 1
+            images[key] = images.get(key, 0) + job.request.num_images
+            taken += 1
+    url = f"http://127.0.0.1:{tools_farm.settings.metrics_port}/metrics"
+
+    def scrape() -> dict[str, dict[tuple, float]]:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        out: dict[str, dict[tuple, float]] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+        return out
+
+    # the counters are bumped right after the record is written: wait for them to catch up
+    def caught_up() -> dict | None:
+        m = scrape()
+        succeeded = ended[("tiny", "succeeded")]
+        return m if (m["renderfarm_worker_jobs_total"].get(
+            (("model", "tiny"), ("outcome", "succeeded"))) == succeeded
+            and m.get("renderfarm_worker_upload_seconds_count", {}).get(
+                (("model", "tiny"),)) == succeeded) else None
+
+    m = wait_for(caught_up, 30, "worker counters")
+    jobs = {(dict(k)["model"], dict(k)["outcome"]): v
+            for k, v in m["renderfarm_worker_jobs_total"].items()}
+    assert jobs == ended
+    assert {(dict(k)["model"], dict(k)["outcome"]): v
+            for k, v in m["renderfarm_worker_images_total"].items()} == images
+    loads = m["renderfarm_worker_model_load_seconds_count"]
+    assert loads[(("model", "tiny"),)] == 1  # preloaded once, kept warm
+    assert (("model", "broken"),) not in loads  # its load failed: no load time to report
+    rendered = m["renderfarm_worker_render_seconds_count"][(("model", "tiny"), ("size", "64x64"))]
+    assert rendered >= 1
+    assert m["renderfarm_worker_step_seconds_count"][(("model", "tiny"), ("size", "64x64"))] \
+        == rendered
+    assert m["renderfarm_worker_upload_seconds_count"][(("model", "tiny"),)] == \
+        ended[("tiny", "succeeded")]
+    waited = sum(v for k, v in m["renderfarm_worker_queue_wait_seconds_count"].items())
+    assert waited == taken  # every job it took (a job revoked before it ran was not)

@@ -170,11 +170,18 @@ def test_env_example_lists_every_required_secret():
 def test_redis_is_durable_password_protected_and_private(config):
     redis = _service(config, "redis")
     assert re.match(r"(docker\.io/)?(library/)?redis:7", redis["image"]), redis["image"]
-    command = _command(redis)
+    script = " ".join(_command(redis))
+    command = script.split()
     assert _option(command, "--appendonly") == "yes"
     assert _option(command, "--appendfsync") == "everysec"
     assert _option(command, "--maxmemory-policy") == "noeviction"
-    assert _option(command, "--requirepass") == REDIS_PASSWORD
+    # the password reaches Redis in a config file written from the environment, never on its
+    # command line, where `ps` shows it to every user of the host
+    assert REDIS_PASSWORD not in script and "--requirepass" not in command
+    assert re.search(r"requirepass .*\$\$?REDIS_PASSWORD.*> (\S+)", script)
+    conf = re.search(r"requirepass .*> (\S+)", script).group(1)
+    assert f"redis-server {conf}" in script
+    assert _env(redis)["REDIS_PASSWORD"] == REDIS_PASSWORD
     assert not _published_ports(redis), "Redis must not be published by default"
     assert "healthcheck" in redis
     assert _mounts(redis).get("/data"), "the append-only file needs a volume"
@@ -322,3 +329,16 @@ def test_hadolint(kind):
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_worker_has_a_healthcheck(config, name):
+    check = _service(config, name)["healthcheck"]
+    assert check["test"][1:4] == ["renderfarm", "health", "worker"]
+    assert _seconds(check["start_period"]) >= 60, "loading models must not count as unhealthy"
+
+
+def test_dashboard_healthcheck_reads_healthz(config):
+    check = _service(config, "dashboard")["healthcheck"]
+    assert check["test"][1:] == ["renderfarm", "health", "dashboard", "--url",
+                                 "http://127.0.0.1:8080"]

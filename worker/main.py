@@ -40,6 +40,10 @@ def run_worker(
     hostname = host_format(f"{name or 'rf-' + service.owner.replace(':', '-')}@%h")
     service.events = JobEvents(service.app, hostname)  # each job's final task event
     revokes = RevokeListener(service.app, service.records, hostname)
+    if settings.metrics_port:
+        from worker.metrics import serve
+
+        serve(settings.metrics_port)
     service.start_background()  # beats "starting" while models load and compile
     service.preload(preload or [])
 

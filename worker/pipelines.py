@@ -38,6 +38,7 @@ from diffusers.schedulers import scheduling_lms_discrete
 from diffusers.utils import is_scipy_available
 
 from renderfarm.schema import SCHEDULERS, Mode
+from worker import metrics
 from worker.adapters import LoraAdapters
 from worker.families import Family, family_of_folder
 from worker.lorafiles import list_loras
@@ -327,10 +328,12 @@ class PipelineCache:
         options |= family.load_options()
         while len(self._entries) >= self.max_models:  # free memory before loading
             self.evict(next(iter(self._entries)))
+        begun = time.monotonic()
         pipe = family.load(path, options)
         self.loads += 1
         _scheduler_entry(pipe)  # remember the model's own scheduler config before any swap
         self._apply_profile(pipe)
+        metrics.MODEL_LOAD_SECONDS.labels(model).observe(time.monotonic() - begun)
         entry = _Loaded(family, pipe)
         self._entries[model] = entry
         return entry

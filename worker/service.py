@@ -55,6 +55,7 @@ from renderfarm.settings import Settings
 from storage import open_storage
 from storage.png import encode_png, parameters_text
 from storage.retry import put_with_retries
+from worker import metrics
 from worker.events import JobEvents
 from worker.hashes import hash_cache
 from worker.lorafiles import list_loras, loras_with_family
@@ -417,6 +418,11 @@ class WorkerService:
         ids = [r.id for r in group]
         with self._lock:
             self._held.update(ids)
+        taken = now()
+        for record in group:
+            if "queued" in record.timestamps:
+                metrics.QUEUE_WAIT_SECONDS.labels(record.request.model).observe(
+                    max(0.0, taken - record.timestamps["queued"]))
         outcomes: dict[str, str] = {}
         try:
             rendered = None
@@ -451,7 +457,7 @@ class WorkerService:
             return self._hand_over(record, images)
         except Cancelled:
             self.records.update(record.id, self.owner, JobState.cancelled)
-            self._ended(record.id, "cancelled")
+            self._ended(record.id, "cancelled", request=record.request)
             return "cancelled"
         except GivenBack:
             return self._give_back(record)
@@ -462,10 +468,11 @@ class WorkerService:
             if retried or not _out_of_memory(exc):
                 log.exception("job %s failed", record.id)
                 self.records.fail(record.id, self.owner, _describe(exc))
-                self._ended(record.id, "failed", _describe(exc))
+                self._ended(record.id, "failed", _describe(exc), record.request)
                 return "failed"
             log.warning("job %s ran out of device memory; retrying with memory savers",
                         record.id)
+            metrics.OOM_RETRIES.labels(record.request.model).inc()
         # Retry outside the except block: its traceback's frames still hold the failed
         # attempt's tensors, which would leave the retry no more room than the first try had.
         gc.collect()
@@ -523,8 +530,13 @@ class WorkerService:
                 self._current = []
             self._step = 0
         request = group[0].request
+        elapsed = time.monotonic() - started
         self.speeds[f"{request.model}@{request.width}x{request.height}"] = round(
-            steps / max(1e-6, time.monotonic() - started), 2)
+            steps / max(1e-6, elapsed), 2)
+        size = f"{request.width}x{request.height}"
+        metrics.RENDER_SECONDS.labels(request.model, size).observe(elapsed)
+        if steps:
+            metrics.STEP_SECONDS.labels(request.model, size).observe(elapsed / steps)
         return rendered
 
     def _check_still_ours(self, ids: list[str]) -> None:
@@ -560,11 +572,14 @@ class WorkerService:
         while True:
             record, images, shared = self._uploads.get()
             try:
+                begun = time.monotonic()
                 self._store(record, images, shared)
+                metrics.UPLOAD_SECONDS.labels(record.request.model).observe(
+                    time.monotonic() - begun)
             except Cancelled:  # before its first object: cancelled, nothing stored
                 log.info("job %s cancelled before storing", record.id)
                 self.records.update(record.id, self.owner, JobState.cancelled, retrying="")
-                self._ended(record.id, "cancelled")
+                self._ended(record.id, "cancelled", request=record.request)
             except LostJob as exc:
                 log.warning("job %s: lease lost while storing (%s)", record.id, exc)
             except Exception as exc:
@@ -572,7 +587,8 @@ class WorkerService:
                 self._unstore(record)
                 try:
                     self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
-                    self._ended(record.id, "failed", f"storing failed: {_describe(exc)}")
+                    self._ended(record.id, "failed", f"storing failed: {_describe(exc)}",
+                                record.request)
                 except Exception:  # Redis is away too: the lease runs out and the job comes back
                     log.exception("job %s: could not record the failure", record.id)
             finally:
@@ -637,10 +653,15 @@ class WorkerService:
         if self.records.succeed(record.id, self.owner, results) != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
         else:
-            self._ended(record.id, "succeeded", [r.key for r in results])
+            self._ended(record.id, "succeeded", [r.key for r in results], request)
 
-    def _ended(self, job_id: str, state: str, detail: str | list[str] = "") -> None:
-        """Job ``job_id`` ended here: send its task's final event (worker/events.py)."""
+    def _ended(self, job_id: str, state: str, detail: str | list[str] = "",
+               request: JobRequest | None = None) -> None:
+        """Job ``job_id`` ended here: count it (worker/metrics.py) and send its task's final
+        event (worker/events.py)."""
+        model = request.model if request is not None else "unknown"
+        metrics.JOBS.labels(model, state).inc()
+        metrics.IMAGES.labels(model, state).inc(request.num_images if request else 0)
         if self.events is not None:
             self.events.ended(job_id, state, detail)
 
