@@ -109,11 +109,19 @@ def test_tag_and_field_render_the_same_pixels(cache):
 
 
 def test_switching_sets_reloads_neither_model_nor_lora(models):
+    from prometheus_client import REGISTRY
+
+    def timed(name: str) -> float:  # the worker's /metrics histograms (worker/metrics.py)
+        return REGISTRY.get_sample_value(f"renderfarm_worker_{name}_seconds_count",
+                                         {"model": "tiny"}) or 0.0
+
+    before = timed("model_load"), timed("lora_load")
     cache = PipelineCache(models, CPU)
     sets = [[], [{"name": "ink"}], [{"name": "sketch", "weight": 0.5}], [],
             [{"name": "ink"}], [{"name": "sketch", "weight": 0.5}], [{"name": "ink"}]]
     images = [pixels(cache, loras=s) for s in sets]
     assert (cache.loads, cache.lora_loads) == (1, 2)
+    assert (timed("model_load") - before[0], timed("lora_load") - before[1]) == (1, 2)
     assert cache.loaded_loras() == {"tiny": ["sketch", "ink"]}
     for a, b in ((0, 3), (1, 4), (1, 6), (2, 5)):  # the same set gives the same pixels again
         assert np.array_equal(images[a], images[b])

@@ -23,6 +23,9 @@ STEP_SECONDS = Histogram("renderfarm_worker_step_seconds", "Seconds per denoisin
                          "pipeline call", ["model", "size"], buckets=_STEP_SECONDS)
 MODEL_LOAD_SECONDS = Histogram("renderfarm_worker_model_load_seconds", "Seconds to load a model "
                                "from disk", ["model"], buckets=_SECONDS)
+LORA_LOAD_SECONDS = Histogram("renderfarm_worker_lora_load_seconds", "Seconds to read and "
+                              "activate the LoRAs of a job, when any file was read", ["model"],
+                              buckets=_SECONDS)
 OOM_RETRIES = Counter("renderfarm_worker_oom_retries", "Jobs retried with memory savers after "
                       "running out of device memory", ["model"])
 UPLOAD_SECONDS = Histogram("renderfarm_worker_upload_seconds", "Seconds to encode and store a "

@@ -279,11 +279,13 @@ class PipelineCache:
             entry.loras.clear(pipe)
             unet.forward = compiled
             return
-        before = entry.loras.loads
+        before, begun = entry.loras.loads, time.monotonic()
         try:
             entry.loras.activate(pipe, list(loras), list_loras(self.models_dir))
         finally:
             self.lora_loads += entry.loras.loads - before
+        if entry.loras.loads > before:  # LoRA files were read (not only switched between)
+            metrics.LORA_LOAD_SECONDS.labels(model).observe(time.monotonic() - begun)
         if compiled is not None:
             unet.__dict__.pop("forward", None)  # the class's own (eager) forward
 
