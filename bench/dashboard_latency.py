@@ -79,6 +79,7 @@ def main() -> None:
                 f"GET /batches/<id> (page, {args.per_batch} jobs)":
                     timed(s, f"{base}/batches/{big}", args.requests),
                 "GET /api/v1/batches": timed(s, f"{base}/api/v1/batches", args.requests),
+                "GET /metrics": timed(s, f"{base}/metrics", args.requests),
                 "GET /api/v1/batches/<id>?limit=100":
                     timed(s, f"{base}/api/v1/batches/{big}?limit=100", args.requests),
             }

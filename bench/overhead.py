@@ -11,6 +11,10 @@ Each side gets ``--threads`` torch threads (default 1: OpenMP threads spinning a
 processes make 2-thread runs on a shared 2-core box swing by 10x); the farm's worker is idle
 while (a) runs, and (a) is idle during (b). ``--max-batch 1`` (default) turns micro-batching
 off, so the ratio is the farm's own overhead; a larger value shows what batching adds.
+
+``--compare-events`` (issue 12) runs a second farm beside the first, with Celery task events
+off and no worker /metrics (``RENDERFARM_TASK_EVENTS=0``, no ``RENDERFARM_METRICS_PORT``),
+against the first with both on; rounds alternate direct, quiet farm, farm.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on each side (1 is steady on a shared 2-core box)")
+    parser.add_argument("--compare-events", action="store_true",
+                        help="also time a farm without task events and worker metrics")
     parser.add_argument("--max-batch", type=int, default=1,
                         help="the worker's micro-batch; 1 measures the farm's pure overhead")
     args = parser.parse_args()
@@ -63,23 +69,37 @@ def main() -> None:
         requests = [JobRequest(**j) for j in jobs]
         render(cache, requests[0])  # warm, as the farm's worker is warmed by --preload
 
-        direct, farm_times = [], []
-        with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"],
-                          extra_env={"OMP_NUM_THREADS": str(args.threads)}) as farm:
-            client = FarmClient(farm.settings)
-            client.submit_batch(jobs[:2]).wait(timeout=120)  # warm the worker's first call
+        from contextlib import ExitStack
+
+        from renderfarm.embedded import free_port
+
+        variants = {"farm": settings.model_copy(update={"metrics_port": free_port()})}
+        if args.compare_events:
+            variants["quiet"] = Settings(data_dir=Path(tmp) / "quiet", task_events=False,
+                                         models_dir=settings.models_path,
+                                         max_batch=args.max_batch)
+        direct, times = [], {name: [] for name in variants}
+        with ExitStack() as stack:
+            clients = {}
+            for name, farm_settings in variants.items():
+                farm = stack.enter_context(EmbeddedFarm(
+                    farm_settings, workers=1, profile="cpu", preload=["tiny"],
+                    extra_env={"OMP_NUM_THREADS": str(args.threads)}))
+                clients[name] = FarmClient(farm.settings)
+                clients[name].submit_batch(jobs[:2]).wait(timeout=120)  # warm its first call
             for _ in range(args.rounds):
                 t = time.perf_counter()
                 for request in requests:
                     render(cache, request)
                 direct.append(time.perf_counter() - t)
-
-                t0 = time.time()
-                batch = client.submit_batch(jobs)
-                batch.wait(timeout=600, poll=0.05)
-                records = batch.records()
-                assert all(r.state.value == "succeeded" for r in records)
-                farm_times.append(max(r.timestamps["succeeded"] for r in records) - t0)
+                for name, client in clients.items():
+                    t0 = time.time()
+                    batch = client.submit_batch(jobs)
+                    batch.wait(timeout=600, poll=0.05)
+                    records = batch.records()
+                    assert all(r.state.value == "succeeded" for r in records)
+                    times[name].append(max(r.timestamps["succeeded"] for r in records) - t0)
+        farm_times = times["farm"]
 
     d, f = statistics.median(direct), statistics.median(farm_times)
     print(json.dumps({
@@ -92,6 +112,9 @@ def main() -> None:
         "per_job_overhead_ms": round((f - d) / args.jobs * 1000, 1),
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "machine": platform.machine(), "torch": torch.__version__,
+        **({"quiet_farm_s": [round(x, 3) for x in times["quiet"]],
+            "events_and_metrics_over_quiet": round(f / statistics.median(times["quiet"]), 3)}
+           if "quiet" in times else {}),
     }, indent=2))
 
 

@@ -74,8 +74,8 @@ def celery_app(settings: Settings, url: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         # Task events on, so Flower and `celery events` see every task's life; each task's
         # final state says what happened to its job (worker/tasks.py).
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
     )
     return app
 

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
         "`renderfarm status`; refuse: workers and the dashboard do not start.",
     )
 
+    task_events: bool = Field(
+        True, description="Workers send Celery task events (Flower, `celery events`, each "
+        "job's final task state); 0 turns them off.",
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="A worker serves its own Prometheus /metrics on this "
         "port (all addresses; one port per worker process). Unset: not served. The fleet's "

@@ -38,7 +38,8 @@ def run_worker(
                          "make-model tiny DIR/tiny`) or set RENDERFARM_MODELS_DIR")
     log.info("worker %s: profile %s, models %s", service.owner, service.profile.name, models)
     hostname = host_format(f"{name or 'rf-' + service.owner.replace(':', '-')}@%h")
-    service.events = JobEvents(service.app, hostname)  # each job's final task event
+    if settings.task_events:
+        service.events = JobEvents(service.app, hostname)  # each job's final task event
     revokes = RevokeListener(service.app, service.records, hostname)
     if settings.metrics_port:
         from worker.metrics import serve

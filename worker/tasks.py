@@ -84,7 +84,8 @@ def ended_elsewhere(task: Task, service: WorkerService, job_id: str, state: str)
 
 def revoked(task: Task) -> None:
     """End this task as REVOKED, as celery does for a revoked task."""
-    task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    if task.app.conf.worker_send_task_events:
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
     raise Ignore()
 
 
