@@ -39,19 +39,21 @@ bp = Blueprint("metrics", __name__)
 
 HARDWARE = ("gpu", "cpu", "jetson", "mps")
 
-# Sums every batch's per-state counters (n:<state>, kept by every transition) in Redis itself:
-# one round trip, O(batches). ARGV: the states.
+# Sums the per-state counters (n:<state>, kept by every transition) of the batches ranked
+# ARGV[1]..ARGV[2] in rf:batches, in Redis itself; ARGV[3..]: the states. Called per chunk of
+# batches (CHUNK), so no call blocks Redis for long however many batches are kept.
 _COUNT_STATES = """
-local totals = {}
-for i = 1, #ARGV do totals[i] = 0 end
-for _, batch in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local fields = {}
-  for i = 1, #ARGV do fields[i] = 'n:' .. ARGV[i] end
+local fields, totals = {}, {}
+for i = 3, #ARGV do fields[i - 2] = 'n:' .. ARGV[i]; totals[i - 2] = 0 end
+local batches = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
+for _, batch in ipairs(batches) do
   local counts = redis.call('HMGET', 'rf:batch:' .. batch, unpack(fields))
-  for i = 1, #ARGV do totals[i] = totals[i] + (tonumber(counts[i]) or 0) end
+  for i = 1, #fields do totals[i] = totals[i] + (tonumber(counts[i]) or 0) end
 end
+table.insert(totals, #batches)
 return totals
 """
+CHUNK = 5000  #: batches summed per script call
 
 
 def split_queue(queue: str, prefix: str) -> tuple[str, str]:
@@ -102,7 +104,15 @@ class FarmCollector(Collector):
                                 value=max(0.0, now - oldest) if oldest is not None else 0.0)
 
         states = [s.value for s in JobState]
-        totals = self._count_states(keys=[keys.BATCHES], args=states)
+        totals = [0] * len(states)
+        first = 0
+        while True:
+            *counts, seen = self._count_states(keys=[keys.BATCHES],
+                                               args=[first, first + CHUNK - 1, *states])
+            totals = [a + b for a, b in zip(totals, counts, strict=True)]
+            if seen < CHUNK:
+                break
+            first += CHUNK
         by_state = GaugeMetricFamily("renderfarm_jobs", "Kept jobs by state", labels=["state"])
         for state, total in zip(states, totals, strict=True):
             by_state.add_metric([state], int(total))

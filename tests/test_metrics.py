@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from renderfarm.schema import JobState
@@ -22,7 +23,12 @@ def scrape(client, **headers) -> dict[str, dict[tuple, float]]:
     return out
 
 
-def test_fleet_metrics_match_the_farm(dash_client, dash_farm, make_job, fake_beat):
+@pytest.mark.parametrize("chunk", [1, 5000])
+def test_fleet_metrics_match_the_farm(dash_client, dash_farm, make_job, fake_beat, chunk,
+                                      monkeypatch):
+    from dashboard import metrics
+
+    monkeypatch.setattr(metrics, "CHUNK", chunk)  # batches summed per call to Redis
     begun = time.time()
     low = dash_farm.submit_batch([make_job(prompt=f"low {i}") for i in range(3)])
     high = dash_farm.submit_batch([make_job(prompt=f"high {i}", priority=8) for i in range(2)])
