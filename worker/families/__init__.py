@@ -159,6 +159,10 @@ def family_of_checkpoint(shapes: Shapes) -> Family | None:
     return None
 
 
+#: (path, size, mtime) of a .safetensors -> its family, so a submit does not reread headers.
+_HEADER_FAMILIES: dict[tuple[Path, int, int], Family | None] = {}
+
+
 def family_of(path: Path, read_ckpt: bool = False) -> Family | None:
     """The family of model ``path``, as :func:`worker.modelfiles.list_models` lists them: a
     folder by its ``model_index.json``; a single file by its ``<stem>.config/`` folder where
@@ -176,7 +180,11 @@ def family_of(path: Path, read_ckpt: bool = False) -> Family | None:
         return family_of_folder(folder)
     if path.suffix.lower() == ".safetensors":
         try:
-            shapes = safetensors_shapes(path)
+            stat = path.stat()
+            key = (path, stat.st_size, stat.st_mtime_ns)
+            if key not in _HEADER_FAMILIES:  # a header read once per file version
+                _HEADER_FAMILIES[key] = family_of_checkpoint(safetensors_shapes(path))
+            return _HEADER_FAMILIES[key]
         except (OSError, ValueError):
             return None
     elif read_ckpt:
