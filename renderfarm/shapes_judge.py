@@ -5,9 +5,10 @@
 - The background is the commonest colour of the picture's border (a 3-pixel frame).
 - The shapes are the connected regions (4-neighbours) of other colours, 12 pixels or more; the
   shape's colour is the commonest colour in them, the count is how many there are.
-- A region's shape comes from its fill ratio (area / bounding box: triangle 0.5, circle 0.79,
-  square 1.0) and, for triangles, from its centroid sitting low in its box (a triangle pointing
-  up has its centroid a sixth of its height below the box's centre; circles and squares none).
+- A region's shape is the one of a square, a circle (an ellipse) and a triangle pointing up,
+  each fitted to the region's bounding box, that overlaps the region best (intersection over
+  union). The verdict also gives the largest region's fill ratio (area / bounding box:
+  triangle 0.5, circle 0.79, square 1.0).
 - The position is the named place (renderfarm.shapes.POSITIONS) nearest the shapes' centroid.
 """
 
@@ -88,12 +89,23 @@ def _fill(ys: np.ndarray, xs: np.ndarray) -> float:
 
 
 def _shape_of(ys: np.ndarray, xs: np.ndarray) -> str:
-    fill = _fill(ys, xs)
-    height = ys.max() - ys.min() + 1
-    low = (ys.mean() - (ys.max() + ys.min()) / 2) / height  # 1/6 for a triangle pointing up
-    if fill < 0.64 or (fill < 0.86 and low > 0.09):
-        return "triangle"
-    return "circle" if fill < 0.89 else "square"
+    """The shape whose outline, fitted to the region's bounding box, overlaps it best (IoU)."""
+    y0, x0 = ys.min(), xs.min()
+    height, width = ys.max() - y0 + 1, xs.max() - x0 + 1
+    region = np.zeros((height, width), dtype=bool)
+    region[ys - y0, xs - x0] = True
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    cx = width / 2
+    templates = {
+        "square": np.ones_like(region),
+        "circle": ((xx - cx) / cx) ** 2 + ((yy - height / 2) / (height / 2)) ** 2 <= 1.0,
+        "triangle": np.abs(xx - cx) <= cx * yy / height,  # pointing up, as drawn
+    }
+
+    def iou(template: np.ndarray) -> float:
+        return (region & template).sum() / (region | template).sum()
+
+    return max(templates, key=lambda name: iou(templates[name]))
 
 
 def _regions(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

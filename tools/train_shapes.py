@@ -4,7 +4,7 @@ Reproducible from ``--seed`` (same seed, same steps, same thread count: same wei
 phases, each checkpointed in ``--work`` so an interrupted run resumes where it stopped:
 
 1. ``vae``: a small AutoencoderKL (64x64x3 <-> 4x16x16), trained on 32x32 crops of drawn
-   scenes (it is fully convolutional; crops cost a quarter).
+   scenes (it is fully convolutional; crops cost a quarter), then refined on whole pictures.
 2. ``encode``: a fixed set of scenes is drawn and encoded once (the posterior's mean).
 3. ``unet``: the UNet and a small CLIP text encoder (own word-level vocabulary) learn the
    noise (epsilon, min-SNR weighting) from the cached latents; captions leave parts out at
@@ -126,17 +126,20 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         torch.set_rng_state(state["torch"])
         log(f"vae: resumed at step {step}")
     started = time.monotonic()
-    while step < args.vae_steps:
+    total = args.vae_steps + args.vae_refine_steps
+    while step < total:
+        refine = step >= args.vae_steps  # whole pictures, constant lr: the mid-block attention
+        batch = args.vae_batch // 2 if refine else args.vae_batch  # sees the real 16x16 grid
         images = [shapes.draw(scene, rng) for scene in
-                  (shapes.random_scene(rng) for _ in range(args.vae_batch))]
+                  (shapes.random_scene(rng) for _ in range(batch))]
         x = to_tensor(images)
-        crop = args.vae_crop
+        crop = shapes.SIZE if refine else args.vae_crop
         if crop < shapes.SIZE:
             ox, oy = rng.randrange(0, shapes.SIZE - crop + 1, 4), rng.randrange(
                 0, shapes.SIZE - crop + 1, 4)
             x = x[:, :, oy:oy + crop, ox:ox + crop]
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 50) * (
+            group["lr"] = 2e-4 if refine else 1e-3 * min(1.0, (step + 1) / 50) * (
                 0.1 + 0.9 * (1 + math.cos(math.pi * step / args.vae_steps)) / 2)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -147,11 +150,11 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         loss.backward()
         opt.step()
         step += 1
-        if step % 20 == 0 or step == args.vae_steps:
+        if step % 20 == 0 or step == total:
             rate = (time.monotonic() - started) / max(1, step)
-            log(f"vae step {step}/{args.vae_steps} rec {rec.item():.4f} kl {kl.item():.2f} "
+            log(f"vae step {step}/{total} rec {rec.item():.4f} kl {kl.item():.2f} "
                 f"({rate:.2f}s/step)")
-        if step % 100 == 0 or step == args.vae_steps:
+        if step % 100 == 0 or step == total:
             save_ckpt(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                              "rng": rng, **rng_state()})
     return vae
@@ -274,8 +277,10 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-crop", type=int, default=32)
+    parser.add_argument("--vae-refine-steps", type=int, default=300,
+                        help="then this many on whole 64x64 pictures, half the batch")
     parser.add_argument("--dataset", type=int, default=8192)
-    parser.add_argument("--unet-steps", type=int, default=1800)
+    parser.add_argument("--unet-steps", type=int, default=1400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--drop", type=float, default=0.15, help="chance to leave a part out")
