@@ -186,7 +186,31 @@ def encode_dataset(args, work: Path, vae: AutoencoderKL) -> tuple[list, torch.Te
     return scenes, latents, scale
 
 
-def train_unet(args, work: Path, scenes, latents, scale, tokenizer):
+@torch.no_grad()
+def normalize_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Give every latent channel mean 0 and deviation 1, inside the VAE (scaling_factor 1).
+
+    The encoder's last 1x1 conv (quant_conv) now outputs (z - mean) / std per channel and the
+    decoder's first (post_quant_conv) undoes it: the same autoencoder, reparametrised. Left as
+    they came, this VAE's channels differ 5x in spread, and the faint ones (which carry the
+    colours) drown in the noise early in the diffusion, where the UNet learns least.
+    """
+    mean = latents.mean(dim=(0, 2, 3))
+    std = latents.std(dim=(0, 2, 3))
+    channels = mean.numel()
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    q.weight[:channels] /= std.view(-1, 1, 1, 1)
+    q.bias[:channels] = (q.bias[:channels] - mean) / std
+    q.bias[channels:] -= 2 * torch.log(std)
+    pq.bias += (pq.weight[:, :, 0, 0] * mean.view(1, -1)).sum(dim=1)
+    pq.weight *= std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
+    log(f"latent channels: mean {[round(v, 3) for v in mean.tolist()]}, "
+        f"std {[round(v, 3) for v in std.tolist()]} -> 0 and 1 inside the VAE")
+    return (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def train_unet(args, work: Path, scenes, latents, tokenizer):
     path = work / "unet.pt"
     torch.manual_seed(args.seed + 2)
     unet = UNet2DConditionModel(**UNET_CONFIG)
@@ -208,7 +232,6 @@ def train_unet(args, work: Path, scenes, latents, scale, tokenizer):
         log(f"unet: resumed at step {step}")
     betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], 1000)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
-    latents = latents * scale
     started, first = time.monotonic(), step
     while step < args.unet_steps:
         idx = [rng.randrange(len(scenes)) for _ in range(args.batch)]
@@ -252,8 +275,7 @@ def train_unet(args, work: Path, scenes, latents, scale, tokenizer):
     return ema_unet, ema_text
 
 
-def export(out: Path, vae, unet, text, tokenizer, scale: float) -> None:
-    vae.register_to_config(scaling_factor=scale)
+def export(out: Path, vae, unet, text, tokenizer) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
         scheduler=EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG),
@@ -294,9 +316,10 @@ def main() -> None:
     tokenizer_dir = args.work / "tokenizer"
     tokenizer = make_tokenizer(tokenizer_dir, vocab_size=100_000, words=shapes.WORDS)
     vae = train_vae(args, args.work)
-    scenes, latents, scale = encode_dataset(args, args.work, vae)
-    unet, text = train_unet(args, args.work, scenes, latents, scale, tokenizer)
-    export(args.out, vae, unet, text, tokenizer, scale)
+    scenes, latents, _ = encode_dataset(args, args.work, vae)
+    latents = normalize_latents(vae, latents)
+    unet, text = train_unet(args, args.work, scenes, latents, tokenizer)
+    export(args.out, vae, unet, text, tokenizer)
 
 
 if __name__ == "__main__":
