@@ -1,11 +1,11 @@
 """How often the shapes model draws what its prompt says, by the pixel judge.
 
-    .venv/bin/python bench/shapes_judge.py                 # 100 prompts, seeds 0..99
-    .venv/bin/python bench/shapes_judge.py --save out/     # and each picture, plus a sheet
+    .venv/bin/python bench/shapes_judge.py --model DIR               # 100 prompts, seeds 0..99
+    .venv/bin/python bench/shapes_judge.py --model DIR --save out/  # and the pictures, a sheet
 
 Prompts: ``--n`` scenes of renderfarm.shapes.random_scene(Random(``--seed``)), each with its
 full caption (shape, colour, background; size, position and count where the scene has them);
-picture i uses seed i. The shipped model (renderfarm/data/shapes, or ``--model``) runs in a
+picture i uses seed i. The model (a diffusers folder written by tools/train_shapes.py) runs in a
 plain diffusers StableDiffusionPipeline with its own scheduler (Euler ancestral, the farm's
 default), ``--steps`` steps, guidance ``--guidance``, 64x64, ``--batch`` prompts per call
 (a seeded generator per picture: the same pictures at any batch size). renderfarm.shapes_judge
@@ -28,9 +28,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def sheet(images: list, columns: int = 10, scale: int = 2):
+    """The pictures in rows of ``columns``, ``scale`` times their size (nearest neighbour)."""
+    from PIL import Image
+
+    side = 64 * scale + 4
+    rows = -(-len(images) // columns)
+    out = Image.new("RGB", (columns * side, rows * side), "white")
+    for i, image in enumerate(images):
+        tile = image.resize((side - 4, side - 4), Image.Resampling.NEAREST)
+        out.paste(tile, ((i % columns) * side + 2, (i // columns) * side + 2))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--model", type=Path, required=True, help="the model's diffusers folder")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2024, help="seed of the prompts")
     parser.add_argument("--steps", type=int, default=20)
@@ -45,11 +58,10 @@ def main() -> None:
 
     from renderfarm import shapes
     from renderfarm.shapes_judge import check, judge
-    from worker.modelgen import SHAPES_DIR
 
     torch.set_num_threads(args.threads)
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model or SHAPES_DIR, dtype=torch.float32, safety_checker=None,
+        args.model, dtype=torch.float32, safety_checker=None,
         requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(args.seed)
@@ -78,10 +90,7 @@ def main() -> None:
             args.save.mkdir(parents=True, exist_ok=True)
             image.save(args.save / f"{i:03d}.png")
     if args.save:
-        from renderfarm.demo import contact_sheet
-
-        contact_sheet(list(zip(images, prompts, strict=True)), scale=2, columns=10).save(
-            args.save / "sheet.png")
+        sheet(images).save(args.save / "sheet.png")
         (args.save / "misses.txt").write_text("\n".join(misses) + "\n")
     print(json.dumps({
         "prompts": args.n, "steps": args.steps, "guidance": args.guidance,

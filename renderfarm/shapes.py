@@ -2,8 +2,9 @@
 
 A :class:`Scene` says what a picture shows (shape, its colour, the background's colour, size,
 position, count); :func:`draw` draws it and :func:`caption` writes the prompt for it. The
-training script (tools/train_shapes.py), the demo and the judge (renderfarm.shapes_judge) all
-use this one description, so the words the model learnt are the words the judge checks.
+training script (tools/train_shapes.py), the benchmark (bench/shapes_judge.py) and the judge
+(renderfarm.shapes_judge) all use this one description, so the words the model learns are the
+words the judge checks.
 """
 
 from __future__ import annotations
