@@ -47,11 +47,14 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, poll: float = 0.
 
 
 class BrokenEndpoint:
-    """S3 down: a listener on the endpoint's port that drops every connection it accepts,
-    counting them, so the test sees that uploads met the outage and were retried."""
+    """S3 down: a listener on the endpoint's port that drops the connections it accepts,
+    counting them, so the test sees that uploads met the outage and were retried. With
+    ``forward_to``, connections after the first ``drop`` are passed through to that port (the
+    endpoint comes back at a known point, with no race against a server's start)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, drop: int | None = None, forward_to: int | None = None):
         self.connections = 0
+        self.drop, self.forward_to = drop, forward_to
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
@@ -66,12 +69,31 @@ class BrokenEndpoint:
             except OSError:
                 return
             self.connections += 1
-            conn.close()
+            if self.forward_to is None or self.drop is None or self.connections <= self.drop:
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.forward_to))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
     def close(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(5)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class FaultFarm:

@@ -16,7 +16,7 @@ from renderfarm.settings import Settings
 from storage import Storage, open_storage
 from storage.local import LocalStorage
 from storage.s3 import S3Storage
-from tests.fault_fixtures import BrokenEndpoint, wait_for
+from tests.fault_fixtures import BrokenEndpoint
 
 SECRET = "dummy-secret-key-for-tests"
 BAD_KEYS = ["", "/abs/x.png", "../x.png", "a/../../x.png", "a\\b.png", "a//b.png", "./x.png"]
@@ -209,28 +209,18 @@ def test_s3_concurrent_puts_exactly_one_wins(s3: S3Storage):
     assert s3.put("race/job-0.png", b"late", "image/png") is False  # 412 once it is there
 
 
-def test_s3_put_retries_until_endpoint_comes_up(s3: S3Storage):
-    """The endpoint is down (it drops every connection) when the put starts; it comes up once
-    the put has tried twice (a try and a retry): the put succeeds."""
+def test_s3_put_retries_until_endpoint_comes_up(s3: S3Storage, moto_endpoint: str):
+    """The endpoint drops the put's first two connections (down), then serves (up): boto3's
+    retries carry the put through, and it succeeds."""
     port = free_port()
     late = S3Storage(s3.bucket, "renders/", f"http://127.0.0.1:{port}", "us-east-1")
-    # moto keeps its state in-process, so a second server sees the bucket the first one made.
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    broken = BrokenEndpoint(port)
-
-    def come_up() -> None:
-        wait_for(lambda: broken.connections >= 2, 60, "the put trying the broken endpoint")
-        broken.close()
-        server.start()
-
-    thread = threading.Thread(target=come_up)
-    thread.start()
+    moto_port = int(moto_endpoint.rsplit(":", 1)[1])
+    broken = BrokenEndpoint(port, drop=2, forward_to=moto_port)
     try:
         assert late.put("late/job-0.png", b"late", "image/png") is True
     finally:
-        thread.join()
-        server.stop()
-    assert broken.connections >= 2
+        broken.close()
+    assert broken.connections >= 3  # two dropped, then the one that got through
     assert s3.get("late/job-0.png") == b"late"
 
 
