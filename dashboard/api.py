@@ -62,6 +62,7 @@ def job_json(record: JobRecord) -> dict[str, Any]:
     """A job for the API; the init image (base64, up to MiBs) is left out, flagged instead."""
     out = record.model_dump(mode="json", exclude={"request": {"init_image"}, "results": True})
     out["has_init_image"] = record.request.init_image is not None
+    out["worker_lost"] = worker_lost(record)
     # key: the object's whole key in its backend (S3: with the storage URL's prefix)
     storage = client().storage
     out["results"] = [
@@ -90,6 +91,24 @@ def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
         "jobs_per_minute": round(batch.done / age * 60, 2) if running and age > 0 else None,
         "bar": progress_bar(batch, _running_steps().get(batch.id, 0.0) if running else 0.0),
     }
+
+
+RUNNING_STATES = (JobState.started, JobState.rendering, JobState.uploading)
+
+
+def worker_lost(record: JobRecord) -> str | None:
+    """For a running job whose worker no longer beats: "worker lost, re-queue in N s", N from
+    the job's lease (the reaper re-queues it when the lease runs out); else None."""
+    if record.state not in RUNNING_STATES or not record.worker:
+        return None
+    if "live_ids" not in g:
+        g.live_ids = {w.id for w in read_workers(client().redis, include_lost=False)}
+    if record.worker in g.live_ids:
+        return None
+    c = client()
+    lease = float(c.redis.hget(keys.job(record.id), "lease_until") or 0)
+    left = lease - c.records.clock()
+    return f"worker lost, re-queue in {left:.0f} s" if left > 0 else "worker lost, re-queue due"
 
 
 #: The batch bar's parts, in order: ended states, then running (the steps done of the running

@@ -202,7 +202,9 @@ def _show_errors(form: SubmitForm, errors: list[FieldError]) -> None:
 
 
 def _prefill(form: SubmitForm) -> None:
-    """?from=<job id>: the job's settings with a blank seed; ?init=<key>: an img2img input."""
+    """?from=<job id>: the job's settings with a blank seed; ?init=<key>: an img2img input.
+    Both ("Use as img2img input", as A1111's "Send to img2img"): the job's prompt, negative,
+    size and settings, with its image as the init image."""
     c = api.client()
     if job_id := request.args.get("from"):
         try:

@@ -101,3 +101,28 @@ def test_submit_form_errors_choices_favicon_and_localhost_notice(
     assert "width must be a multiple of 8, got 500" in page.inner_text("#field-width .error")
     assert page.locator("#field-size .error").count() == 0
     page.screenshot(path=str(ARTIFACTS / "ux-width-error.png"), full_page=True)
+
+
+def test_tiles_show_seed_and_prompt_and_img2img_carries_the_settings(
+        running_farm, browser_page):  # noqa: F811
+    from producer import FarmClient
+
+    base, farm = running_farm
+    page = browser_page
+    client = FarmClient(farm.settings)
+    prompt = "a very long prompt about a lighthouse on a cliff at dawn, seen from the sea"
+    job = client.submit({"model": "tiny", "width": 64, "height": 64, "steps": 3, "seed": 1234,
+                         "scheduler": "euler", "prompt": prompt, "negative_prompt": "ugly"})
+    job.wait(timeout=120)
+    page.goto(f"{base}/batches/{job.status().batch_id}")
+    assert page.inner_text(".tile .seed") == "seed 1234"
+    assert page.locator(".tile .prompt").get_attribute("title") == prompt
+    page.goto(f"{base}/jobs/{job.id}")
+    page.click("text=Use as img2img input")
+    page.wait_for_url(f"{base}/submit?**")
+    assert page.input_value("#prompts") == prompt
+    assert page.input_value("#negative_prompt") == "ugly"
+    assert page.input_value("#size") == "64x64" and page.input_value("#steps") == "3"
+    assert page.input_value("#scheduler") == "euler"
+    assert page.locator("#init_ref").get_attribute("value").startswith("key:")
+    page.screenshot(path=str(ARTIFACTS / "ux-img2img-carried.png"), full_page=True)

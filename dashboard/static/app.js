@@ -91,11 +91,17 @@ function batchesPage() {
   });
 }
 
+// "step 3/20", or "worker lost, re-queue in N s" when the job's worker stopped beating.
+function stepText(job) {
+  if (job.worker_lost) return job.worker_lost;
+  return job.state === "rendering" ? `step ${job.step}/${job.steps_total}` : "";
+}
+
 function updateTile(tile, job) {
   tile.dataset.state = job.state;
   tile.className = `tile s-${job.state}`;
   tile.querySelector(".state").textContent = job.state;
-  tile.querySelector(".step").textContent = job.state === "rendering" ? `step ${job.step}/${job.steps_total}` : "";
+  tile.querySelector(".step").textContent = stepText(job);
   const thumb = tile.querySelector(".thumb");
   if (job.results.length && thumb.querySelectorAll("img").length !== job.results.length) {
     thumb.replaceChildren(...job.results.map((r) => el("img", { src: r.url, alt: `seed ${r.seed}` })));
@@ -149,8 +155,7 @@ function jobPage() {
     const state = document.getElementById("job-state");
     state.textContent = job.state;
     state.className = `pill s-${job.state}`;
-    document.getElementById("job-step").textContent =
-      job.state === "rendering" ? `step ${job.step}/${job.steps_total}` : "";
+    document.getElementById("job-step").textContent = stepText(job);
     document.getElementById("job-worker").textContent = job.worker || "–";
     document.getElementById("job-attempts").textContent = job.attempts;
     for (const k of ["waited", "loaded", "rendered", "uploaded"]) {
