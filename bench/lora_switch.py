@@ -57,7 +57,8 @@ def main() -> None:
     model_dir = folder / args.model
     if not (model_dir / "model_index.json").is_file():
         make_model(args.model, model_dir)
-    for name, fmt, seed in (("bench_a", "peft", 1), ("bench_b", "kohya", 2)):
+    names = (f"bench_{args.model}_a", f"bench_{args.model}_b")  # one pair per model kind
+    for name, fmt, seed in ((names[0], "peft", 1), (names[1], "kohya", 2)):
         make_lora(model_dir, folder / "loras" / f"{name}.safetensors", fmt, seed=seed,
                   rank=args.rank, scale=0.05)
     profile = detect_profile("auto")
@@ -79,7 +80,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    sets = [[{"name": "bench_a"}], [{"name": "bench_b", "weight": 0.7}], []]
+    sets = [[{"name": names[0]}], [{"name": names[1], "weight": 0.7}], []]
     first_loads = []
     for k, loras in enumerate(sets[:2]):  # read each LoRA once
         t = time.perf_counter()
@@ -106,7 +107,7 @@ def main() -> None:
         reloads.append(time.perf_counter() - t)
 
     lora_mb = sum((folder / "loras" / f"{n}.safetensors").stat().st_size
-                  for n in ("bench_a", "bench_b")) / 2 / 2**20
+                  for n in names) / 2 / 2**20
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {profile.name} profile",

@@ -234,3 +234,20 @@ def test_compiled_unet_renders_lora_jobs_eagerly_and_never_recompiles(models):
     assert counters["stats"]["unique_graphs"] == warmed
     assert compiled.loads == 1
     assert compiled.lora_loads == 3  # unloaded before each job without LoRA: ink read twice
+
+
+def test_img2img_applies_the_lora_too(cache):
+    import io
+
+    from PIL import Image
+
+    from renderfarm.images import encode_init_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buffer, format="PNG")
+    init = {"mode": "img2img", "init_image": encode_init_image(buffer.getvalue()),
+            "strength": 0.8, "steps": 4}
+    plain = pixels(cache, **init)
+    ink = pixels(cache, **init, prompt="a lighthouse at dusk <lora:ink>")
+    assert np.abs(ink - plain).max() > 20
+    assert np.array_equal(pixels(cache, **init, prompt="a lighthouse at dusk <lora:ink:0>"), plain)
