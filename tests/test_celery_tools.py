@@ -213,3 +213,51 @@ def test_worker_metrics_count_what_the_worker_did(tools_farm):
     waited = sum(v for k, v in m["renderfarm_worker_queue_wait_seconds_count"].items())
     assert waited == taken  # every job it took (a job revoked before it ran was not)
 
+
+
+def test_flower_shows_what_happened_to_each_job(tools_farm):
+    """``celery -A renderfarm flower`` (the real Flower) reads the farm's events: a failed job
+    is FAILURE with its error, a stored one SUCCESS."""
+    import json
+    import urllib.request
+
+    port = free_port()
+    env = {**tools_farm.worker_env(), "PYTHONPATH": os.pathsep.join(sys.path),
+           "FLOWER_UNAUTHENTICATED_API": "true"}
+    log = open(tools_farm.settings.data_path / "flower.log", "wb")  # noqa: SIM115
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "renderfarm", "flower",
+                               f"--port={port}", "--address=127.0.0.1"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, cwd=tools_farm.settings.data_path)
+    try:
+        def tasks() -> dict | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tasks",
+                                            timeout=5) as answer:
+                    return json.load(answer)
+            except OSError:
+                return None
+
+        wait_for(lambda: tasks() is not None, 120, "flower answering")
+        client = FarmClient(tools_farm.settings)
+        bad = client.submit({**SMALL, "model": "broken", "prompt": "flower sees it fail"})
+        good = client.submit({**SMALL, "prompt": "flower sees it succeed"})
+        assert bad.wait(120).state is JobState.failed
+        assert good.wait(120).state is JobState.succeeded
+
+        def final(job_id: str) -> dict | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task/info/{job_id}",
+                                            timeout=5) as answer:
+                    task = json.load(answer)
+            except OSError:
+                return None
+            return task if task["state"] in ("SUCCESS", "FAILURE") else None
+
+        failed = wait_for(lambda: final(bad.id), 60, f"flower's FAILURE in {tasks()}")
+        assert failed["state"] == "FAILURE" and "safetensors" in failed["exception"].lower()
+        done = wait_for(lambda: final(good.id), 60, "flower's SUCCESS")
+        assert done["state"] == "SUCCESS" and good.id in done["result"]
+    finally:
+        flower.terminate()
+        flower.wait(30)
+        log.close()
