@@ -23,6 +23,12 @@ def test_each_worker_sees_only_its_gpu():
     assert commands[0][0][-1] != commands[1][0][-1]  # distinct worker names
 
 
+def test_each_worker_has_its_own_metrics_port(monkeypatch):
+    monkeypatch.setenv("RENDERFARM_METRICS_PORT", "9464")
+    commands = worker_commands(["0", "1", "3"], ["--profile", "gpu"])
+    assert [env["RENDERFARM_METRICS_PORT"] for _, env in commands] == ["9464", "9465", "9466"]
+
+
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has GPUs")
 def test_all_without_gpus_is_a_clear_error():
     with pytest.raises(RuntimeError, match="nvidia-smi"):

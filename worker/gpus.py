@@ -32,10 +32,14 @@ def gpu_ids(spec: str) -> list[str]:
 
 
 def worker_commands(ids: list[str], args: list[str]) -> list[tuple[list[str], dict[str, str]]]:
-    """The command and environment of each GPU's worker."""
+    """The command and environment of each GPU's worker. With ``RENDERFARM_METRICS_PORT`` set,
+    worker k serves its /metrics on that port + k."""
     out = []
-    for gpu in ids:
+    port = os.environ.get("RENDERFARM_METRICS_PORT", "")
+    for k, gpu in enumerate(ids):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        if port.isdigit():  # one /metrics port per worker process: the first GPU's is the setting
+            env["RENDERFARM_METRICS_PORT"] = str(int(port) + k)
         out.append(([sys.executable, "-m", "renderfarm", "worker", *args, "--name",
                      f"gpu{gpu}-{os.getpid()}"], env))
     return out
