@@ -226,11 +226,14 @@ def queues(now: float | None = None) -> dict[str, Any]:
     for name in names:
         for key in priority_lists(name):
             pipe.llen(key)
+        pipe.zcard(f"rf:pending:{name}")
     lengths = pipe.execute()
     out = []
     for i, name in enumerate(names):
-        depths = lengths[i * 10 : i * 10 + 10]
-        out.append({"name": name, "depth": sum(depths),
+        depths = lengths[i * 11 : i * 11 + 10]
+        # jobs: queued jobs of this queue (what users act on); depth: Celery messages waiting,
+        # which also counts messages of jobs cancelled or already taken (dropped on delivery)
+        out.append({"name": name, "jobs": lengths[i * 11 + 10], "depth": sum(depths),
                     "by_priority": {str(9 - n): d for n, d in enumerate(depths) if d}})
     return {"queues": out, "queued_jobs": _count_queued(c, names),
             "oldest_waiting": _oldest_queued(c, names, now)}

@@ -196,8 +196,9 @@ function queuesPage() {
   poll("/api/v1/queues", (data) => {
     tbody.replaceChildren(...data.queues.map((q) => {
       const prio = Object.entries(q.by_priority).map(([p, n]) => el("span", { class: "pill" }, `p${p}: ${n}`));
-      return el("tr", {}, el("td", {}, el("code", {}, q.name)), el("td", { class: "depth" }, q.depth),
-        el("td", {}, ...(prio.length ? prio : ["–"])));
+      return el("tr", {}, el("td", {}, el("code", {}, q.name)),
+        el("td", { class: "jobs" }, el("strong", {}, q.jobs)),
+        el("td", {}, ...(prio.length ? prio : ["–"])), el("td", { class: "depth" }, q.depth));
     }));
     document.getElementById("queued-jobs").textContent = data.queued_jobs;
     const o = data.oldest_waiting;
