@@ -378,6 +378,19 @@ def get_job(job_id: str):
     return job_json(client().records.job(job_id))
 
 
+@bp.get("/jobs/<job_id>/preview")
+def job_preview(job_id: str):
+    """The latest live preview of a rendering job: a small JPEG from its latents
+    (worker/previews.py), kept a few seconds after its last write; 404 when there is none."""
+    data = client().redis.get(keys.preview(job_id))
+    if data is None:
+        from dashboard import error_response
+
+        return error_response(404, "has no preview (not rendering, or previews are off)",
+                              "job_id", job_id)
+    return data, 200, {"Content-Type": "image/jpeg", "Cache-Control": "no-store"}
+
+
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     c = client()

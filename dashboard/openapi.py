@@ -104,6 +104,16 @@ def _events_op() -> dict[str, Any]:
     return op
 
 
+def _preview_op() -> dict[str, Any]:
+    op = _op("The latest live preview of a rendering job (at most 64 px a side, from its "
+             "latents; RENDERFARM_PREVIEW_SECONDS apart); 404 when it has none", _OBJ,
+             params=[_id("job_id")])
+    op["responses"]["200"] = {"description": "A JPEG",
+                              "content": {"image/jpeg": {"schema": {"type": "string",
+                                                                    "format": "binary"}}}}
+    return op
+
+
 def spec(app: Flask) -> dict[str, Any]:
     job_out = _ref("JobRecord")
     paths = {
@@ -129,6 +139,7 @@ def spec(app: Flask) -> dict[str, Any]:
             "get": _op("A job; init_image left out (has_init_image says if it had one)",
                        job_out, params=[_id("job_id")]),
         },
+        "/jobs/{job_id}/preview": {"get": _preview_op()},
         "/jobs/{job_id}/cancel": {
             "post": _op("Cancel a job: at once if queued, at its next step if running", _OBJ,
                         params=[_id("job_id")]),

@@ -22,6 +22,12 @@ def batch_events(batch_id: str) -> str:
     return f"rf:batch:{batch_id}:events"
 
 
+def preview(job_id: str) -> str:
+    """A running job's latest live preview (a small JPEG), expiring soon after its last write
+    (worker/previews.py)."""
+    return f"rf:preview:{job_id}"
+
+
 def batch_jobs(batch_id: str) -> str:
     """List of a batch's job ids, in submit order."""
     return f"rf:batch:{batch_id}:jobs"

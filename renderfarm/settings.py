@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         "512x512,768x768", pattern=r"^\d+x\d+(,\d+x\d+)*$",
         description="WxH sizes, comma-separated, a compiling worker warms up for at start.",
     )
+    preview_seconds: float = Field(
+        1.0, ge=0, description="Seconds between live previews of a rendering job (a small JPEG "
+        "from its latents, no VAE: GET /api/v1/jobs/<id>/preview, the dashboard's tiles). "
+        "0: no previews.",
+    )
 
     allowed_hosts: str = Field(
         "", description="Without RENDERFARM_TOKEN the dashboard answers only requests whose Host "

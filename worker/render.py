@@ -29,10 +29,14 @@ from worker.pipelines import PipelineCache, set_scheduler
 __all__ = ["compat_key", "render", "render_batch"]
 
 OnStep = Callable[[int, int], None]
+#: ``on_latents(latents, owners)`` after each step: the call's latents (one row per image, not
+#: doubled by CFG) and, per row, the index of its job in the request list (worker/previews.py).
+OnLatents = Callable[[torch.Tensor, list[int]], None]
 
 
 def render(
-    cache: PipelineCache, request: JobRequest, on_step: OnStep | None = None
+    cache: PipelineCache, request: JobRequest, on_step: OnStep | None = None,
+    on_latents: OnLatents | None = None,
 ) -> list[PIL.Image.Image]:
     """Render ``request`` and return ``request.num_images`` images of width x height.
 
@@ -43,7 +47,7 @@ def render(
     that step and propagates.
     """
     if request.mode is Mode.txt2img:
-        return render_batch(cache, [request], on_step)[0]
+        return render_batch(cache, [request], on_step, on_latents)[0]
 
     # 1. Check the request against what this worker and the model's family can do
     family = _check(request, cache)
@@ -84,7 +88,7 @@ def render(
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in padded]
         images += _call(
             pipe, kwargs | {"num_images_per_prompt": len(padded), "generator": generators},
-            on_step, index, len(chunks),
+            on_step, index, len(chunks), on_latents, [0] * len(padded),
         )[: len(chunk)]
 
     # 5. Check what came out
@@ -93,7 +97,8 @@ def render(
 
 
 def render_batch(
-    cache: PipelineCache, requests: list[JobRequest], on_step: OnStep | None = None
+    cache: PipelineCache, requests: list[JobRequest], on_step: OnStep | None = None,
+    on_latents: OnLatents | None = None,
 ) -> list[list[PIL.Image.Image]]:
     """Render compatible txt2img jobs together; return each job's images, in request order.
 
@@ -164,7 +169,8 @@ def render_batch(
         if family.negative_prompt:
             # "" is what diffusers uses for None; None skips building the list.
             call["negative_prompt"] = negatives if any(negatives) else None
-        images = _call(pipe, call, on_step, index, len(chunks))
+        images = _call(pipe, call, on_step, index, len(chunks), on_latents,
+                       [j for j, *_ in padded])
         for (j, *_), image in zip(chunk, images, strict=False):
             out[j].append(image)
 
@@ -209,10 +215,14 @@ def _padded(chunk: list, cache: PipelineCache) -> list:
     return chunk + [chunk[-1]] * (cache.batch_size_for(len(chunk)) - len(chunk))
 
 
-def _call(pipe, kwargs: dict, on_step: OnStep | None, index: int, calls: int):
-    """One pipeline call, reporting its steps as call ``index`` of ``calls``."""
+def _call(pipe, kwargs: dict, on_step: OnStep | None, index: int, calls: int,
+          on_latents: OnLatents | None = None, owners: list[int] | None = None):
+    """One pipeline call, reporting its steps as call ``index`` of ``calls``, and its latents
+    (rows owned by the jobs ``owners``) to ``on_latents``."""
 
     def step_end(p, i, t, callback_kwargs):
+        if on_latents is not None and "latents" in callback_kwargs:
+            on_latents(callback_kwargs["latents"], owners or [])
         if on_step is not None:
             per_call = p.num_timesteps
             on_step(index * per_call + i + 1, per_call * calls)

@@ -61,6 +61,7 @@ from worker.hashes import hash_cache
 from worker.lorafiles import list_loras, loras_with_family
 from worker.memory import device_memory
 from worker.modelfiles import list_models
+from worker.previews import Previews
 from worker.testhooks import from_env as test_holds
 
 log = logging.getLogger("renderfarm.worker")
@@ -103,6 +104,7 @@ class WorkerService:
         self.records = Records(self.redis)
         self.storage = open_storage(settings)
         self.holds = test_holds(self.redis)  # None unless the test suite turned them on
+        self.previews = Previews(self.redis, settings.preview_seconds)
         self.app = celery_app(settings)
         self.profile = apply_settings(detect_profile(profile), settings)
         self.cache = PipelineCache(settings.models_path, self.profile, max_models=max_models)
@@ -520,11 +522,15 @@ class WorkerService:
                     raise LostJob(status)
                 if cancel:
                     raise Cancelled(job_id)
+            first = group[0].request
+            on_latents = self.previews.hook(ids, self.cache.family(first.model), first.width,
+                                            first.height)
             started = time.monotonic()
             if len(group) == 1:
-                rendered = [render(self.cache, group[0].request, on_step)]
+                rendered = [render(self.cache, group[0].request, on_step, on_latents)]
             else:
-                rendered = render_batch(self.cache, [r.request for r in group], on_step)
+                rendered = render_batch(self.cache, [r.request for r in group], on_step,
+                                        on_latents)
         finally:
             with self._lock:
                 self._current = []

@@ -97,13 +97,39 @@ function stepText(job) {
   return job.state === "rendering" ? `step ${job.step}/${job.steps_total}` : "";
 }
 
+// The live preview of a rendering job (GET /api/v1/jobs/<id>/preview, a small JPEG from its
+// latents) in `box`, replacing the striped placeholder once one loads; removed when the job
+// is not rendering or has none. Loaded off-DOM first, so a 404 never shows a broken image.
+function showPreview(box, job) {
+  const current = box.querySelector("img.preview");
+  if (job.state !== "rendering") {
+    if (current) current.remove();
+    return;
+  }
+  const img = new Image();
+  img.className = "preview";
+  img.alt = `preview, step ${job.step}`;
+  img.onload = () => {
+    const old = box.querySelector("img.preview");
+    if (old) old.replaceWith(img); else box.prepend(img);
+    box.classList.add("has-preview");
+  };
+  img.onerror = () => {
+    const old = box.querySelector("img.preview");
+    if (old) old.remove();
+    box.classList.remove("has-preview");
+  };
+  img.src = `/api/v1/jobs/${encodeURIComponent(job.id)}/preview?step=${job.step}`;
+}
+
 function updateTile(tile, job) {
   tile.dataset.state = job.state;
   tile.className = `tile s-${job.state}`;
   tile.querySelector(".state").textContent = job.state;
   tile.querySelector(".step").textContent = stepText(job);
   const thumb = tile.querySelector(".thumb");
-  if (job.results.length && thumb.querySelectorAll("img").length !== job.results.length) {
+  showPreview(thumb, job);
+  if (job.results.length && thumb.querySelectorAll("img:not(.preview)").length !== job.results.length) {
     thumb.replaceChildren(...job.results.map((r) => el("img", { src: r.url, alt: `seed ${r.seed}` })));
   }
 }
@@ -157,6 +183,8 @@ function jobPage() {
     state.className = `pill s-${job.state}`;
     document.getElementById("job-step").textContent = stepText(job);
     document.getElementById("job-worker").textContent = job.worker || "–";
+    const images = document.getElementById("job-images");
+    if (images) showPreview(images, job);
     document.getElementById("job-attempts").textContent = job.attempts;
     for (const k of ["waited", "loaded", "rendered", "uploaded"]) {
       document.getElementById(`t-${k}`).textContent = secs(job.timings[k]);

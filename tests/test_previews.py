@@ -1,0 +1,165 @@
+"""Live previews (worker/previews.py): latents -> RGB with the family's factors, a JPEG per
+rendering job in Redis, served at GET /api/v1/jobs/<id>/preview.
+
+The farm tests run one real worker with test holds (worker/testhooks.py): a job stops at a
+denoising step, and the test reads its preview while it is provably rendering."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import PIL.Image
+import pytest
+import redis
+import torch
+
+from renderfarm import keys
+from renderfarm.embedded import EmbeddedRedis
+from renderfarm.schema import JobState
+from renderfarm.settings import Settings
+from tests.fault_fixtures import FAULT_BUCKET, FaultFarm, wait_for
+from worker import testhooks
+from worker.families import family_named, family_of_folder
+from worker.previews import Previews, latents_to_rgb, preview_size, unpack
+
+
+def test_preview_size_is_the_latent_size_capped_at_64():
+    assert preview_size(128, 64) == (16, 8)
+    assert preview_size(512, 512) == (64, 64)
+    assert preview_size(1024, 768) == (64, 48)
+    assert preview_size(1216, 832) == (64, 44)
+
+
+def test_latents_to_rgb_is_factors_and_bias_mapped_to_bytes():
+    family = family_named("sd15")
+    latents = torch.zeros(1, 4, 1, 4)
+    for channel in range(4):
+        latents[0, channel, 0, channel] = 1.0  # pixel k: channel k alone
+    rgb = latents_to_rgb(latents, family.latent_rgb_factors, family.latent_rgb_bias, (4, 1))
+    assert rgb.shape == (1, 1, 4, 3) and rgb.dtype == torch.uint8
+    # ComfyUI's LatentFormat SD15 factors, (x + 1) / 2 * 255
+    expected = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+    for k in range(4):
+        want = [round((v + 1) / 2 * 255) for v in expected[k]]
+        assert rgb[0, 0, k].tolist() == want
+
+
+@pytest.fixture(scope="module")
+def preview_redis(tmp_path_factory):
+    server = EmbeddedRedis(tmp_path_factory.mktemp("preview-redis"))
+    url = server.start()
+    yield redis.Redis.from_url(url)
+    server.stop()
+
+
+def _color(data: bytes) -> tuple[int, ...]:
+    image = PIL.Image.open(io.BytesIO(data))
+    assert image.format == "JPEG"
+    return image.convert("RGB").getpixel((image.width // 2, image.height // 2))
+
+
+def test_an_sdxl_model_previews_with_sdxl_factors(tmp_path, preview_redis):
+    from worker.familygen import make
+
+    family = family_of_folder(make("tiny-sdxl", tmp_path / "tiny-sdxl"))
+    assert family.name == "sdxl"
+    hook = Previews(preview_redis, every=1.0).hook(["sdxl-job"], family, 64, 64)
+    latents = torch.zeros(1, 4, 8, 8)
+    latents[:, 0] = 1.0  # channel 0 alone, everywhere: one flat colour
+    hook(latents, [0])
+    data = wait_for(lambda: preview_redis.get(keys.preview("sdxl-job")), 10, "the preview")
+    assert 0 < preview_redis.ttl(keys.preview("sdxl-job")) <= 30
+    # SDXL (ComfyUI LatentFormat SDXL): factors[0] + bias = (0.4735, 0.4057, 0.4330) -> bytes
+    # (188, 179, 183); SD 1.5's factors would give (172, 157, 169). JPEG may be off by a few.
+    want = (188, 179, 183)
+    got = _color(data)
+    assert all(abs(g - w) <= 3 for g, w in zip(got, want, strict=True)), got
+
+
+def test_flux_latents_are_unpacked_as_diffusers_packs_them():
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 16, 8, 12)
+    packed = FluxPipeline._pack_latents(latents, 2, 16, 8, 12)
+    assert torch.equal(unpack(packed, 12 * 8, 8 * 8), latents)
+
+
+# -- a real worker ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def held_farm(tmp_path_factory, models_dir, s3_endpoint):
+    """One worker with test holds and micro-batches of up to 4 images."""
+    from storage.s3 import S3Storage
+
+    tmp = tmp_path_factory.mktemp("previews")
+    S3Storage(FAULT_BUCKET, "", endpoint_url=s3_endpoint).ensure_bucket()
+    server = EmbeddedRedis(tmp / "redis")
+    settings = Settings(redis_url=server.start(), data_dir=tmp / "farm",
+                        storage_url=f"s3://{FAULT_BUCKET}/{uuid.uuid4().hex[:8]}",
+                        s3_endpoint_url=s3_endpoint, models_dir=models_dir, lease_seconds=3,
+                        max_batch=4)
+    farm = FaultFarm(settings, server, 1,
+                     extra_env={testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE}).start()
+    yield farm
+    farm.stop()
+
+
+@pytest.fixture(scope="module")
+def api(held_farm):
+    from dashboard import create_app
+
+    return create_app({"TESTING": True, "SETTINGS": held_farm.settings}).test_client()
+
+
+def _job(prompt: str, seed: int) -> dict:
+    return {"prompt": prompt, "model": "tiny", "width": 128, "height": 64, "steps": 8,
+            "seed": seed, "scheduler": "euler"}
+
+
+def _preview(api, job_id: str) -> bytes | None:
+    answer = api.get(f"/api/v1/jobs/{job_id}/preview")
+    if answer.status_code == 404:
+        return None
+    assert answer.status_code == 200 and answer.content_type == "image/jpeg"
+    return answer.data
+
+
+def test_a_preview_appears_mid_render_at_the_expected_size(held_farm, api):
+    prompt = f"a preview mid render {uuid.uuid4().hex[:6]}"
+    hold = held_farm.hold_step(prompt, 4)
+    job_id = held_farm.client.submit(_job(prompt, 1)).id
+    try:
+        assert held_farm.wait_held()[1:] == (job_id, 4)
+        assert held_farm.client.records.job(job_id).state is JobState.rendering
+        data = wait_for(lambda: _preview(api, job_id), 30, "a preview of the held job")
+        image = PIL.Image.open(io.BytesIO(data))
+        assert image.format == "JPEG" and image.size == (16, 8)  # 128x64 -> latent 16x8
+    finally:
+        held_farm.release(hold)
+    held_farm.wait_state(job_id, {JobState.succeeded})
+
+
+def test_a_job_without_a_preview_is_404(api):
+    answer = api.get("/api/v1/jobs/no-such-job/preview")
+    assert answer.status_code == 404
+    assert answer.get_json()["errors"][0]["field"] == "job_id"
+
+
+def test_each_job_of_a_micro_batch_gets_its_own_preview(held_farm, api):
+    tag = uuid.uuid4().hex[:6]
+    prompts = [f"a red barn {tag}", f"a blue lake {tag}"]
+    holds = [held_farm.hold_step(p, 3) for p in prompts]
+    batch = held_farm.client.submit_batch([_job(p, 10 + i) for i, p in enumerate(prompts)])
+    try:
+        held_farm.wait_held()
+        records = [held_farm.client.records.job(i) for i in batch.job_ids]
+        # one worker, both rendering at once: they share a pipeline call
+        assert [r.state for r in records] == [JobState.rendering] * 2
+        previews = [wait_for(lambda i=i: _preview(api, i), 30, f"a preview of {i}")
+                    for i in batch.job_ids]
+        assert previews[0] != previews[1]
+    finally:
+        held_farm.release(*holds)
+    for job_id in batch.job_ids:
+        held_farm.wait_state(job_id, {JobState.succeeded})

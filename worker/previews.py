@@ -1,0 +1,151 @@
+"""Live previews: a small picture of each running job, made from its latents while it renders.
+
+No VAE: the current latents go through the model family's linear latent-to-RGB factors
+(``Family.latent_rgb_factors`` / ``latent_rgb_bias``, ComfyUI's ``latent_formats.py``; its
+previewer maps the result from [-1, 1] to bytes the same way). A few microseconds of tensor work
+on the render thread (the latents are first shrunk to at most :data:`MAX_SIDE` pixels a side);
+the JPEG encode and the Redis write run in a background thread (:class:`PreviewWriter`), which
+keeps only the newest picture of each job when it falls behind, so a slow Redis never slows the
+render.
+
+The latest preview of a job is one small JPEG in Redis (``keys.preview``), expiring after
+:data:`TTL` seconds, so only running jobs have one; the dashboard serves it at
+``GET /api/v1/jobs/<id>/preview``. ``RENDERFARM_PREVIEW_SECONDS`` sets how often (per group of
+jobs rendered together; the first comes after the first step); 0 turns previews off.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import PIL.Image
+import torch
+from redis import Redis
+
+from renderfarm import keys
+
+log = logging.getLogger("renderfarm.worker")
+
+MAX_SIDE = 64  #: longest side of a preview in pixels (never more than one pixel per latent)
+TTL = 30  #: seconds a preview lives in Redis after its last write
+QUALITY = 80  #: JPEG quality
+
+#: ``on_latents(latents, owners)``: the latents of one pipeline call after a step, and for each
+#: row the index (in the group) of the job it belongs to.
+OnLatents = Callable[[torch.Tensor, Sequence[int]], None]
+
+
+def preview_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of the preview of a ``width`` x ``height`` image: its latent size (1/8),
+    scaled down to at most :data:`MAX_SIDE` a side, keeping the aspect ratio."""
+    w, h = max(1, width // 8), max(1, height // 8)
+    scale = min(1.0, MAX_SIDE / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def unpack(latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(B, C, h, w) latents. Flux's pipeline holds them packed in 2x2 patches as
+    (B, h/2 * w/2, C*4) (diffusers' ``FluxPipeline._unpack_latents``); others already are."""
+    if latents.ndim == 4:
+        return latents
+    b, _, packed = latents.shape
+    h, w = 2 * (height // 16), 2 * (width // 16)
+    x = latents.view(b, h // 2, w // 2, packed // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, packed // 4, h, w)
+
+
+def latents_to_rgb(latents: torch.Tensor, factors: Sequence[Sequence[float]],
+                   bias: Sequence[float], size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) latents -> (B, H, W, 3) uint8 on the CPU, ``size`` = (W, H): shrunk first
+    (area average), then ``rgb = latent @ factors + bias`` mapped from [-1, 1] to 0..255."""
+    if not factors:
+        raise ValueError("this model family has no latent_rgb_factors: no preview")
+    x = latents.detach().float()
+    if x.shape[1] != len(factors):
+        raise ValueError(f"latents have {x.shape[1]} channels, the family's latent_rgb_factors "
+                         f"{len(factors)}")
+    if (x.shape[3], x.shape[2]) != size:
+        x = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="area")
+    f = torch.tensor(factors, dtype=x.dtype, device=x.device)
+    rgb = torch.einsum("bchw,cr->bhwr", x, f) + torch.tensor(bias, dtype=x.dtype, device=x.device)
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def encode_jpeg(pixels: torch.Tensor) -> bytes:
+    """One (H, W, 3) uint8 picture as JPEG bytes."""
+    out = io.BytesIO()
+    PIL.Image.fromarray(pixels.numpy(), "RGB").save(out, "JPEG", quality=QUALITY)
+    return out.getvalue()
+
+
+class PreviewWriter:
+    """Encodes and stores previews in a background thread. :meth:`put` never blocks: a job's
+    picture replaces its older one not yet written."""
+
+    def __init__(self, redis: Redis):
+        self.redis = redis
+        self._pending: dict[str, torch.Tensor] = {}
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="previews", daemon=True)
+        self._thread.start()
+
+    def put(self, job_id: str, pixels: torch.Tensor) -> None:
+        with self._ready:
+            self._pending[job_id] = pixels
+            self._ready.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending:
+                    self._ready.wait()
+                job_id, pixels = self._pending.popitem()
+            try:
+                self.redis.set(keys.preview(job_id), encode_jpeg(pixels), ex=TTL)
+            except Exception as exc:  # a preview is never worth a job: log and go on
+                log.warning("preview of %s not written: %s", job_id, exc)
+
+
+class Previews:
+    """The worker's previews: :meth:`hook` gives the render's ``on_latents`` for a group."""
+
+    def __init__(self, redis: Redis, every: float):
+        self.every = every
+        self.writer = PreviewWriter(redis) if every > 0 else None
+
+    def hook(self, job_ids: Sequence[str], family, width: int, height: int) -> OnLatents | None:
+        """``on_latents`` for the jobs ``job_ids`` rendered together at ``width`` x
+        ``height`` with a model of ``family``: a preview of each job's first image after the
+        first step, then every ``every`` seconds. None when previews are off or the family has
+        no factors."""
+        writer = self.writer
+        if writer is None or not family.latent_rgb_factors:
+            return None
+        size = preview_size(width, height)
+        next_at = 0.0  # the first step is due at once
+
+        def on_latents(latents: torch.Tensor, owners: Sequence[int]) -> None:
+            nonlocal next_at
+            t = time.monotonic()
+            if t < next_at:
+                return
+            next_at = t + self.every
+            rows: dict[int, int] = {}
+            for row, owner in enumerate(owners):
+                rows.setdefault(owner, row)  # a job's first image in this call
+            try:
+                picked = unpack(latents, width, height)[list(rows.values())]
+                pixels = latents_to_rgb(picked, family.latent_rgb_factors,
+                                        family.latent_rgb_bias, size)
+            except Exception as exc:  # never fail a job for its preview
+                log.warning("no preview of %s: %s", ", ".join(job_ids), exc)
+                next_at = float("inf")
+                return
+            for owner, image in zip(rows, pixels, strict=True):
+                writer.put(job_ids[owner], image)
+
+        return on_latents
