@@ -7,8 +7,8 @@ A job's task id is its job id. How a delivery of ``renderfarm.render`` ends:
   event when the job ends (worker/events.py): SUCCESS once its images are stored, FAILURE with
   the job's error, REVOKED when it was cancelled;
 - the job had already ended (a micro-batch partner, a duplicate delivery): the task reports
-  that end without rendering anything: SUCCESS with the result ``skipped: job already
-  succeeded``, FAILURE with the job's error, or REVOKED;
+  that end without rendering anything: SUCCESS with the job's result and
+  ``"delivery": "skipped: job already succeeded"``, FAILURE with the job's error, or REVOKED;
 - the job runs on another worker now: the task is ignored (no final event from this delivery);
   the worker running it sends the final event when it ends;
 - cancelled before it ran: REVOKED. A job given up (poison, missing record): FAILURE.
@@ -20,6 +20,7 @@ so a worker returns to Celery's consumer loop, and answers ping and inspect, bet
 
 from __future__ import annotations
 
+import json
 import logging
 
 from celery import Celery, Task
@@ -75,8 +76,13 @@ def register(app: Celery, service: WorkerService) -> None:
 
 def ended_elsewhere(task: Task, service: WorkerService, job_id: str, state: str) -> str:
     """A delivery of a job that had already ended reports that end; it rendered nothing."""
-    if state == "succeeded":
-        return "skipped: job already succeeded"
+    if state == "succeeded":  # the same result as the worker that stored it sent, plus why
+        try:
+            images = [r.key for r in service.records.job(job_id).results]
+        except Exception:
+            images = []
+        return json.dumps({"job": job_id, "state": state, "images": images,
+                           "delivery": "skipped: job already succeeded"})
     if state == "cancelled":
         revoked(task)
     raise JobFailed(job_error(service, job_id) or f"job {job_id}: {state}")
