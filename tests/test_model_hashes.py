@@ -69,10 +69,12 @@ def test_workers_advertise_hashes_and_the_api_and_cli_list_them(farm, client, fa
     [worker] = [w for w in api.get("/api/v1/workers").get_json()["workers"]
                 if w["state"] == "live"][:1]
     assert worker["hashes"]["tiny"] == tiny_sha256
-    out = subprocess.run([sys.executable, "-m", "renderfarm", "models"], capture_output=True,
-                         text=True, env=farm_env(farm_settings), timeout=60, check=True).stdout
-    [line] = [line.split("\t") for line in out.splitlines() if line.startswith("tiny\t")]
-    assert line[2:4] == [tiny_sha256[:10], tiny_sha256]
+    out = subprocess.run([sys.executable, "-m", "renderfarm", "models", "--json"],
+                         capture_output=True, text=True, env=farm_env(farm_settings), timeout=60,
+                         check=True).stdout
+    listed = json.loads(out)["tiny"]
+    assert (listed["model_hash"], listed["sha256"]) == (tiny_sha256[:10], tiny_sha256)
+    assert worker["id"] in listed["worker_ids"]
 
 
 def test_details_when_workers_disagree_or_none_has_hashed(dash_settings, dash_farm):

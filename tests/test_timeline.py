@@ -6,6 +6,7 @@ while the job is stopped at a test hold (worker/testhooks.py), never after a sle
 from __future__ import annotations
 
 from renderfarm.schema import JobState
+from tests.fault_fixtures import wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
 
@@ -38,9 +39,14 @@ def test_rendering_is_entered_once_and_its_per_second_comes_from_the_records(mak
     held = job.status()
     expected = 4 / (held.progressed_at - held.timestamps["rendering"])
     with app.test_client() as browser:
-        (worker,) = browser.get("/api/v1/workers").get_json()["workers"]
+        def beat_shows_the_held_job() -> dict | None:
+            (worker,) = browser.get("/api/v1/workers").get_json()["workers"]
+            return worker if worker["current_job"] == job.id else None
+
+        # the worker says what it renders at its next heartbeat (every few seconds)
+        worker = wait_for(beat_shows_the_held_job, 60, "a heartbeat naming the held job")
         page = browser.get("/workers").get_data(as_text=True)
-    assert worker["current_job"] == job.id and worker["step"] == 4
+    assert worker["step"] == 4
     assert abs(worker["its_per_second"] - expected) <= 0.01
     assert f"<td>{worker['its_per_second']}</td>" in page
     ff.release(later)
