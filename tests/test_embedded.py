@@ -61,3 +61,53 @@ def test_sigkill_loses_no_acknowledged_job(server: EmbeddedRedis):
     assert [j.state for j in jobs] == [JobState.cancelled if i == 3 else JobState.queued
                                       for i in range(20)]
     assert [j.request.prompt for j in jobs] == ["survives a crash"] * 20
+
+
+def test_the_farms_children_do_not_outlive_a_killed_owner(tmp_path):
+    """The farm's children run in sessions of their own (a terminal's Ctrl-C reaches only their
+    owner); when the owner itself is SIGKILLed (a test timeout, the OOM killer) they must not
+    run on as orphans: the redis-server and the worker get SIGTERM and go."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from renderfarm.farm import EmbeddedFarm\n"
+        "from renderfarm.settings import Settings\n"
+        "d = Path(sys.argv[1])\n"
+        "farm = EmbeddedFarm(Settings(data_dir=d, models_dir=d / 'models'), workers=1,\n"
+        "                    profile='cpu')\n"
+        "farm.start_redis()\n"
+        "worker = farm.start_worker(0)\n"
+        "print(farm.redis_server.process.pid, worker.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        children = [int(pid) for pid in owner.stdout.readline().split()]
+        assert len(children) == 2
+        for pid in children:
+            os.kill(pid, 0)  # alive while their owner is
+    finally:
+        owner.kill()
+        owner.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # an exited child of init is reaped at once; a zombie of ours would be reaped by wait
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] == "Z"
+
+    try:
+        wait_for(lambda: all(gone(pid) for pid in children), 60, "the owner's children gone")
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
