@@ -129,3 +129,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """Each test module starts with dynamo's caches empty. Compiled tests in several modules
+    (test_compile, test_families, test_lora_render) share one process under xdist; every new
+    UNet instance adds cache entries to the same ``forward`` code object, and past dynamo's
+    recompile limit it silently runs eagerly: a later module would then count fewer graphs than
+    it compiled. Nothing is imported for modules that never touched torch._dynamo."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    yield
