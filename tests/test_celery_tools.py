@@ -238,11 +238,6 @@ def test_flower_shows_what_happened_to_each_job(tools_farm):
                 return None
 
         wait_for(lambda: tasks() is not None, 120, "flower answering")
-        client = FarmClient(tools_farm.settings)
-        bad = client.submit({**SMALL, "model": "broken", "prompt": "flower sees it fail"})
-        good = client.submit({**SMALL, "prompt": "flower sees it succeed"})
-        assert bad.wait(120).state is JobState.failed
-        assert good.wait(120).state is JobState.succeeded
 
         def final(job_id: str) -> dict | None:
             try:
@@ -252,6 +247,25 @@ def test_flower_shows_what_happened_to_each_job(tools_farm):
             except OSError:
                 return None
             return task if task["state"] in ("SUCCESS", "FAILURE") else None
+
+        client = FarmClient(tools_farm.settings)
+        # Flower answers HTTP before its event receiver is subscribed: a first job it has seen
+        # end says it is listening, so the jobs under test cannot fall in that gap.
+        def listening() -> bool:
+            probe = client.submit({**SMALL, "prompt": "is flower listening?"})
+            assert probe.wait(120).state is JobState.succeeded
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if final(probe.id):
+                    return True
+                time.sleep(0.2)
+            return False  # its events came before Flower subscribed: try another probe
+
+        wait_for(listening, 120, "flower receiving events")
+        bad = client.submit({**SMALL, "model": "broken", "prompt": "flower sees it fail"})
+        good = client.submit({**SMALL, "prompt": "flower sees it succeed"})
+        assert bad.wait(120).state is JobState.failed
+        assert good.wait(120).state is JobState.succeeded
 
         failed = wait_for(lambda: final(bad.id), 60, f"flower's FAILURE in {tasks()}")
         assert failed["state"] == "FAILURE" and "safetensors" in failed["exception"].lower()
