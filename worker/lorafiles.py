@@ -7,13 +7,13 @@ LoRA's family comes from its safetensors header (tensor names and shapes), never
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
 from renderfarm.errors import FieldError
 from renderfarm.schema import LORA_NAME_PATTERN, JobRequest
+from worker.modelfiles import safetensors_shapes  # one header reader for models and LoRAs
 
 log = logging.getLogger("renderfarm.worker")
 
@@ -61,27 +61,6 @@ def list_loras(models_dir: Path) -> dict[str, Path]:
             continue
         out[entry.stem] = entry
     return dict(sorted(out.items()))
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a ``.safetensors`` file, from its JSON header alone (8 bytes of
-    little-endian header length, then the header). ``ValueError`` if it is not one."""
-    path = Path(path)
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: too short for a safetensors file")
-        size = int.from_bytes(head, "little")
-        if size > 100 * 2**20 or size > path.stat().st_size:
-            raise ValueError(f"{path}: header length {size} is not a safetensors header's")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as exc:
-            raise ValueError(f"{path}: unreadable safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is not an object")
-    return {key: tuple(entry.get("shape", ())) for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict)}
 
 
 def lora_family(shapes: dict[str, tuple[int, ...]]) -> str:
