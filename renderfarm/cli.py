@@ -495,18 +495,22 @@ def demo(workers: int) -> None:
 
 @main.command("make-model")
 @click.argument("kind", type=click.Choice(
-    ["tiny", "sd15-random", "tiny-sdxl", "tiny-flux", "sdxl-random"]))
+    ["shapes", "tiny", "sd15-random", "tiny-sdxl", "tiny-flux", "sdxl-random"]))
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace a model already in DIRECTORY.")
 def make_model(kind: str, directory: Path, force: bool) -> None:
-    """Write a model with random weights: tiny (tests, demo) or sd15-random (benchmarks)."""
+    """Write a model: shapes (trained, its weights shipped in the package: the demo's), or one
+    with random weights: tiny (tests), sd15-random and the others (benchmarks)."""
     from worker.modelgen import make_model as build
 
     if directory.exists() and any(directory.iterdir()) and not force:
         _fail(f"{directory} is not empty (a farm may be using the model there); "
               "pass --force to replace it")
 
-    path = build(kind, directory)
+    try:
+        path = build(kind, directory)
+    except FileNotFoundError as exc:  # shapes: the package was installed without its weights
+        _fail(str(exc))
     click.echo(f"wrote {kind} model to {path}")
 
 

@@ -119,16 +119,26 @@ def test_up_is_found_by_submit_in_another_terminal(models_dir, tmp_path):
 
 @pytest.mark.timeout(240)
 def test_demo(tmp_path):
-    """The README's main job, end to end: makes the tiny model, starts the embedded farm,
-    renders 8 prompts and an img2img, prints where they are, stops."""
+    """The README's main job, end to end: copies the shipped shapes model (or, in a checkout
+    without its weights, makes the tiny one), starts the embedded farm, renders 8 prompts and an
+    img2img, prints where they are and what each should show, puts them side by side, stops."""
+    import renderfarm
+    from renderfarm.demo import PROMPTS
+
+    shipped = (Path(renderfarm.__file__).parent / "data" / "shapes" / "model_index.json").is_file()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RENDERFARM_")}
     env["RENDERFARM_DATA_DIR"] = str(tmp_path / "data")
     out = run(["demo"], env, timeout=230)
     images = sorted(Path(tmp_path / "data" / "images").glob("*/*.png"))
     assert len(images) == 9
     assert "demo finished" in out.stdout
+    text = out.stdout.replace("\n", "")
+    assert f"model: {'shapes' if shipped else 'tiny'}" in text
     for image in images:
-        assert str(image) in out.stdout.replace("\n", "")
+        assert str(image) in text
+    for prompt in PROMPTS:
+        assert f"should show {prompt}" in text
+    assert (tmp_path / "data" / "demo.png").is_file()
 
 
 def test_prune(farm_settings, module_redis_url, tmp_path):

@@ -5,8 +5,13 @@ milliseconds per step) for tests and demos. ``make_model("sd15-random", dir)`` h
 Stable Diffusion 1.5 architecture and compute per step, with random fp16 weights: for load
 and speed measurements, not for pictures.
 
+``make_model("shapes", dir)`` copies the small model the project trained
+(tools/train_shapes.py) to draw the world of :mod:`renderfarm.shapes`; its weights ship with
+the package (renderfarm/data/shapes), so nothing is trained or downloaded.
+
 ``tiny`` uses a small CLIP tokenizer built here: byte-level BPE over all 256 bytes, with
-merges learnt from a built-in word list, so any prompt (unicode, emoji) tokenizes.
+merges learnt from a built-in word list, so any prompt (unicode, emoji) tokenizes (``shapes``
+has one of those too, learnt from its world's words: one token per word).
 ``sd15-random`` gets CLIP's real tokenizer (:mod:`worker.clip_tokenizer`).
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -21,9 +27,12 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import renderfarm
 from worker import clip_tokenizer
 
-KINDS = ("tiny", "sd15-random")
+KINDS = ("tiny", "sd15-random", "shapes")
+# Package data of renderfarm (pyproject.toml's package-data ships it in the wheel).
+SHAPES_DIR = Path(renderfarm.__file__).resolve().parent / "data" / "shapes"
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
@@ -179,8 +188,8 @@ big tiny huge old young happy sad beautiful elegant cute scary epic giant little
 def make_model(kind: str, directory: Path) -> Path:
     """Build a model of ``kind`` and save it as a diffusers folder (safetensors) in ``directory``.
 
-    Kinds: ``tiny`` (seconds) and ``sd15-random`` (about a minute, ~2 GB of fp16 weights).
-    Returns the folder.
+    Kinds: ``tiny`` (seconds), ``sd15-random`` (about a minute, ~2 GB of fp16 weights) and
+    ``shapes`` (the trained weights shipped in the package, copied). Returns the folder.
     """
     from worker import familygen
 
@@ -190,6 +199,8 @@ def make_model(kind: str, directory: Path) -> Path:
         raise ValueError(f"kind must be one of {', '.join(KINDS + familygen.KINDS)}, "
                          f"got {kind!r}")
     directory = Path(directory)
+    if kind == "shapes":
+        return _copy_shapes(directory)
     directory.mkdir(parents=True, exist_ok=True)
     configs = CONFIGS[kind]
 
@@ -221,6 +232,20 @@ def make_model(kind: str, directory: Path) -> Path:
         for model in (unet, vae, text_encoder):
             model.half()
     pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _copy_shapes(directory: Path) -> Path:
+    if not (SHAPES_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"the shapes model's weights are missing from {SHAPES_DIR}")
+    # Copied under a hidden name and renamed: a model list never sees it half-written.
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = directory.parent / f".{directory.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(SHAPES_DIR, partial)
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
     return directory
 
 
