@@ -26,6 +26,7 @@ bp = Blueprint("api", __name__)
 #: A worker whose last heartbeat is older than this is reported lost (3 beats of 2 s).
 LOST_AFTER = LOST_AFTER_BEATS * HEARTBEAT_INTERVAL
 BATCH_FIELDS = frozenset({"jobs", "label"})
+PLOT_FIELDS = frozenset({"job", "axes", "label"})
 MAX_LABEL = 200
 
 
@@ -90,6 +91,8 @@ def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
         # jobs ended per minute since the batch was submitted; only while it still runs
         "jobs_per_minute": round(batch.done / age * 60, 2) if running and age > 0 else None,
         "bar": progress_bar(batch, _running_steps().get(batch.id, 0.0) if running else 0.0),
+        "plot": batch.plot,
+        "grids": grids_json(batch),
     }
 
 
@@ -278,6 +281,28 @@ def cancel_jobs(records: list[JobRecord]) -> dict[str, str]:
     return client().cancel([r.id for r in records if not r.terminal])
 
 
+def parse_plot_body(body: dict) -> tuple[Any, Any, str]:
+    """Check the envelope of a plot, ``{"job": {...}, "axes": {...}, "label": "..."}``; the
+    job and the axes are checked by FarmClient.submit_plot."""
+    errors = [FieldError(k, "is not a known field of a plot (expected job, axes, label)",
+                         body[k]) for k in body if k not in PLOT_FIELDS]
+    job, label = body.get("job"), body.get("label", "")
+    if not isinstance(job, dict):
+        errors.append(FieldError("job", "must be an object: the base job of the plot", job))
+    if not isinstance(label, str) or len(label) > MAX_LABEL:
+        errors.append(FieldError("label", f"must be a string of at most {MAX_LABEL} characters",
+                                 label))
+    if errors:
+        raise InvalidJob(errors)
+    return job, body.get("axes"), label
+
+
+def grids_json(batch: BatchRecord) -> list[dict[str, Any]]:
+    """A plot's grid images with where to fetch them (``[]`` until drawn, or for a batch)."""
+    return [{**g, "url": image_url(g["key"])} for g in batch.grids
+            if isinstance(g, dict) and isinstance(g.get("key"), str)]
+
+
 def parse_batch_body(body: Any, max_jobs: int) -> tuple[list[dict], str]:
     """Check the envelope ``{"jobs": [...], "label": "..."}``; the jobs are checked later."""
     if not isinstance(body, dict):
@@ -316,9 +341,13 @@ def submit_batch():
         body = request.get_json()
     except BadRequest:
         raise InvalidJob([FieldError("body", "is not valid JSON", None)]) from None
-    jobs, label = parse_batch_body(body, current_app.config["MAX_BATCH_JOBS"])
     c = client()
-    handle = c.submit_batch(jobs, label=label)
+    if isinstance(body, dict) and "axes" in body:  # an X/Y/Z plot: renderfarm/plots.py
+        job, axes, label = parse_plot_body(body)
+        handle = c.submit_plot(job, axes, label=label)
+    else:
+        jobs, label = parse_batch_body(body, current_app.config["MAX_BATCH_JOBS"])
+        handle = c.submit_batch(jobs, label=label)
     batch = c.records.batch(handle.id)
     location = url_for("api.get_batch", batch_id=handle.id)
     # job_ids: per request, in order (the first submit's job for a repeated idempotency key).

@@ -21,6 +21,8 @@ from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import FarmUnavailable, FieldError, InvalidJob, JobFailed
 from renderfarm.fleet import capability_errors, live_workers, read_workers
+from renderfarm.plotrecords import PlotRecords
+from renderfarm.plots import Plot, parse_plot, varied_fields
 from renderfarm.records import Records
 from renderfarm.schema import (
     MAX_SEED,
@@ -193,8 +195,54 @@ class FarmClient:
         submitted = self._submit(jobs, label, batch_id)
         return BatchHandle(self, submitted.batch_id, submitted.job_ids, submitted.replay)
 
+    def submit_plot(
+        self, job: JobRequest | dict, axes: dict, label: str = "", batch_id: str | None = None
+    ) -> BatchHandle:
+        """Submit an X/Y/Z plot (renderfarm/plots.py): ``job`` with each combination of the
+        axes' values is one job (a cell) of one batch, cells numbered x fastest. Once every
+        cell has ended, a worker draws the grid (worker/gridbuilder.py); the batch record's
+        ``grids`` then name the images. :class:`InvalidJob` names the axis, the field and the
+        value of every problem; nothing is enqueued then."""
+        if isinstance(job, JobRequest):
+            job = job.model_dump(exclude_unset=True)
+        if not isinstance(job, dict):
+            raise InvalidJob([FieldError("job", "must be an object", job)])
+        if "model" not in job:
+            job = {**job, "model": self.settings.default_model}
+        plot = parse_plot(axes, job, self.settings.max_plot_cells)
+        try:
+            self._check_plot(plot, job)
+        except RedisConnectionError as exc:
+            raise FarmUnavailable(f"the farm's Redis is unreachable: {exc}") from exc
+        cells = plot.cells(job)
+        if job.get("idempotency_key"):  # one key per cell, so the cells are not one job
+            cells = [{**cell, "idempotency_key": f"{job['idempotency_key']}:cell-{i}"}
+                     for i, cell in enumerate(cells)]
+        nx, ny, nz = plot.shape
+        definition = {"job": {k: v for k, v in job.items() if k != "init_image"},
+                      "axes": plot.to_dict(), "shape": [nx, ny, nz]}
+        submitted = self._submit(cells, label, batch_id, plot=definition)
+        return BatchHandle(self, submitted.batch_id, submitted.job_ids, submitted.replay)
+
+    def _check_plot(self, plot: Plot, job: dict) -> None:
+        """Each axis value on its own with the base job (so an error names the value), then
+        every cell (values that only fail together, e.g. a size a model's family refuses)."""
+        probes = plot.probes(job)
+        try:
+            self.validate([p for _, _, p in probes])
+        except InvalidJob as exc:
+            raise InvalidJob(_plot_value_errors(exc.errors, probes)) from None
+        try:
+            self.validate(plot.cells(job))
+        except InvalidJob as exc:
+            coords = plot.coordinates()
+            raise InvalidJob([
+                FieldError("axes", f"cell ({plot.describe(coords[e.index or 0])}): {e.field} "
+                           f"{e.message}", e.value) for e in exc.errors]) from None
+
     def _submit(
-        self, jobs: Iterable[JobRequest | dict], label: str, batch_id: str | None
+        self, jobs: Iterable[JobRequest | dict], label: str, batch_id: str | None,
+        plot: dict | None = None,
     ) -> Submitted:
         if batch_id is not None:  # given apart from the jobs: the schema's rule all the same
             batch_id = parse_batch_id(batch_id)
@@ -216,6 +264,8 @@ class FarmClient:
             )
             fresh = {job_id for (job_id, _), owner in zip(pending, owners, strict=True)
                      if owner == job_id}
+            if plot is not None and fresh:  # before any message: no worker can end a cell yet
+                PlotRecords(self.redis).set_plot(batch_id, {**plot, "cells": owners})
             if fresh:
                 self._publish_or_abandon([(job_id, queue_for(r, self.settings), r.priority)
                                           for job_id, r in pending if job_id in fresh])
@@ -274,6 +324,28 @@ class FarmClient:
 
     def urls(self, record: JobRecord) -> list[ImageResult]:
         return [r.model_copy(update={"url": self.storage.url(r.key)}) for r in record.results]
+
+
+def _plot_value_errors(errors: list[FieldError], probes: list) -> list[FieldError]:
+    """Errors of the probe jobs (one per axis value) as errors of the axis values; one that
+    every probe has is the base job's own (``job.<field>``), reported once."""
+    out: list[FieldError] = []
+    seen: set[tuple] = set()
+    counts: dict[tuple, int] = {}
+    for e in errors:
+        key = (e.field, e.message, repr(e.value))
+        counts[key] = counts.get(key, 0) + 1
+    for e in errors:
+        key = (e.field, e.message, repr(e.value))
+        axis, i, _ = probes[e.index or 0]
+        if counts[key] == len(probes) and e.field.split(".")[0] not in varied_fields(axis.field):
+            if key not in seen:
+                seen.add(key)
+                out.append(FieldError(f"job.{e.field}", e.message, e.value))
+            continue
+        out.append(FieldError(f"axes.{axis.name}.values.{i}", f"({axis.field}): {e.field} "
+                              f"{e.message}", e.value))
+    return out
 
 
 def _with_seed(request: JobRequest, batch_id: str) -> JobRequest:

@@ -7,6 +7,7 @@ RUNNING = "rf:running"  #: zset job id -> lease expiry, for jobs a worker holds
 OUTBOX = "rf:outbox"  #: zset job id -> time it went queued, until its message is sent
 MODELS = "rf:models"  #: hash model name -> last time a worker advertised it
 LORAS = "rf:loras"  #: hash LoRA name -> its model family, as the last worker that has it said
+PLOTS = "rf:plots"  #: set of plot batch ids whose grid is not drawn (renderfarm/plotrecords.py)
 
 
 def job(job_id: str) -> str:

@@ -299,6 +299,11 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'failed' and state ~= 'cancelled' then return 'no' end
 new_attempt(KEYS[1])
 move(KEYS[1], B, state, 'queued', clock())
+-- a plot's cell: its grid is drawn again once the cells have ended (renderfarm/plotrecords.py)
+if redis.call('HEXISTS', B, 'plot') == 1 then
+  redis.call('HINCRBY', B, 'grid_epoch', 1)
+  redis.call('SADD', 'rf:plots', redis.call('HGET', KEYS[1], 'batch_id'))
+end
 redis.call('HDEL', KEYS[1], 'cancel', 'results')
 redis.call('HSET', KEYS[1], 'attempts', 0, 'step', 0)
 return 'queued'
@@ -793,4 +798,18 @@ def _batch_from_hash(data: dict) -> BatchRecord:
         total=int(_s(data, "total", "0")),
         counts=counts,
         label=_s(data, "label"),
+        plot=_json_or(_s(data, "plot"), None),
+        grids=_json_or(_s(data, "grids"), []),
     )
+
+
+def _json_or(text: str, default):
+    """A plot's JSON field, or ``default`` when absent or unreadable (a page must not fail
+    because one batch's field is bad)."""
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        log.warning("unreadable JSON in a batch record: %.80s", text)
+        return default

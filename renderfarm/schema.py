@@ -291,6 +291,10 @@ class BatchRecord(BaseModel):
     total: int
     counts: dict[JobState, int] = Field(default_factory=dict)
     label: str = ""
+    plot: dict[str, Any] | None = Field(
+        None, description="A plot's definition (renderfarm/plots.py): base job, axes, cells.")
+    grids: list[dict[str, Any]] = Field(
+        default_factory=list, description="A plot's grid images: [{key, z}], once drawn.")
 
     @property
     def done(self) -> int:

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
         "from its latents, no VAE: GET /api/v1/jobs/<id>/preview, the dashboard's tiles). "
         "0: no previews.",
     )
+    max_plot_cells: int = Field(
+        100, ge=1, le=10_000, description="Most cells (jobs) one X/Y/Z plot or prompt matrix "
+        "may have, all Z values together (renderfarm/plots.py).",
+    )
 
     allowed_hosts: str = Field(
         "", description="Without RENDERFARM_TOKEN the dashboard answers only requests whose Host "

@@ -57,6 +57,7 @@ from storage.png import encode_png, parameters_text
 from storage.retry import put_with_retries
 from worker import metrics
 from worker.events import JobEvents
+from worker.gridbuilder import GridBuilder
 from worker.hashes import hash_cache
 from worker.lorafiles import list_loras, loras_with_family
 from worker.memory import device_memory
@@ -113,6 +114,7 @@ class WorkerService:
         self.events: JobEvents | None = None  # final task events of jobs (worker/events.py)
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{os.getpid()}:{token_hex(2)}"
+        self.grids = GridBuilder(self.records, self.storage, self.owner)  # plots' grids
         self.models: list[str] = []
         self.families: dict[str, str] = {}  # model -> family name, advertised in heartbeats
         self.model_hashes: dict[str, str] = {}  # model -> SHA-256, as hashed (worker/hashes.py)
@@ -210,6 +212,7 @@ class WorkerService:
         if self._thread is None:
             self._thread = threading.Thread(target=self._background, name="lease", daemon=True)
             self._thread.start()
+            self.grids.start()
 
     def stop_background(self) -> None:
         self._stop.set()
@@ -251,6 +254,7 @@ class WorkerService:
                     for job_id in send_unsent(self.app, self.records,
                                               self.settings.resend_after):
                         log.warning("job %s: queued with no message sent; sent it", job_id)
+                    self.grids.sweep()  # plots whose last cell ended with no worker to see it
                 if keep_days and time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_INTERVAL
                     pruned = self.records.prune(keep_days * 86400, limit=PRUNE_BATCHES)
@@ -670,6 +674,7 @@ class WorkerService:
         metrics.IMAGES.labels(model, state).inc(request.num_images if request else 0)
         if self.events is not None:
             self.events.ended(job_id, state, detail)
+        self.grids.offer_job(job_id)  # the last cell of a plot: its grid is drawn now
 
     def _unstore(self, record: JobRecord) -> None:
         """A job that failed while storing leaves no objects behind (best effort: a store that

@@ -1,0 +1,63 @@
+"""An X/Y/Z plot rendered by the session's real worker: its cells are ordinary jobs, and the
+worker that ends the last one draws the grid, whose cells are the jobs' own images."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+from PIL import Image
+
+from renderfarm.schema import JobState
+from storage.png import parse_parameters, read_png_info
+
+JOB = {"prompt": "a red barn", "model": "tiny", "width": 64, "height": 64, "steps": 2,
+       "scheduler": "euler"}
+
+
+def wait_for_grids(batch, timeout: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        grids = batch.status().grids
+        if grids:
+            return grids
+        time.sleep(0.1)
+    raise TimeoutError(f"no grid for plot {batch.id} after {timeout}s")
+
+
+def test_a_3x2_plot_renders_6_jobs_and_one_grid_of_their_images(farm, client):
+    batch = client.submit_plot(JOB, {"x": {"field": "seed", "values": [1, 2, 3]},
+                                     "y": {"field": "steps", "values": [2, 3]}})
+    assert batch.wait(timeout=120).counts == {JobState.succeeded: 6}
+    records = batch.records()
+    assert [(r.request.seed, r.request.steps) for r in records] == [
+        (1, 2), (2, 2), (3, 2), (1, 3), (2, 3), (3, 3)]
+    params = parse_parameters(read_png_info(client.storage.get(records[4].results[0].key))
+                              ["parameters"])
+    assert (params["Seed"], params["Steps"]) == (2, 3)  # each cell its own infotext
+
+    [grid] = wait_for_grids(batch)
+    assert grid["key"] == f"{batch.id}/grid.png"
+    data = client.storage.get(grid["key"])
+    info = read_png_info(data)["renderfarm"]
+    layout = info["layout"]
+    assert info["plot"]["axes"]["x"]["labels"] == ["seed: 1", "seed: 2", "seed: 3"]
+    assert info["plot"]["axes"]["y"]["labels"] == ["steps: 2", "steps: 3"]
+    assert info["plot"]["cells"] == [r.id for r in records]
+    assert (layout["cols"], layout["rows"]) == (3, 2)
+    assert layout["left"] > 0 and layout["top"] > 0  # row and column labels
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    assert image.size == (layout["left"] + 3 * 64, layout["top"] + 2 * 64)
+    pixels = np.asarray(image)
+    for n, record in enumerate(records):
+        col, row = n % 3, n // 3
+        x, y = layout["left"] + col * 64, layout["top"] + row * 64
+        cell = np.asarray(Image.open(io.BytesIO(client.storage.get(record.results[0].key)))
+                          .convert("RGB"))
+        assert np.array_equal(pixels[y:y + 64, x:x + 64], cell), f"cell {col},{row}"
+    top_band = pixels[:layout["top"], layout["left"]:]
+    left_band = pixels[layout["top"]:, :layout["left"]]
+    assert len(np.unique(top_band.reshape(-1, 3), axis=0)) > 1  # text was drawn there
+    assert len(np.unique(left_band.reshape(-1, 3), axis=0)) > 1
+    assert client.redis.hget(f"rf:batch:{batch.id}", "grid_done") == b"0"  # drawn once
