@@ -18,7 +18,7 @@ from renderfarm import keys
 from renderfarm.errors import FieldError, InvalidJob
 from renderfarm.fleet import HEARTBEAT_INTERVAL, LOST_AFTER_BEATS, read_workers
 from renderfarm.records import PRIORITY_BAND as BAND
-from renderfarm.schema import BatchRecord, JobRecord, JobState
+from renderfarm.schema import MAX_LABEL, BatchRecord, JobRecord, JobState
 from storage.local import LocalStorage
 
 bp = Blueprint("api", __name__)
@@ -27,7 +27,6 @@ bp = Blueprint("api", __name__)
 LOST_AFTER = LOST_AFTER_BEATS * HEARTBEAT_INTERVAL
 BATCH_FIELDS = frozenset({"jobs", "label"})
 PLOT_FIELDS = frozenset({"job", "axes", "label"})
-MAX_LABEL = 200
 
 
 def client() -> FarmClient:
@@ -90,10 +89,25 @@ def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
         "counts": counts,
         # jobs ended per minute since the batch was submitted; only while it still runs
         "jobs_per_minute": round(batch.done / age * 60, 2) if running and age > 0 else None,
+        "prompt": batch.prompt,
+        "thumbnail": image_url(batch.thumb) if batch.thumb else None,
+        "images": batch.images,
+        # images stored per minute since its first job started; only while it still runs
+        "images_per_minute": images_per_minute(batch, now) if running else None,
+        # from submit to its last job's end, once every job has ended
+        "took": round(batch.ended_at - batch.created_at, 1)
+        if batch.finished and batch.ended_at else None,
         "bar": progress_bar(batch, _running_steps().get(batch.id, 0.0) if running else 0.0),
         "plot": batch.plot,
         "grids": grids_json(batch),
     }
+
+
+def images_per_minute(batch: BatchRecord, now: float) -> float | None:
+    """Images stored per minute since the batch's first job started; None before that."""
+    if batch.started_at is None or now <= batch.started_at:
+        return None
+    return round(batch.images / (now - batch.started_at) * 60, 1)
 
 
 RUNNING_STATES = (JobState.started, JobState.rendering, JobState.uploading)

@@ -25,6 +25,7 @@ from flask import (
 )
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField
+from redis.exceptions import ResponseError
 from werkzeug.security import safe_join
 from wtforms import (
     FloatField,
@@ -40,6 +41,7 @@ from dashboard import api
 from renderfarm.errors import FieldError, InvalidJob, JobNotFound
 from renderfarm.images import MAX_INIT_IMAGE_BYTES, encode_init_image
 from renderfarm.jobfile import parse_jobs
+from renderfarm.keys import batch_jobs as batch_jobs_key
 from renderfarm.schema import SCHEDULERS, JobRecord, JobState
 from storage import check_key
 from storage.local import LocalStorage
@@ -368,13 +370,35 @@ def _parameters_text(record: JobRecord) -> str | None:
         return None
 
 
+def _position(record: JobRecord) -> dict | None:
+    """The job's place in its batch (1-based) and its neighbours' ids, for previous/next."""
+    r = api.client().redis
+    jobs = batch_jobs_key(record.batch_id)
+    try:
+        index = r.lpos(jobs, record.id)
+    except ResponseError:  # a Redis before 6.0.6 has no LPOS
+        ids = [i.decode() for i in r.lrange(jobs, 0, -1)]
+        index = ids.index(record.id) if record.id in ids else None
+    if index is None:
+        return None
+    pipe = r.pipeline(transaction=False)
+    pipe.lindex(jobs, max(0, index - 1))
+    pipe.lindex(jobs, index + 1)
+    pipe.llen(jobs)
+    previous, following, total = pipe.execute()
+    previous = previous if index > 0 else None
+    return {"index": index + 1, "total": total,
+            "previous": previous.decode() if previous else None,
+            "next": following.decode() if following else None}
+
+
 @bp.get("/jobs/<job_id>")
 def job(job_id: str):
     record = api.client().records.job(job_id)
     data = api.job_json(record)
     return render_template("job.html", job=data, request_=record.request,
                            image_keys=[r.key for r in record.results],
-                           parameters=_parameters_text(record),
+                           parameters=_parameters_text(record), position=_position(record),
                            retryable=record.state in (JobState.failed, JobState.cancelled))
 
 

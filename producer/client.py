@@ -25,6 +25,7 @@ from renderfarm.plotrecords import PlotRecords
 from renderfarm.plots import Plot, parse_plot, varied_fields
 from renderfarm.records import Records
 from renderfarm.schema import (
+    MAX_LABEL,
     MAX_SEED,
     BatchRecord,
     ImageResult,
@@ -246,6 +247,9 @@ class FarmClient:
     ) -> Submitted:
         if batch_id is not None:  # given apart from the jobs: the schema's rule all the same
             batch_id = parse_batch_id(batch_id)
+        if not isinstance(label, str) or len(label) > MAX_LABEL:
+            raise InvalidJob([FieldError(
+                "label", f"must be a string of at most {MAX_LABEL} characters", label)])
         try:
             requests = self.validate(jobs)  # reads the known models and live workers
         except RedisConnectionError as exc:

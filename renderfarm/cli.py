@@ -67,9 +67,12 @@ def main() -> None:
               help="img2img: the init image.")
 @click.option("--strength", type=float, help="img2img strength, 0-1.")
 @click.option("--hardware", help="any, gpu, cpu, jetson or mps.")
+@click.option("--label", default="",
+              help="A name for the batch, shown by `status` and in the dashboard's list.")
 @click.option("--wait/--no-wait", default=False, help="Show progress until the batch ends.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
-def submit(prompts, file, count, size, init_image, wait, timeout, seed, **options) -> None:
+def submit(prompts, file, count, size, init_image, wait, timeout, seed, label,
+           **options) -> None:
     """Submit prompts as a batch of jobs."""
     from renderfarm.errors import FarmUnavailable, InvalidJob
     from renderfarm.images import encode_init_image
@@ -109,7 +112,7 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, **option
 
     client = FarmClient(_settings())
     try:
-        batch = client.submit_batch(expanded)
+        batch = client.submit_batch(expanded, label=label)
     except InvalidJob as exc:
         for err in exc.errors:
             where = f"{origin[err.index]}: " if err.index is not None else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -65,7 +66,9 @@ def print_results(client, records: list[JobRecord]) -> None:
 
 
 def print_batch(client, batch: BatchRecord) -> None:
-    console.print(f"batch {batch.id}: {batch.done}/{batch.total} done  {_counts(batch)}")
+    label = f" ({escape(batch.label)})" if batch.label else ""
+    console.print(f"batch {batch.id}{label}: {batch.done}/{batch.total} done  {_counts(batch)}",
+                  soft_wrap=True)
     table = Table("job", "state", "step", "seed", "worker", "attempts", "error")
     table.columns[0].no_wrap = True  # a job id is copied whole (to cancel it), never cut
     table.columns[4].overflow = table.columns[6].overflow = "fold"

@@ -59,6 +59,11 @@ local function move(job, batch, from, to, t)
   if from ~= to then
     redis.call('HINCRBY', batch, 'n:' .. from, -1)
     redis.call('HINCRBY', batch, 'n:' .. to, 1)
+    -- the batch's timeline: its first job's start, its last job's end (dashboard: speed, time)
+    if to == 'started' then redis.call('HSETNX', batch, 't:started', t) end
+    if to == 'succeeded' or to == 'failed' or to == 'cancelled' then
+      redis.call('HSET', batch, 't:ended', t)
+    end
     event(batch, 'job', redis.call('HGET', job, 'id') or '', 'state', to, 'from', from, 't', t)
     local queue = redis.call('HGET', job, 'queue')
     if queue then
@@ -115,7 +120,7 @@ end
 local t = clock()
 local batch_id, ttl = ARGV[1], tonumber(ARGV[3])
 local bkey = 'rf:batch:' .. batch_id
-local out, fresh, queues = {}, {}, {}
+local out, fresh, queues, first = {}, {}, {}, nil
 for i = 4, #ARGV, 6 do
   local id, idem, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local owner = false
@@ -138,12 +143,17 @@ for i = 4, #ARGV, 6 do
     redis.call('ZADD', 'rf:jobs', t, id)
     redis.call('RPUSH', bkey .. ':jobs', id)
     queues[queue] = true
+    if #fresh == 0 then first = ARGV[i + 5] end
     table.insert(fresh, id)
     table.insert(out, id)
   end
 end
 if #fresh > 0 then
   redis.call('HSETNX', bkey, 'id', batch_id)
+  local ok, request = pcall(cjson.decode, first)
+  if ok and type(request) == 'table' and type(request.prompt) == 'string' then
+    redis.call('HSETNX', bkey, 'prompt', request.prompt)  -- tells batches apart in lists
+  end
   redis.call('HSETNX', bkey, 'created_at', t)
   if ARGV[2] ~= '' then redis.call('HSETNX', bkey, 'label', ARGV[2]) end
   redis.call('HINCRBY', bkey, 'total', #fresh)
@@ -200,6 +210,14 @@ move(KEYS[1], B, state, new, now)
 if #ARGV > 4 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 5))
   if not terminal(new) then redis.call('HSET', KEYS[1], 'progressed_at', now) end
+end
+if new == 'succeeded' and state ~= new then
+  -- the batch's stored images and its first one (the batches list's count and thumbnail)
+  local ok, results = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'results') or '[]')
+  if ok and type(results) == 'table' and #results > 0 then
+    redis.call('HINCRBY', B, 'images', #results)
+    if type(results[1].key) == 'string' then redis.call('HSETNX', B, 'thumb', results[1].key) end
+  end
 end
 for i = 5, #ARGV - 1, 2 do
   if ARGV[i] == 'step' then
@@ -800,6 +818,11 @@ def _batch_from_hash(data: dict) -> BatchRecord:
         label=_s(data, "label"),
         plot=_json_or(_s(data, "plot"), None),
         grids=_json_or(_s(data, "grids"), []),
+        prompt=_s(data, "prompt"),
+        started_at=_float_or_none(data.get(b"t:started")),
+        ended_at=_float_or_none(data.get(b"t:ended")),
+        images=int(_s(data, "images", "0")),
+        thumb=_s(data, "thumb"),
     )
 
 
@@ -813,3 +836,7 @@ def _json_or(text: str, default):
     except ValueError:
         log.warning("unreadable JSON in a batch record: %.80s", text)
         return default
+
+
+def _float_or_none(raw: bytes | None) -> float | None:
+    return float(raw) if raw else None

@@ -285,6 +285,10 @@ class JobRecord(BaseModel):
         return self.state.terminal
 
 
+#: The longest batch label taken (CLI --label, the API's and the form's "label").
+MAX_LABEL = 200
+
+
 class BatchRecord(BaseModel):
     id: str
     created_at: float
@@ -295,6 +299,11 @@ class BatchRecord(BaseModel):
         None, description="A plot's definition (renderfarm/plots.py): base job, axes, cells.")
     grids: list[dict[str, Any]] = Field(
         default_factory=list, description="A plot's grid images: [{key, z}], once drawn.")
+    prompt: str = Field("", description="The first job's prompt.")
+    started_at: float | None = Field(None, description="When its first job started.")
+    ended_at: float | None = Field(None, description="When a job of it last ended.")
+    images: int = Field(0, description="Images stored by its succeeded jobs.")
+    thumb: str = Field("", description="Storage key of its first stored image.")
 
     @property
     def done(self) -> int:

@@ -126,3 +126,98 @@ def test_tiles_show_seed_and_prompt_and_img2img_carries_the_settings(
     assert page.input_value("#scheduler") == "euler"
     assert page.locator("#init_ref").get_attribute("value").startswith("key:")
     page.screenshot(path=str(ARTIFACTS / "ux-img2img-carried.png"), full_page=True)
+
+
+def test_speed_text_says_images_per_minute_while_running_and_total_time_when_done():
+    from dashboard.api import images_per_minute
+
+    running = BatchRecord(id="b", created_at=100, total=4, started_at=110, images=6,
+                          counts={JobState.succeeded: 2, JobState.rendering: 1,
+                                  JobState.queued: 1})
+    assert images_per_minute(running, now=140) == 12.0  # 6 images in the 30 s since the start
+    assert images_per_minute(running.model_copy(update={"started_at": None}), now=140) is None
+
+
+def _wait(check, timeout: float, what):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"{what()}: not after {timeout} s"
+        time.sleep(0.1)
+    return found
+
+
+def test_batches_list_tells_batches_apart_and_a_job_of_four_images_keeps_one_tile(
+        running_farm, browser_page):  # noqa: F811
+    """The batches list shows the label, first prompt and first image of each batch, images/min
+    while it runs and its total time once done; a job of num_images=4 is a 2x2 mosaic in one
+    tile of the usual size; the job page has its parameters beside the image at 1280x800 and
+    previous / next links within the batch."""
+    from producer import FarmClient
+
+    base, farm = running_farm
+    page = browser_page
+    client = FarmClient(farm.settings)
+    fast = {"model": "tiny", "width": 64, "height": 64, "scheduler": "euler"}
+    batch = client.submit_batch([
+        {**fast, "steps": 2, "seed": 40, "num_images": 4, "prompt": "four lighthouses at dusk"},
+        {**fast, "steps": 3, "seed": 50, "prompt": "one lighthouse"},
+        {**SLOW, "steps": 60, "prompt": "a slow lighthouse"},
+    ], label="lighthouses")
+    four, one, slow = batch.job_ids
+    _wait(lambda: all(client.records.job(j).state is JobState.succeeded for j in (four, one)),
+          240, lambda: "the two fast jobs succeeded: " + repr(
+              [(r.state.value, r.step, r.error) for r in client.records.jobs(batch.job_ids)]))
+
+    page.goto(f"{base}/batches")
+    row = page.locator(f"tr[data-id='{batch.id}']")
+    assert row.locator(".label").inner_text() == "lighthouses"
+    prompt = row.locator(".prompt")
+    assert prompt.inner_text() == "four lighthouses at dusk"
+    assert prompt.get_attribute("title") == "four lighthouses at dusk"
+    thumb = row.locator(".thumb img")
+    thumb.evaluate("i => i.complete || new Promise(r => i.onload = r)")
+    assert thumb.evaluate("i => i.naturalWidth") == 64
+    assert row.locator(".tput").inner_text().endswith(" images/min")  # 5 images stored so far
+    page.screenshot(path=str(ARTIFACTS / "ux-batches-running.png"), full_page=True)
+
+    client.cancel([slow])
+    batch.wait(timeout=120)
+    page.goto(f"{base}/batches")
+    speed = page.locator(f"tr[data-id='{batch.id}'] .tput").inner_text()
+    assert speed.startswith("took ") and "done" not in speed and "/min" not in speed
+    page.screenshot(path=str(ARTIFACTS / "ux-batches-done.png"), full_page=True)
+
+    page.goto(f"{base}/batches/{batch.id}")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.tile img')].every(i => i.complete)")
+    tile = page.locator(f".tile[data-id='{four}'] .thumb")
+    single = page.locator(f".tile[data-id='{one}'] .thumb")
+    box, other = tile.bounding_box(), single.bounding_box()
+    assert tile.locator("img").count() == 4
+    assert abs(box["height"] - other["height"]) < 1 and abs(box["height"] - box["width"]) < 1
+    for img in tile.locator("img").all():  # a 2x2 mosaic: each image a quarter of the tile
+        b = img.bounding_box()
+        assert b["width"] < box["width"] / 2 + 1 and b["height"] < box["height"] / 2 + 1
+    page.screenshot(path=str(ARTIFACTS / "ux-mosaic-tile.png"), full_page=True)
+
+    page.set_viewport_size({"width": 1280, "height": 800})
+    try:
+        page.goto(f"{base}/jobs/{one}")
+        image = page.locator("#job-images img").first.bounding_box()
+        parameters = page.locator("#parameters").bounding_box()
+        assert parameters["y"] + parameters["height"] <= 800  # above the fold
+        assert parameters["x"] >= image["x"] + image["width"]  # beside the image
+        assert "job 2 of 3" in page.inner_text("h1")
+        page.screenshot(path=str(ARTIFACTS / "ux-job-page.png"))
+        page.click("#job-previous")
+        page.wait_for_url(f"{base}/jobs/{four}")
+        assert page.locator("a#job-previous").count() == 0  # the first job has none
+        page.click("#job-next")
+        page.wait_for_url(f"{base}/jobs/{one}")
+        page.click("#job-next")
+        page.wait_for_url(f"{base}/jobs/{slow}")
+        assert page.locator("a#job-next").count() == 0  # nor the last a next one
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})

@@ -47,11 +47,13 @@ def test_submit_cancel_and_the_batch_table(quiet):
     out = run(["cancel", job_id], env).stdout
     assert out.strip() == f"{job_id}: cancelled"
 
-    out = run(["submit", "a", "b", "--model", "tiny"], env).stdout
+    out = run(["submit", "a", "b", "--model", "tiny", "--label", "two cats"], env).stdout
     assert ": 2 jobs queued" in out
     batch_id = out.split()[1].rstrip(":")
+    assert client.records.batch(batch_id).label == "two cats"
     ids = [r.id for r in client.batch(batch_id).records()]
     table = run(["status", batch_id], {**env, "COLUMNS": "80"}).stdout
+    assert table.startswith(f"batch {batch_id} (two cats): 0/2 done")
     for job_id in ids:  # whole at 80 columns: a user copies it to cancel the job
         assert job_id in table
     assert max(len(line) for line in table.splitlines()) <= 80
@@ -61,6 +63,8 @@ def test_submit_cancel_and_the_batch_table(quiet):
     assert "nothing to cancel" in again
     assert json.loads(run(["cancel", ids[0], "--json"], env).stdout) == {ids[0]: "cancelled"}
     assert all(r.state is JobState.cancelled for r in client.batch(batch_id).records())
+    out = run(["submit", "a", "--model", "tiny", "--label", "x" * 201], env, check=False)
+    assert out.returncode == 2 and "label must be a string of at most 200 characters" in out.stderr
 
 
 def test_jobfile_errors_say_the_line_and_csv_takes_job_fields(quiet, tmp_path):

@@ -72,21 +72,31 @@ function poll(url, onData) {
   setTimeout(tick, POLL_MS);
 }
 
+// A batch's speed while it runs, its total time once done (as _macros.html speed_text).
+function speedText(b) {
+  if (b.finished) return b.took !== null ? `took ${ago(b.took)}` : "–";
+  if (b.images_per_minute === null) return "waiting for a worker";
+  return b.images ? `${b.images_per_minute} images/min` : "rendering, no image yet";
+}
+
 function batchesPage() {
   const tbody = document.getElementById("batch-rows");
   const { offset, limit } = body.dataset;
   poll(`/api/v1/batches?offset=${offset}&limit=${limit}`, (data) => {
     if (!data.batches.length) return;
     tbody.replaceChildren(...data.batches.map((b) => {
-      const progress = statebar(b);
-      const tput = b.jobs_per_minute !== null ? `${b.jobs_per_minute} jobs/min` : b.finished ? "done" : "–";
+      const href = `/batches/${encodeURIComponent(b.id)}`;
+      const thumb = el("a", { class: "thumb", href });
+      if (b.thumbnail) thumb.append(el("img", { src: b.thumbnail, alt: "first image", loading: "lazy" }));
+      const who = el("div", { class: "who" }, el("a", { href }, el("code", {}, b.id)));
+      if (b.label) who.append(" ", el("strong", { class: "label" }, b.label));
+      who.append(el("div", { class: "prompt", title: b.prompt }, b.prompt));
       return el("tr", { "data-id": b.id },
-        el("td", {}, el("a", { href: `/batches/${encodeURIComponent(b.id)}` }, el("code", {}, b.id))),
-        el("td", {}, b.label),
-        el("td", {}, progress, " ", el("span", { class: "done" }, doneText(b))),
+        el("td", { class: "batch" }, el("div", { class: "cell" }, thumb, who)),
+        el("td", {}, statebar(b), " ", el("span", { class: "done" }, doneText(b))),
         el("td", { class: "states" }, pills(b.counts)),
         el("td", { class: "age" }, ago(b.age)),
-        el("td", { class: "tput" }, tput));
+        el("td", { class: "tput" }, speedText(b)));
     }));
   });
 }
@@ -131,6 +141,10 @@ function updateTile(tile, job) {
   showPreview(thumb, job);
   if (job.results.length && thumb.querySelectorAll("img:not(.preview)").length !== job.results.length) {
     thumb.replaceChildren(...job.results.map((r) => el("img", { src: r.url, alt: `seed ${r.seed}` })));
+    // several images (num_images > 1): a mosaic in the one tile, as batch.html draws it
+    const n = job.results.length;
+    for (const c of [...thumb.classList]) if (c === "mosaic" || c.startsWith("cols-")) thumb.classList.remove(c);
+    if (n > 1) thumb.classList.add("mosaic", `cols-${n <= 4 ? 2 : n <= 9 ? 3 : 4}`);
   }
 }
 
