@@ -25,7 +25,7 @@ bp = Blueprint("api", __name__)
 
 #: A worker whose last heartbeat is older than this is reported lost (3 beats of 2 s).
 LOST_AFTER = LOST_AFTER_BEATS * HEARTBEAT_INTERVAL
-BATCH_FIELDS = frozenset({"jobs", "label"})
+BATCH_FIELDS = frozenset({"jobs", "label", "webhook_url"})
 PLOT_FIELDS = frozenset({"job", "axes", "label"})
 
 
@@ -100,6 +100,9 @@ def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
         "bar": progress_bar(batch, _running_steps().get(batch.id, 0.0) if running else 0.0),
         "plot": batch.plot,
         "grids": grids_json(batch),
+        "webhook_url": batch.webhook_url,
+        # deliveries of the batch's webhooks (its jobs' and its own) by status
+        "webhooks": {s: batch.webhooks.get(s, 0) for s in ("pending", "delivered", "failed")},
     }
 
 
@@ -317,13 +320,18 @@ def grids_json(batch: BatchRecord) -> list[dict[str, Any]]:
             if isinstance(g, dict) and isinstance(g.get("key"), str)]
 
 
-def parse_batch_body(body: Any, max_jobs: int) -> tuple[list[dict], str]:
-    """Check the envelope ``{"jobs": [...], "label": "..."}``; the jobs are checked later."""
+def parse_batch_body(body: Any, max_jobs: int) -> tuple[list[dict], str, str | None]:
+    """Check the envelope ``{"jobs": [...], "label": "...", "webhook_url": "..."}``; the jobs
+    (and where the webhook URL points) are checked later."""
     if not isinstance(body, dict):
         raise InvalidJob([FieldError("body", "must be a JSON object", body)])
-    errors = [FieldError(k, "is not a known field (expected jobs, label)", body[k])
+    errors = [FieldError(k, "is not a known field (expected jobs, label, webhook_url)", body[k])
               for k in body if k not in BATCH_FIELDS]
     jobs, label = body.get("jobs"), body.get("label", "")
+    webhook_url = body.get("webhook_url")
+    if webhook_url is not None and not isinstance(webhook_url, str):
+        errors.append(FieldError("webhook_url", "must be an http:// or https:// URL",
+                                 webhook_url))
     if not isinstance(jobs, list) or not jobs:
         errors.append(FieldError("jobs", "must be a non-empty list of jobs", jobs))
     elif len(jobs) > max_jobs:
@@ -333,7 +341,7 @@ def parse_batch_body(body: Any, max_jobs: int) -> tuple[list[dict], str]:
                                  label))
     if errors:
         raise InvalidJob(errors)
-    return jobs, label
+    return jobs, label, webhook_url
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -360,8 +368,8 @@ def submit_batch():
         job, axes, label = parse_plot_body(body)
         handle = c.submit_plot(job, axes, label=label)
     else:
-        jobs, label = parse_batch_body(body, current_app.config["MAX_BATCH_JOBS"])
-        handle = c.submit_batch(jobs, label=label)
+        jobs, label, webhook_url = parse_batch_body(body, current_app.config["MAX_BATCH_JOBS"])
+        handle = c.submit_batch(jobs, label=label, webhook_url=webhook_url)
     batch = c.records.batch(handle.id)
     location = url_for("api.get_batch", batch_id=handle.id)
     # job_ids: per request, in order (the first submit's job for a repeated idempotency key).
@@ -387,8 +395,12 @@ def get_batch(batch_id: str):
     c = client()
     batch = c.records.batch(batch_id)
     jobs = c.records.batch_jobs(batch_id, offset, limit)
+    from renderfarm.webhooks import batch_deliveries
+
     return {"batch": batch_json(batch), "jobs": [job_json(r) for r in jobs],
-            "offset": offset, "limit": limit, "total": batch.total}
+            "offset": offset, "limit": limit, "total": batch.total,
+            # the latest webhook deliveries: attempts, last answer, next try
+            "webhook_deliveries": batch_deliveries(c.redis, batch_id)}
 
 
 @bp.get("/batches/<batch_id>/events")

@@ -23,6 +23,11 @@ class BatchSubmit(BaseModel):
     model_config = {"extra": "forbid"}
     jobs: list[JobRequest] = Field(min_length=1)
     label: str = Field("", max_length=MAX_LABEL, description="Shown in the batches list.")
+    webhook_url: str | None = Field(
+        None, max_length=2000, description="http(s) URL the farm POSTs job.succeeded, "
+        "job.failed, job.cancelled (jobs without their own webhook_url) and batch.completed "
+        "to, signed as Standard Webhooks says. Refused if it resolves to a loopback, private or "
+        "link-local address (unless RENDERFARM_WEBHOOK_ALLOW_PRIVATE=1).")
 
 
 class FieldErrorOut(BaseModel):

@@ -140,7 +140,7 @@ class FarmClient:
         where it left them unset, and is refused where a field makes no sense for the family
         (:func:`worker.families.job_errors`)."""
         known = families = loras = None
-        out, errors = [], []
+        out, errors, positions = [], [], []
         for index, job in enumerate(jobs):
             if isinstance(job, dict) and "model" not in job:
                 job = {**job, "model": self.settings.default_model}
@@ -170,6 +170,17 @@ class FarmClient:
                     families = self.model_families()
                 errors.extend(lora_errors(request, loras, families.get(request.model), index))
             out.append(request)
+            positions.append(index)
+        hooks: dict[str, FieldError | None] = {}  # each URL resolved once per call
+        for index, request in zip(positions, out, strict=True):
+            url = request.webhook_url
+            if url is not None and url not in hooks:
+                try:
+                    self._check_webhook(url, index)
+                    hooks[url] = None
+                except InvalidJob as exc:
+                    hooks[url] = exc.errors[0]
+                    errors.append(exc.errors[0])
         if out and not errors:
             errors = capability_errors(out, live_workers(self.redis))
         if errors:
@@ -185,15 +196,19 @@ class FarmClient:
         return JobHandle(self, self._submit([job], label="", batch_id=None).job_ids[0])
 
     def submit_batch(
-        self, jobs: Iterable[JobRequest | dict], label: str = "", batch_id: str | None = None
+        self, jobs: Iterable[JobRequest | dict], label: str = "", batch_id: str | None = None,
+        webhook_url: str | None = None,
     ) -> BatchHandle:
         """Validate every job, then record and enqueue them all, or none if any is invalid.
 
         Jobs whose idempotency key was used before are not submitted again: the handle's
         ``job_ids`` name, in request order, the job each request maps to (the first one's, for
         a repeated key), and ``replay`` says that every job was a repeat; then the handle is
-        the first submit's batch."""
-        submitted = self._submit(jobs, label, batch_id)
+        the first submit's batch.
+
+        ``webhook_url``: the farm POSTs each job's end (unless the job names its own) and the
+        batch's completion there, signed (renderfarm/webhooks.py)."""
+        submitted = self._submit(jobs, label, batch_id, webhook_url)
         return BatchHandle(self, submitted.batch_id, submitted.job_ids, submitted.replay)
 
     def submit_plot(
@@ -244,12 +259,15 @@ class FarmClient:
     def _submit(
         self, jobs: Iterable[JobRequest | dict], label: str, batch_id: str | None,
         plot: dict | None = None,
+        webhook_url: str | None = None,
     ) -> Submitted:
         if batch_id is not None:  # given apart from the jobs: the schema's rule all the same
             batch_id = parse_batch_id(batch_id)
         if not isinstance(label, str) or len(label) > MAX_LABEL:
             raise InvalidJob([FieldError(
                 "label", f"must be a string of at most {MAX_LABEL} characters", label)])
+        if webhook_url is not None:
+            self._check_webhook(webhook_url, None)
         try:
             requests = self.validate(jobs)  # reads the known models and live workers
         except RedisConnectionError as exc:
@@ -264,7 +282,7 @@ class FarmClient:
                 batch_id, pending, label=label,
                 queues=[queue_for(r, self.settings) for _, r in pending],
                 compat=[compat_key(r, job_id) for job_id, r in pending],
-                idempotency_ttl=IDEMPOTENCY_TTL,
+                idempotency_ttl=IDEMPOTENCY_TTL, webhook_url=webhook_url,
             )
             fresh = {job_id for (job_id, _), owner in zip(pending, owners, strict=True)
                      if owner == job_id}
@@ -281,6 +299,18 @@ class FarmClient:
         except RedisError as exc:  # refused: out of memory, read-only replica, ...
             raise FarmUnavailable(f"the farm's Redis refused the submit: {exc}") from exc
         return Submitted(batch_id, owners, replay=not fresh)
+
+    def _check_webhook(self, url: str, index: int | None) -> None:
+        """Refuse a webhook URL that is not http(s), or whose host resolves to an address the
+        farm may not reach (loopback, private, link-local, ...: SSRF), naming the field."""
+        from renderfarm.schema import check_webhook_url
+        from renderfarm.webhook_targets import TargetRefused, checked_addresses
+
+        try:
+            check_webhook_url(url)
+            checked_addresses(url, self.settings.webhook_allow_private)
+        except (ValueError, TargetRefused) as exc:
+            raise InvalidJob([FieldError("webhook_url", str(exc), url, index)]) from None
 
     def retry(self, job_ids: Iterable[str]) -> list[str]:
         """Put failed or cancelled jobs back in their queue and send their messages again.

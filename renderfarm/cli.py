@@ -71,7 +71,9 @@ def main() -> None:
               help="A name for the batch, shown by `status` and in the dashboard's list.")
 @click.option("--wait/--no-wait", default=False, help="Show progress until the batch ends.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
-def submit(prompts, file, count, size, init_image, wait, timeout, seed, label,
+@click.option("--webhook-url", help="POST each job's end and the batch's completion here, "
+              "signed (Standard Webhooks).")
+def submit(prompts, file, count, size, init_image, wait, timeout, seed, label, webhook_url,
            **options) -> None:
     """Submit prompts as a batch of jobs."""
     from renderfarm.errors import FarmUnavailable, InvalidJob
@@ -112,7 +114,7 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, label,
 
     client = FarmClient(_settings())
     try:
-        batch = client.submit_batch(expanded, label=label)
+        batch = client.submit_batch(expanded, label=label, webhook_url=webhook_url)
     except InvalidJob as exc:
         for err in exc.errors:
             where = f"{origin[err.index]}: " if err.index is not None else ""
@@ -127,6 +129,30 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, label,
 
         ok = follow_batch(client, batch.id, timeout=timeout)
         sys.exit(0 if ok else 1)
+
+
+@main.command()
+def webhooks() -> None:
+    """Deliver due webhooks until stopped (Ctrl-C). Workers deliver them too; run this for a
+    deliverer of its own (needs RENDERFARM_WEBHOOK_SECRET)."""
+    import logging
+    import signal
+    import threading
+
+    from producer import FarmClient
+    from renderfarm.webhooks import WebhookSender
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = _settings()
+    if settings.webhook_secret is None:
+        _fail("RENDERFARM_WEBHOOK_SECRET is not set: webhooks cannot be signed")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo("delivering webhooks (Ctrl-C stops)", err=True)
+    try:
+        WebhookSender(settings, FarmClient(settings)).run(stop)
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from renderfarm import keys
 from renderfarm.connection import connect
 from renderfarm.embedded import EmbeddedRedis, die_with_parent, read_farm_file, write_farm_file
@@ -66,6 +68,8 @@ class EmbeddedFarm:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         for name in type(self.settings).model_fields:
             value = getattr(self.settings, name)
+            if isinstance(value, SecretStr):  # str() would give '**********'
+                value = value.get_secret_value()
             if value is not None:
                 env[f"RENDERFARM_{name.upper()}"] = str(value)
         env["RENDERFARM_REDIS_URL"] = self.redis_url or ""

@@ -8,6 +8,18 @@ OUTBOX = "rf:outbox"  #: zset job id -> time it went queued, until its message i
 MODELS = "rf:models"  #: hash model name -> last time a worker advertised it
 LORAS = "rf:loras"  #: hash LoRA name -> its model family, as the last worker that has it said
 PLOTS = "rf:plots"  #: set of plot batch ids whose grid is not drawn (renderfarm/plotrecords.py)
+COUNTS = "rf:counts"  #: hash state -> jobs in it, farm-wide (kept by records.py's scripts)
+HOOKS_DUE = "rf:hooks:due"  #: zset webhook delivery id -> time of its next try (webhooks.py)
+
+
+def hook(hook_id: str) -> str:
+    """A webhook delivery: its event, target, attempts, last answer, body (webhooks.py)."""
+    return f"rf:hook:{hook_id}"
+
+
+def batch_hooks(batch_id: str) -> str:
+    """List of the webhook delivery ids of a batch and its jobs, oldest first."""
+    return f"rf:batch:{batch_id}:hooks"
 
 
 def job(job_id: str) -> str:

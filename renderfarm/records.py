@@ -53,6 +53,19 @@ local function event(batch, ...)
 end
 -- 't:<state>' is when the job entered that state: a write that keeps the state (progress)
 -- never moves it.
+-- hook(): records a webhook event with the change that makes it (renderfarm/webhooks.py
+-- delivers it): its id is stable (msg_<kind>_<job or batch id>_<n>) and names it in every try.
+local function hook(url, kind, owner, entity, batch_id, job_id, t)
+  local n = redis.call('HINCRBY', owner, 'hook_seq', 1)
+  local id = 'msg_' .. entity .. '_' .. n
+  redis.call('HSET', 'rf:hook:' .. id, 'id', id, 'type', kind, 'url', url,
+    'batch_id', batch_id, 'job_id', job_id, 'created_at', t, 'attempts', 0,
+    'status', 'pending', 'next_at', t)
+  redis.call('ZADD', 'rf:hooks:due', t, id)
+  redis.call('RPUSH', 'rf:batch:' .. batch_id .. ':hooks', id)
+  redis.call('HINCRBY', 'rf:batch:' .. batch_id, 'hooks:pending', 1)
+end
+local function ended(s) return s == 'succeeded' or s == 'failed' or s == 'cancelled' end
 local function move(job, batch, from, to, t)
   redis.call('HSET', job, 'state', to)
   redis.call(from ~= to and 'HSET' or 'HSETNX', job, 't:' .. to, t)
@@ -63,6 +76,27 @@ local function move(job, batch, from, to, t)
     if to == 'started' then redis.call('HSETNX', batch, 't:started', t) end
     if to == 'succeeded' or to == 'failed' or to == 'cancelled' then
       redis.call('HSET', batch, 't:ended', t)
+    end
+    -- the farm's jobs by state (GET /metrics), kept with the batches' counts
+    redis.call('HINCRBY', 'rf:counts', from, -1)
+    redis.call('HINCRBY', 'rf:counts', to, 1)
+    if ended(to) and not ended(from) then
+      local batch_id = redis.call('HGET', job, 'batch_id') or '_'
+      local url = redis.call('HGET', job, 'webhook')
+      if url then
+        local id = redis.call('HGET', job, 'id') or ''
+        hook(url, 'job.' .. to, job, 'job_' .. id, batch_id, id, t)
+      end
+      url = redis.call('HGET', batch, 'webhook')
+      if url then
+        local over = 0
+        for _, s in ipairs({'succeeded', 'failed', 'cancelled'}) do
+          over = over + tonumber(redis.call('HGET', batch, 'n:' .. s) or '0')
+        end
+        if over >= tonumber(redis.call('HGET', batch, 'total') or '0') then
+          hook(url, 'batch.completed', batch, 'batch_' .. batch_id, batch_id, '', t)
+        end
+      end
     end
     event(batch, 'job', redis.call('HGET', job, 'id') or '', 'state', to, 'from', from, 't', t)
     local queue = redis.call('HGET', job, 'queue')
@@ -107,9 +141,10 @@ local function new_attempt(job)
 end
 """
 
-# ARGV: batch id, label, idempotency ttl, then per job: job id, idempotency key|'', queue,
-# priority, compat, request JSON. Records every job whose idempotency key is free (taking the
-# key) and the batch, in one atomic step: a key never points at a job that was not written.
+# ARGV: batch id, label, idempotency ttl, batch webhook URL|'', then per job: job id,
+# idempotency key|'', queue, priority, compat, webhook URL|'', request JSON. Records every
+# job whose idempotency key is free (taking the key) and the batch, in one atomic step: a
+# key never points at a job that was not written.
 # Returns, per job, its own id or the id of the job that holds its key. Idempotent: a job whose
 # record exists is left as it is (redis-py retries a call that timed out).
 _ADD = """
@@ -121,7 +156,7 @@ local t = clock()
 local batch_id, ttl = ARGV[1], tonumber(ARGV[3])
 local bkey = 'rf:batch:' .. batch_id
 local out, fresh, queues, first = {}, {}, {}, nil
-for i = 4, #ARGV, 6 do
+for i = 5, #ARGV, 7 do
   local id, idem, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local owner = false
   if redis.call('EXISTS', 'rf:job:' .. id) == 1 then
@@ -135,15 +170,16 @@ for i = 4, #ARGV, 6 do
   else
     local score = (9 - tonumber(ARGV[i + 3])) * 1e10 + t
     redis.call('HSET', 'rf:job:' .. id, 'id', id, 'batch_id', batch_id, 'state', 'queued',
-      'request', ARGV[i + 5], 'created_at', t, 't:queued', t, 'queue', queue,
+      'request', ARGV[i + 6], 'created_at', t, 't:queued', t, 'queue', queue,
       'compat', ARGV[i + 4], 'score', score)
     if idem ~= '' then redis.call('HSET', 'rf:job:' .. id, 'idem', idem) end
+    if ARGV[i + 5] ~= '' then redis.call('HSET', 'rf:job:' .. id, 'webhook', ARGV[i + 5]) end
     redis.call('ZADD', 'rf:pending:' .. queue, score, id)
     redis.call('ZADD', 'rf:outbox', t, id)
     redis.call('ZADD', 'rf:jobs', t, id)
     redis.call('RPUSH', bkey .. ':jobs', id)
     queues[queue] = true
-    if #fresh == 0 then first = ARGV[i + 5] end
+    if #fresh == 0 then first = ARGV[i + 6] end
     table.insert(fresh, id)
     table.insert(out, id)
   end
@@ -156,8 +192,10 @@ if #fresh > 0 then
   end
   redis.call('HSETNX', bkey, 'created_at', t)
   if ARGV[2] ~= '' then redis.call('HSETNX', bkey, 'label', ARGV[2]) end
+  if ARGV[4] ~= '' then redis.call('HSETNX', bkey, 'webhook', ARGV[4]) end
   redis.call('HINCRBY', bkey, 'total', #fresh)
   redis.call('HINCRBY', bkey, 'n:queued', #fresh)
+  redis.call('HINCRBY', 'rf:counts', 'queued', #fresh)
   redis.call('ZADD', 'rf:batches', 'NX', t, batch_id)
   for queue, _ in pairs(queues) do redis.call('SADD', 'rf:queues', queue) end
 end
@@ -408,6 +446,17 @@ if not created or tonumber(created) > tonumber(ARGV[2]) then return -2 end
 for _, s in ipairs({'queued', 'started', 'rendering', 'uploading'}) do
   if tonumber(redis.call('HGET', KEYS[1], 'n:' .. s) or '0') > 0 then return -1 end
 end
+if tonumber(redis.call('HGET', KEYS[1], 'hooks:pending') or '0') > 0 then return -1 end
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 2) == 'n:' then
+    redis.call('HINCRBY', 'rf:counts', string.sub(fields[i], 3), -tonumber(fields[i + 1]))
+  end
+end
+for _, hook in ipairs(redis.call('LRANGE', KEYS[1] .. ':hooks', 0, -1)) do
+  redis.call('DEL', 'rf:hook:' .. hook)
+  redis.call('ZREM', 'rf:hooks:due', hook)
+end
 local ids = redis.call('LRANGE', KEYS[2], 0, -1)
 for _, id in ipairs(ids) do
   local job = 'rf:job:' .. id
@@ -419,7 +468,7 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[4], id)
   redis.call('ZREM', 'rf:outbox', id)
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[1] .. ':events')
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[1] .. ':events', KEYS[1] .. ':hooks')
 redis.call('ZREM', KEYS[3], ARGV[1])
 return #ids
 """
@@ -473,6 +522,7 @@ class Records:
         queues: Sequence[str] | None = None,
         compat: Sequence[str] | None = None,
         idempotency_ttl: int = 7 * 24 * 3600,
+        webhook_url: str | None = None,
     ) -> list[str]:
         """Create (or extend) a batch and the records of its jobs, in one atomic script.
 
@@ -483,15 +533,17 @@ class Records:
         leaves no key pointing at nothing."""
         queues = queues or ["renderfarm"] * len(jobs)
         compat = compat or [job_id for job_id, _ in jobs]
+        # A job's webhook: its own, else its batch's (the batch's also gets batch.completed).
         rows = [[job_id, request.idempotency_key or "", queue, request.priority, key,
-                 request.model_dump_json()]
+                 request.webhook_url or webhook_url or "", request.model_dump_json()]
                 for (job_id, request), queue, key in zip(jobs, queues, compat, strict=True)]
         # One script per chunk, all in one round trip: Redis serves other clients (workers
         # renewing leases) between chunks, and no call outlasts the socket timeout.
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(rows), ADD_CHUNK):
             chunk = [v for row in rows[start:start + ADD_CHUNK] for v in row]
-            self._add(args=[batch_id, label, idempotency_ttl, *chunk], client=pipe)
+            self._add(args=[batch_id, label, idempotency_ttl, webhook_url or "", *chunk],
+                      client=pipe)
         answers = pipe.execute(raise_on_error=False)
         failed = next((a for a in answers if isinstance(a, Exception)), None)
         if failed is not None:  # all or nothing: fail what the other chunks recorded
@@ -810,6 +862,7 @@ def _batch_from_hash(data: dict) -> BatchRecord:
         for k, v in data.items()
         if k.startswith(b"n:") and int(v) > 0
     }
+    hooks = {k.decode()[6:]: int(v) for k, v in data.items() if k.startswith(b"hooks:")}
     return BatchRecord(
         id=_s(data, "id"),
         created_at=float(_s(data, "created_at", "0")),
@@ -823,6 +876,8 @@ def _batch_from_hash(data: dict) -> BatchRecord:
         ended_at=_float_or_none(data.get(b"t:ended")),
         images=int(_s(data, "images", "0")),
         thumb=_s(data, "thumb"),
+        webhook_url=_s(data, "webhook") or None,
+        webhooks=hooks,
     )
 
 

@@ -153,6 +153,10 @@ class JobRequest(BaseModel):
     hardware: HardwareClass = "any"
     batch_id: BatchId | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    webhook_url: str | None = Field(
+        None, max_length=2000, description="POST this job's end (job.succeeded, job.failed, "
+        "job.cancelled) here, signed (Standard Webhooks). Default: its batch's webhook_url.",
+    )
     loras: list[LoraRef] = Field(
         default_factory=list, max_length=MAX_LORAS,
         description="LoRAs applied to the model, by file stem in <models dir>/loras/; a prompt's "
@@ -190,6 +194,13 @@ class JobRequest(BaseModel):
             raise ValueError(f"must be one of {', '.join(SCHEDULERS)} or an A1111 sampler name "
                              "(Euler a, Euler, DDIM, DPM++ 2M, DPM++ 2M Karras, PLMS, LMS, "
                              "UniPC, Heun)") from None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_webhook_url(value)
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -242,6 +253,27 @@ class JobRequest(BaseModel):
         """The seed of each image; only meaningful once ``seed`` is set."""
         assert self.seed is not None, "seed is resolved at submit time"
         return [(self.seed + k) % (MAX_SEED + 1) for k in range(self.num_images)]
+
+
+def check_webhook_url(value: str) -> str:
+    """A webhook target must be an absolute http:// or https:// URL with a host; ValueError
+    saying why not. (Where it may point is checked against DNS by renderfarm/webhook_targets.)"""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry a user or password (the signature authenticates)")
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain whitespace")
+    return value
 
 
 class ImageResult(BaseModel):
@@ -304,6 +336,10 @@ class BatchRecord(BaseModel):
     ended_at: float | None = Field(None, description="When a job of it last ended.")
     images: int = Field(0, description="Images stored by its succeeded jobs.")
     thumb: str = Field("", description="Storage key of its first stored image.")
+    webhook_url: str | None = None
+    webhooks: dict[str, int] = Field(
+        default_factory=dict, description="Webhook deliveries of the batch and its jobs by "
+        "status: pending, delivered, failed.")
 
     @property
     def done(self) -> int:

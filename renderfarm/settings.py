@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -125,6 +125,50 @@ class Settings(BaseSettings):
         "port (all addresses; one port per worker process). Unset: not served. The fleet's "
         "metrics are the dashboard's /metrics.",
     )
+
+    webhook_secret: SecretStr | None = Field(
+        None, description="Key that signs webhooks (Standard Webhooks: 'whsec_' + base64 of "
+        "24-64 random bytes). Needed by the processes that deliver them (workers, `renderfarm "
+        "webhooks`); a deliverer without it sends nothing and leaves deliveries waiting.",
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook targets that resolve to loopback, private, link-local, "
+        "multicast or unspecified addresses (refused by default, at submit and at each attempt: "
+        "SSRF). For receivers on your own network.",
+    )
+    webhook_retry_schedule: str = Field(
+        "5,300,1800,7200,18000,36000,36000", pattern=r"^\s*\d+(\.\d+)?(\s*,\s*\d+(\.\d+)?)*\s*$",
+        description="Seconds to wait after each failed webhook attempt before the next "
+        "(comma-separated; Standard Webhooks/Svix's schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, "
+        "10 h). After the last, the delivery is given up as failed.",
+    )
+    webhook_timeout: float = Field(
+        5.0, gt=0, le=60, description="Seconds one webhook attempt may take to connect and to "
+        "get its answer. Redirects are not followed (a 3xx is a failed attempt).",
+    )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        import base64
+        import binascii
+
+        raw = value.get_secret_value()
+        if not raw.startswith("whsec_"):
+            raise ValueError("must be 'whsec_' followed by base64 (Standard Webhooks' form)")
+        try:
+            key = base64.b64decode(raw[len("whsec_"):], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be 'whsec_' followed by valid base64") from None
+        if len(key) < 16:
+            raise ValueError("must hold at least 16 bytes of key after 'whsec_'")
+        return value
+
+    @property
+    def webhook_delays(self) -> tuple[float, ...]:
+        return tuple(float(n) for n in self.webhook_retry_schedule.split(","))
 
     @field_validator("warmup_sizes")
     @classmethod

@@ -21,6 +21,7 @@ for _name in list(os.environ):
         del os.environ[_name]  # a developer's own farm settings must not leak into tests
 
 BUCKET = "renders"
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # Standard Webhooks' docs' example
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +100,11 @@ def farm_settings(tmp_path_factory, redis_url, s3_endpoint, models_dir) -> Setti
         s3_endpoint_url=s3_endpoint,
         models_dir=models_dir,
         lease_seconds=3,
+        # webhooks (tests/test_webhooks.py): receivers listen on 127.0.0.1; retries come fast
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_allow_private=True,
+        webhook_retry_schedule="0.2,0.2,0.2,0.5,1,1",
+        webhook_timeout=3,
     )
 
 

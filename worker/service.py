@@ -213,6 +213,12 @@ class WorkerService:
             self._thread = threading.Thread(target=self._background, name="lease", daemon=True)
             self._thread.start()
             self.grids.start()
+            # Webhooks are delivered by every worker, in a thread of their own (a slow receiver
+            # must not hold up lease renewals): renderfarm/webhooks.py says why workers.
+            from producer.client import FarmClient
+            from renderfarm.webhooks import start_sender
+
+            start_sender(self.settings, FarmClient(self.settings), self._stop, f"{self.owner}")
 
     def stop_background(self) -> None:
         self._stop.set()
