@@ -449,8 +449,9 @@ end
 if tonumber(redis.call('HGET', KEYS[1], 'hooks:pending') or '0') > 0 then return -1 end
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
-  if string.sub(fields[i], 1, 2) == 'n:' then
-    redis.call('HINCRBY', 'rf:counts', string.sub(fields[i], 3), -tonumber(fields[i + 1]))
+  local n = tonumber(fields[i + 1]) or 0
+  if string.sub(fields[i], 1, 2) == 'n:' and n ~= 0 then  -- (-0 would print as '-0')
+    redis.call('HINCRBY', 'rf:counts', string.sub(fields[i], 3), 0 - n)
   end
 end
 for _, hook in ipairs(redis.call('LRANGE', KEYS[1] .. ':hooks', 0, -1)) do
