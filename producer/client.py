@@ -208,7 +208,7 @@ class FarmClient:
 
         ``webhook_url``: the farm POSTs each job's end (unless the job names its own) and the
         batch's completion there, signed (renderfarm/webhooks.py)."""
-        submitted = self._submit(jobs, label, batch_id, webhook_url)
+        submitted = self._submit(jobs, label, batch_id, webhook_url=webhook_url)
         return BatchHandle(self, submitted.batch_id, submitted.job_ids, submitted.replay)
 
     def submit_plot(
