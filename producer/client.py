@@ -212,7 +212,8 @@ class FarmClient:
         return BatchHandle(self, submitted.batch_id, submitted.job_ids, submitted.replay)
 
     def submit_plot(
-        self, job: JobRequest | dict, axes: dict, label: str = "", batch_id: str | None = None
+        self, job: JobRequest | dict, axes: dict, label: str = "", batch_id: str | None = None,
+        webhook_url: str | None = None,
     ) -> BatchHandle:
         """Submit an X/Y/Z plot (renderfarm/plots.py): ``job`` with each combination of the
         axes' values is one job (a cell) of one batch, cells numbered x fastest. Once every
@@ -237,7 +238,8 @@ class FarmClient:
         nx, ny, nz = plot.shape
         definition = {"job": {k: v for k, v in job.items() if k != "init_image"},
                       "axes": plot.to_dict(), "shape": [nx, ny, nz]}
-        submitted = self._submit(cells, label, batch_id, plot=definition)
+        submitted = self._submit(cells, label, batch_id, plot=definition,
+                                 webhook_url=webhook_url)
         return BatchHandle(self, submitted.batch_id, submitted.job_ids, submitted.replay)
 
     def _check_plot(self, plot: Plot, job: dict) -> None:

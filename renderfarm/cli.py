@@ -69,13 +69,22 @@ def main() -> None:
 @click.option("--hardware", help="any, gpu, cpu, jetson or mps.")
 @click.option("--label", default="",
               help="A name for the batch, shown by `status` and in the dashboard's list.")
+@click.option("--x", "x_axis", metavar="FIELD=V1,V2,...",
+              help="X/Y/Z plot: the X axis (seed=1,2,3; prompt=S/R:barn,house; size=512x512,"
+              "512x768; lora:NAME=0,0.5,1). Values are comma-separated (CSV quotes allowed).")
+@click.option("--y", "y_axis", metavar="FIELD=V1,V2,...", help="X/Y/Z plot: the Y axis.")
+@click.option("--z", "z_axis", metavar="FIELD=V1,V2,...",
+              help="X/Y/Z plot: the Z axis (one grid per value).")
+@click.option("--prompt-matrix", is_flag=True,
+              help="The prompt is a matrix, a|b|c: every combination of the parts after the "
+              "first (2^n jobs), as the X axis (or the first free axis).")
 @click.option("--wait/--no-wait", default=False, help="Show progress until the batch ends.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
 @click.option("--webhook-url", help="POST each job's end and the batch's completion here, "
               "signed (Standard Webhooks).")
 def submit(prompts, file, count, size, init_image, wait, timeout, seed, label, webhook_url,
-           **options) -> None:
-    """Submit prompts as a batch of jobs."""
+           x_axis, y_axis, z_axis, prompt_matrix, **options) -> None:
+    """Submit prompts as a batch of jobs, or one prompt as an X/Y/Z plot (--x/--y/--z)."""
     from renderfarm.errors import FarmUnavailable, InvalidJob
     from renderfarm.images import encode_init_image
     from renderfarm.jobfile import read_jobs
@@ -98,6 +107,14 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, label, w
             _fail(str(exc))
     if not jobs:
         _fail("give at least one prompt, or --file")
+    axes = {name: text for name, text in (("x", x_axis), ("y", y_axis), ("z", z_axis)) if text}
+    if axes or prompt_matrix:
+        if len(jobs) != 1 or file or count != 1:
+            _fail("a plot (--x/--y/--z, --prompt-matrix) takes one prompt, without --file or "
+                  "--count")
+        job = {**jobs[0][1], **({"seed": seed} if seed is not None else {})}
+        _submit_plot(job, axes, prompt_matrix, wait, timeout, label, webhook_url)
+        return
     if count < 1:
         _fail(f"--count must be at least 1, got {count}")
     expanded, origin = [], []
@@ -129,6 +146,58 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, label, w
 
         ok = follow_batch(client, batch.id, timeout=timeout)
         sys.exit(0 if ok else 1)
+
+
+def _submit_plot(job: dict, texts: dict[str, str], prompt_matrix: bool, wait: bool,
+                 timeout: float | None, label: str = "",
+                 webhook_url: str | None = None) -> None:
+    from producer import FarmClient
+    from renderfarm.errors import FarmUnavailable, InvalidJob
+    from renderfarm.plots import AXES, parse_cli_axis
+
+    try:
+        axes = {name: parse_cli_axis(text) for name, text in texts.items()}
+    except InvalidJob as exc:
+        _fail(str(exc))
+    if prompt_matrix:
+        free = next((name for name in AXES if name not in axes), None)
+        if free is None:
+            _fail("--prompt-matrix needs a free axis: --x, --y and --z are all taken")
+        axes[free] = {"field": "prompt_matrix", "values": []}
+    client = FarmClient(_settings())
+    try:
+        batch = client.submit_plot(job, dict(sorted(axes.items())), label=label,
+                                   webhook_url=webhook_url)
+    except InvalidJob as exc:
+        for err in exc.errors:
+            click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except FarmUnavailable as exc:
+        _fail(str(exc))
+    click.echo(f"plot {batch.id}: {_plural(len(batch.job_ids or []), 'job')} queued")
+    if wait:
+        from renderfarm.progress import follow_batch
+
+        ok = follow_batch(client, batch.id, timeout=timeout)
+        finished = client.records.batch(batch.id).finished
+        grids = _wait_for_grids(client, batch.id, timeout=60.0) if finished else []
+        for grid in grids:
+            click.echo(f"grid: {client.storage.url(grid['key'])}")
+        if not grids:
+            click.echo("grid: not drawn yet (a worker draws it once every cell has ended)")
+        sys.exit(0 if ok and grids else 1)
+
+
+def _wait_for_grids(client, batch_id: str, timeout: float) -> list[dict]:
+    """The plot's grids, waiting up to ``timeout`` s for a worker to draw them."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        grids = client.records.batch(batch_id).grids
+        if grids or time.monotonic() > deadline:
+            return grids
+        time.sleep(0.2)
 
 
 @main.command()

@@ -61,3 +61,22 @@ def test_a_3x2_plot_renders_6_jobs_and_one_grid_of_their_images(farm, client):
     assert len(np.unique(top_band.reshape(-1, 3), axis=0)) > 1  # text was drawn there
     assert len(np.unique(left_band.reshape(-1, 3), axis=0)) > 1
     assert client.redis.hget(f"rf:batch:{batch.id}", "grid_done") == b"0"  # drawn once
+
+
+def test_cli_plot_waits_and_prints_the_grid(farm, farm_settings, client):
+    from tests.test_cli import farm_env, run
+
+    env = farm_env(farm_settings)
+    out = run(["submit", "a red barn", "--model", "tiny", "--size", "64x64", "--steps", "2",
+               "--scheduler", "euler", "--x", "seed=5,6", "--y", "prompt=S/R:barn,house",
+               "--wait", "--timeout", "120"], env, timeout=180)
+    assert "plot " in out.stdout and "4 jobs queued" in out.stdout
+    batch_id = out.stdout.split("plot ", 1)[1].split(":", 1)[0]
+    grid_lines = [line for line in out.stdout.splitlines() if line.startswith("grid: ")]
+    assert len(grid_lines) == 1 and f"{batch_id}/grid.png" in grid_lines[0]
+    prompts = [r.request.prompt for r in client.batch(batch_id).records()]
+    assert prompts == ["a red barn", "a red barn", "a red house", "a red house"]
+
+    bad = run(["submit", "a red barn", "--x", "colour=1,2"], env, check=False)
+    assert bad.returncode == 2
+    assert "axes.x.field is not a field a plot can vary" in bad.stderr and "'colour'" in bad.stderr
