@@ -28,6 +28,7 @@ from flask_wtf.file import FileField
 from redis.exceptions import ResponseError
 from werkzeug.security import safe_join
 from wtforms import (
+    BooleanField,
     FloatField,
     HiddenField,
     IntegerField,
@@ -42,6 +43,7 @@ from renderfarm.errors import FieldError, InvalidJob, JobNotFound
 from renderfarm.images import MAX_INIT_IMAGE_BYTES, encode_init_image
 from renderfarm.jobfile import parse_jobs
 from renderfarm.keys import batch_jobs as batch_jobs_key
+from renderfarm.plots import AXES, FIELDS, parse_cli_axis
 from renderfarm.schema import SCHEDULERS, JobRecord, JobState
 from storage import check_key
 from storage.local import LocalStorage
@@ -106,6 +108,15 @@ class SubmitForm(FlaskForm):
     init_ref = HiddenField()
     strength = FloatField("Strength", default=0.75, validators=[Optional()])
     label = StringField("Label")
+    # X/Y/Z plot (renderfarm/plots.py): an axis is a field and its comma-separated values
+    x_field = StringField("X axis field")
+    x_values = StringField("X values")
+    y_field = StringField("Y axis field")
+    y_values = StringField("Y values")
+    z_field = StringField("Z axis field")
+    z_values = StringField("Z values")
+    prompt_matrix = BooleanField("Prompt matrix: the prompt is a|b|c, every combination of "
+                                 "the parts after the first")
 
 
 #: job field -> the form field its errors are shown next to
@@ -191,13 +202,44 @@ def _jobs_from_form(form: SubmitForm) -> list[dict]:
     return jobs
 
 
+def _plot_axes(form: SubmitForm) -> dict | None:
+    """The plot's axes from the form's axis rows (None: no axis, an ordinary batch). Values
+    are read as the CLI reads them (CSV, so "a, b" quoted is one value)."""
+    axes = {}
+    for name in AXES:
+        fname = (getattr(form, f"{name}_field").data or "").strip()
+        values = (getattr(form, f"{name}_values").data or "").strip()
+        if fname:
+            axes[name] = parse_cli_axis(f"{fname}={values}")
+        elif values:
+            raise InvalidJob([FieldError(f"axes.{name}.field", "must name the field the values "
+                                         "are for", "")])
+    if form.prompt_matrix.data:
+        free = next((name for name in AXES if name not in axes), None)
+        if free is None:
+            raise InvalidJob([FieldError("axes", "has no free axis for the prompt matrix", "")])
+        axes[free] = {"field": "prompt_matrix", "values": []}
+    return axes or None
+
+
+def _plot_field(error_field: str) -> str | None:
+    """The form field an axis error is shown next to."""
+    for name in AXES:
+        if error_field.startswith(f"axes.{name}.field"):
+            return f"{name}_field"
+        if error_field.startswith(f"axes.{name}"):
+            return f"{name}_values"
+    return "x_values" if error_field == "axes" else None
+
+
 def _show_errors(form: SubmitForm, errors: list[FieldError]) -> None:
     """Put each refused field's message next to the form field it came from: a custom width
     or height at its own box. An empty value is not shown as ``got ''``."""
     custom = form.size.data == "custom"
     for e in errors:
-        name = e.field if custom and e.field in ("width", "height") else FORM_FIELD.get(
-            e.field, e.field)
+        own = e.field.removeprefix("job.")  # a plot's base job
+        name = _plot_field(e.field) or (own if custom and own in ("width", "height") else
+                                         FORM_FIELD.get(own, own))
         field = getattr(form, name, None) or form.prompts
         text = str(e) if e.value not in ("", None) else f"{e.field} {e.message}"
         field.errors = [*field.errors, text]
@@ -245,9 +287,17 @@ def submit():
         _prefill(form)
     status = 200
     if form.validate_on_submit():
+        label = (form.label.data or "").strip()[:api.MAX_LABEL]
         try:
             jobs = _jobs_from_form(form)
-            handle = c.submit_batch(jobs, label=(form.label.data or "").strip()[:api.MAX_LABEL])
+            axes = _plot_axes(form)
+            if axes is None:
+                handle = c.submit_batch(jobs, label=label)
+            elif len(jobs) != 1:
+                raise InvalidJob([FieldError("prompts", "a plot takes one prompt, and 1 image "
+                                             "per prompt", len(jobs))])
+            else:
+                handle = c.submit_plot(jobs[0], axes, label=label)
         except InvalidJob as exc:
             _show_errors(form, exc.errors)
             status = 400
@@ -259,7 +309,7 @@ def submit():
     if (form.init_ref.data or "").startswith("key:"):
         init_preview = api.image_url(form.init_ref.data[4:])
     return render_template("submit.html", form=form, presets=SIZE_PRESETS,
-                           init_preview=init_preview), status
+                           init_preview=init_preview, plot_fields=FIELDS), status
 
 
 # -- batches ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from PIL import Image
 
@@ -51,3 +52,32 @@ def test_a_bad_plot_is_refused_naming_axis_field_and_value(dash_client, make_job
     assert rv.status_code == 400
     assert {e["field"] for e in rv.get_json()["errors"]} == {"jobs"}
     assert queue_depth() == 0
+
+
+def test_the_submit_page_makes_a_plot_and_the_batch_page_shows_its_grid(dash_client, dash_farm):
+    from tests.test_dashboard_ui import csrf_token, finish, form
+
+    token = csrf_token(dash_client)
+    rv = dash_client.post("/submit", data=form(
+        csrf_token=token, prompts="a cat|in the snow|at night", prompt_matrix="y",
+        x_field="seed", x_values="3, 4"))
+    assert rv.status_code == 303, rv.get_data(as_text=True)
+    batch_id = rv.headers["Location"].rsplit("/", 1)[-1]
+    jobs = dash_farm.records.batch_jobs(batch_id)
+    assert [(j.request.seed, j.request.prompt) for j in jobs][:3] == [
+        (3, "a cat"), (4, "a cat"), (3, "a cat, in the snow")]
+    assert len(jobs) == 8
+    page = dash_client.get(f"/batches/{batch_id}").get_data(as_text=True)
+    assert "The grid is drawn when every cell has ended." in page
+    for job in jobs:
+        finish(dash_farm, job.id)
+    GridBuilder(dash_farm.records, dash_farm.storage, "hand").build(batch_id)
+    page = dash_client.get(f"/batches/{batch_id}").get_data(as_text=True)
+    assert f'alt="grid {batch_id}/grid.png"' in page
+
+    rv = dash_client.post("/submit", data=form(csrf_token=token, prompts="a cat",
+                                               x_field="steps", x_values="2, 999"))
+    assert rv.status_code == 400
+    page = rv.get_data(as_text=True)
+    assert re.search(r'data-field="x_values">axes.x.values.1 \(steps\): steps must be at most '
+                     r'150, got 999', page)

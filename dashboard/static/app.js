@@ -166,6 +166,16 @@ document.addEventListener("submit", (event) => {
   if (message && !window.confirm(message)) event.preventDefault();
 });
 
+// A plot's grid images (GET /api/v1/batches/<id>: "grids"), once a worker has drawn them.
+function showGrids(grids) {
+  const box = document.getElementById("plot-grids");
+  if (!box || !grids.length) return;
+  const shown = [...box.querySelectorAll("img")].map((i) => i.getAttribute("src"));
+  if (shown.join() === grids.map((g) => g.url).join()) return;
+  box.replaceChildren(...grids.map((g) => el("a", { href: g.url },
+    el("img", { class: "plot-grid", src: g.url, alt: `grid ${g.key}` }))));
+}
+
 function batchPage() {
   const { batch, offset, limit } = body.dataset;
   const tiles = new Map([...document.querySelectorAll(".tile")].map((t) => [t.dataset.id, t]));
@@ -180,7 +190,8 @@ function batchPage() {
       const tile = tiles.get(job.id);
       if (tile) updateTile(tile, job);
     }
-    if (b.finished) {
+    if (b.plot) showGrids(b.grids);
+    if (b.finished && !(b.plot && !b.grids.length)) {  // a plot: until its grid is drawn
       if (lastRound) return false;  // one more round picks up the last results' URLs
       lastRound = true;
     }
