@@ -30,6 +30,33 @@ class BatchSubmit(BaseModel):
         "link-local address (unless RENDERFARM_WEBHOOK_ALLOW_PRIVATE=1).")
 
 
+class PlotAxis(BaseModel):
+    """One axis of an X/Y/Z plot (README "X/Y/Z plots and prompt matrices")."""
+
+    model_config = {"extra": "forbid"}
+    field: str = Field(description="seed, steps, guidance_scale, scheduler, model, width, "
+                       "height, size, lora:<name>, prompt_sr or prompt_matrix.")
+    values: list[Any] = Field(description="The values, in order (prompt_sr: the first is the "
+                              "text searched; prompt_matrix: the optional parts, or none).")
+
+
+class PlotAxes(BaseModel):
+    model_config = {"extra": "forbid"}
+    x: PlotAxis | None = None
+    y: PlotAxis | None = None
+    z: PlotAxis | None = Field(None, description="One grid image per value.")
+
+
+class PlotSubmit(BaseModel):
+    """Body of POST /api/v1/batches for an X/Y/Z plot: a cell (job) per combination of the
+    axes' values, one batch; a grid image once every cell has ended (the batch's ``grids``)."""
+
+    model_config = {"extra": "forbid"}
+    job: JobRequest
+    axes: PlotAxes
+    label: str = Field("", max_length=MAX_LABEL, description="Shown in the batches list.")
+
+
 class FieldErrorOut(BaseModel):
     field: str | None = Field(description="The field that was refused, e.g. `width`.")
     message: str
@@ -44,7 +71,7 @@ class Errors(BaseModel):
 
 def _schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (BatchSubmit, JobRecord, BatchRecord, ImageResult, Errors):
+    for model in (BatchSubmit, PlotSubmit, JobRecord, BatchRecord, ImageResult, Errors):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -123,7 +150,8 @@ def spec(app: Flask) -> dict[str, Any]:
     job_out = _ref("JobRecord")
     paths = {
         "/batches": {
-            "post": _op("Submit a batch of jobs", _OBJ, body=_ref("BatchSubmit"),
+            "post": _op("Submit a batch of jobs, or an X/Y/Z plot", _OBJ,
+                        body={"oneOf": [_ref("BatchSubmit"), _ref("PlotSubmit")]},
                         errors=(400, 413, 415), status="201"),
             "get": _op("Batches, newest first", _OBJ, params=_PAGE, errors=(400,)),
         },
