@@ -26,7 +26,7 @@ bp = Blueprint("api", __name__)
 #: A worker whose last heartbeat is older than this is reported lost (3 beats of 2 s).
 LOST_AFTER = LOST_AFTER_BEATS * HEARTBEAT_INTERVAL
 BATCH_FIELDS = frozenset({"jobs", "label", "webhook_url"})
-PLOT_FIELDS = frozenset({"job", "axes", "label"})
+PLOT_FIELDS = frozenset({"job", "axes", "label", "webhook_url"})
 
 
 def client() -> FarmClient:
@@ -298,12 +298,16 @@ def cancel_jobs(records: list[JobRecord]) -> dict[str, str]:
     return client().cancel([r.id for r in records if not r.terminal])
 
 
-def parse_plot_body(body: dict) -> tuple[Any, Any, str]:
-    """Check the envelope of a plot, ``{"job": {...}, "axes": {...}, "label": "..."}``; the
-    job and the axes are checked by FarmClient.submit_plot."""
-    errors = [FieldError(k, "is not a known field of a plot (expected job, axes, label)",
-                         body[k]) for k in body if k not in PLOT_FIELDS]
+def parse_plot_body(body: dict) -> tuple[Any, Any, str, str | None]:
+    """Check the envelope of a plot, ``{"job": {...}, "axes": {...}, "label": "...",
+    "webhook_url": "..."}``; the job and the axes are checked by FarmClient.submit_plot."""
+    errors = [FieldError(k, "is not a known field of a plot (expected job, axes, label, "
+                         "webhook_url)", body[k]) for k in body if k not in PLOT_FIELDS]
     job, label = body.get("job"), body.get("label", "")
+    webhook_url = body.get("webhook_url")
+    if webhook_url is not None and not isinstance(webhook_url, str):
+        errors.append(FieldError("webhook_url", "must be an http:// or https:// URL",
+                                 webhook_url))
     if not isinstance(job, dict):
         errors.append(FieldError("job", "must be an object: the base job of the plot", job))
     if not isinstance(label, str) or len(label) > MAX_LABEL:
@@ -311,7 +315,7 @@ def parse_plot_body(body: dict) -> tuple[Any, Any, str]:
                                  label))
     if errors:
         raise InvalidJob(errors)
-    return job, body.get("axes"), label
+    return job, body.get("axes"), label, webhook_url
 
 
 def grids_json(batch: BatchRecord) -> list[dict[str, Any]]:
@@ -365,8 +369,8 @@ def submit_batch():
         raise InvalidJob([FieldError("body", "is not valid JSON", None)]) from None
     c = client()
     if isinstance(body, dict) and "axes" in body:  # an X/Y/Z plot: renderfarm/plots.py
-        job, axes, label = parse_plot_body(body)
-        handle = c.submit_plot(job, axes, label=label)
+        job, axes, label, webhook_url = parse_plot_body(body)
+        handle = c.submit_plot(job, axes, label=label, webhook_url=webhook_url)
     else:
         jobs, label, webhook_url = parse_batch_body(body, current_app.config["MAX_BATCH_JOBS"])
         handle = c.submit_batch(jobs, label=label, webhook_url=webhook_url)

@@ -55,6 +55,7 @@ class PlotSubmit(BaseModel):
     job: JobRequest
     axes: PlotAxes
     label: str = Field("", max_length=MAX_LABEL, description="Shown in the batches list.")
+    webhook_url: str | None = Field(None, description="As for a batch of jobs.")
 
 
 class FieldErrorOut(BaseModel):
