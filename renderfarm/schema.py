@@ -53,7 +53,8 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT = 2000
 #: A LoRA is named by its file's stem in ``<models dir>/loras/``. No ``:``, ``<``, ``>`` or
 #: ``,`` (they would break the ``<lora:name:weight>`` tag and the infotext's ``Lora hashes``).
-LORA_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.()+ -]{0,127}$"
+#: Letters and digits of any script (``\w``), as civitai's file names have them.
+LORA_NAME_PATTERN = r"^\w[\w.()+ -]{0,127}$"
 MAX_LORAS = 8
 LORA_WEIGHT_LIMIT = 10.0
 #: AUTOMATIC1111's extra-network prompt tag for LoRAs (``lyco`` is its alias since A1111 1.5):
@@ -117,6 +118,9 @@ def split_lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
             raise ValueError(f"has a tag {tag} with more than a name and one weight "
                              "(separate text-encoder/UNet weights are not supported)")
         weight: Any = 1.0
+        if args and not args[0]:
+            raise ValueError(f"has a tag {tag} with no weight after its ':' (write "
+                             f"<lora:{name}:0.8>, or <lora:{name}> for 1)")
         if args:
             try:
                 weight = float(args[0])

@@ -16,15 +16,41 @@ from renderfarm.images import encode_init_image
 from storage.png import read_png_info
 
 BASE = {"width": 64, "height": 64, "steps": 2, "prompt": "a lighthouse at dusk"}
+UNICODE_NAME = "Ghibli 风格 (v2)"
 
 
 @pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    from worker.modelgen import make_model
+def family_models(tmp_path_factory, models_dir):
+    """tiny-sdxl and tiny-flux; ``xlfile``: tiny-sdxl as a civitai-style single file (original
+    layout) with its config folder; and LoRAs, as people's loras folders hold them: for SDXL
+    in diffusers' format (``xl_ink``), kohya's (``xl_kohya``, SGM block names, ``lora_te1_`` /
+    ``lora_te2_``) and UNet-only (``xl_unet``, nothing but its shapes to tell it by); for Flux
+    (``fx_ink``); for SD 1.5 (``sd_ink``, made on the session's tiny model); one named with
+    spaces and unicode; and files in ``loras/`` that are no usable LoRA."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.single_file_fixtures import write_sdxl_single_file
+    from worker.modelgen import make_lora, make_model
+    from worker.singlefile import copy_configs
 
     root = tmp_path_factory.mktemp("family-models")
     make_model("tiny-sdxl", root / "tiny-sdxl")
     make_model("tiny-flux", root / "tiny-flux")
+    write_sdxl_single_file(root / "tiny-sdxl", root / "xlfile.safetensors")
+    copy_configs(root / "tiny-sdxl", root / "xlfile.config")
+    loras = root / "loras"
+    make_lora(root / "tiny-sdxl", loras / "xl_ink.safetensors", "peft", seed=1)
+    make_lora(root / "tiny-sdxl", loras / "xl_kohya.safetensors", "kohya", seed=2)
+    make_lora(root / "tiny-sdxl", loras / "xl_unet.safetensors", "peft", seed=3,
+              text_encoders=False)
+    make_lora(root / "tiny-flux", loras / "fx_ink.safetensors", "peft", seed=4)
+    make_lora(models_dir / "tiny", loras / "sd_ink.safetensors", "peft", seed=5)
+    make_lora(root / "tiny-sdxl", loras / f"{UNICODE_NAME}.safetensors", "peft", seed=6)
+    save_file({"conv.weight": torch.randn(8, 4, 3, 3), "conv.bias": torch.randn(8)},
+              str(loras / "not_a_lora.safetensors"))
+    whole = (loras / "xl_ink.safetensors").read_bytes()
+    (loras / "cut_short.safetensors").write_bytes(whole[:len(whole) // 2])
     return root
 
 
@@ -60,7 +86,8 @@ def pixels(client, key: str) -> np.ndarray:
 
 
 def test_the_heartbeats_tell_the_client_each_models_family(fclient):
-    assert fclient.model_families() == {"tiny-flux": "flux", "tiny-sdxl": "sdxl"}
+    assert fclient.model_families() == {"tiny-flux": "flux", "tiny-sdxl": "sdxl",
+                                        "xlfile": "sdxl"}
 
 
 def test_sdxl_txt2img_and_img2img_end_to_end_to_s3(fclient):
@@ -133,7 +160,7 @@ def test_models_api_shows_families(family_farm, fclient):
 
     app = create_app({"TESTING": True, "SETTINGS": fclient.settings})
     data = app.test_client().get("/api/v1/models").get_json()
-    assert data["families"] == {"tiny-flux": "flux", "tiny-sdxl": "sdxl"}
+    assert data["families"] == {"tiny-flux": "flux", "tiny-sdxl": "sdxl", "xlfile": "sdxl"}
 
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
@@ -174,3 +201,154 @@ def test_the_families_api_says_what_each_family_takes(fclient):
     assert families["flux"]["negative_prompt"] is False
     assert families["sdxl"]["default_size"] == [1024, 1024]
     assert families["sd15"]["size_multiple"] == 8 and families["flux"]["size_multiple"] == 16
+
+
+# -- LoRAs on SDXL and Flux ------------------------------------------------------------------
+
+def test_workers_advertise_each_loras_family_from_the_family_layer(fclient):
+    """Each family's module says how its LoRAs look: the UNet-only SDXL LoRA (tiny widths,
+    no second text encoder) is SDXL's by its several transformer layers per block; files no
+    model can use are advertised with the reason."""
+    from worker.lorafiles import UNUSABLE
+
+    loras = fclient.loras()
+    unusable = {name: family for name, family in loras.items() if family.startswith(UNUSABLE)}
+    assert {n: f for n, f in loras.items() if n not in unusable} == {
+        "fx_ink": "flux", "sd_ink": "sd15", "xl_ink": "sdxl", "xl_kohya": "sdxl",
+        "xl_unet": "sdxl", UNICODE_NAME: "sdxl"}
+    assert set(unusable) == {"cut_short", "not_a_lora"}
+    assert "truncated" in unusable["cut_short"]
+    assert "not a LoRA" in unusable["not_a_lora"]
+
+
+def _lora_batch(fclient, model: str, name: str, extra: dict | None = None):
+    """Plain, by tag, by field and at weight 0: the records and their PNGs' pixels and info."""
+    job = {**BASE, "model": model, "seed": 21, **(extra or {})}
+    batch = fclient.submit_batch([
+        job,
+        {**job, "prompt": f"{job['prompt']} <lora:{name}:0.9>"},
+        {**job, "loras": [{"name": name, "weight": 0.9}]},
+        {**job, "loras": [{"name": name, "weight": 0}]},
+    ])
+    batch.wait(timeout=240)
+    records = batch.records()
+    assert [r.state.value for r in records] == ["succeeded"] * 4, [r.error for r in records]
+    datas = [fclient.storage.get(r.results[0].key) for r in records]
+    images = [np.asarray(Image.open(io.BytesIO(d)), np.int16) for d in datas]
+    return records, images, [read_png_info(d) for d in datas]
+
+
+@pytest.mark.parametrize("model, name", [("tiny-sdxl", "xl_ink"), ("tiny-flux", "fx_ink")])
+def test_a_lora_by_field_and_tag_on_sdxl_and_flux(fclient, family_models, model, name):
+    import hashlib
+
+    from storage.png import parse_parameters
+
+    (plain, tag, field, zero), (a, b, c, d), infos = _lora_batch(fclient, model, name)
+    assert tag.request == field.request
+    assert np.abs(b - c).max() <= 2  # tag and field: the same job
+    assert np.abs(b - a).max() > 20  # the LoRA changes the picture
+    assert np.array_equal(d, a)  # weight 0: exactly the picture without it
+    raw = (family_models / "loras" / f"{name}.safetensors").read_bytes()
+    addnet = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+    params = parse_parameters(infos[1]["parameters"])
+    assert params["Lora hashes"] == f"{name}: {addnet[:12]}"
+    assert params["Model"] == model
+    assert infos[1]["renderfarm"]["lora_hashes"][0]["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert "Lora hashes" not in parse_parameters(infos[0]["parameters"])
+
+
+def test_kohya_and_unet_only_sdxl_loras_on_a_single_file_checkpoint(fclient):
+    """A civitai-style SDXL single file with a kohya LoRA (SGM block names) and a UNet-only
+    one: each changes the picture, and the kohya one gives the pixels it gives on the
+    diffusers folder the file was converted from. And a LoRA named with spaces and unicode,
+    by its tag."""
+    jobs = [{**BASE, "model": model, "seed": 8, "loras": loras}
+            for model in ("xlfile", "tiny-sdxl")
+            for loras in ([], [{"name": "xl_kohya", "weight": 0.8}], [{"name": "xl_unet"}])]
+    jobs.append({**BASE, "model": "tiny-sdxl", "seed": 8,
+                 "prompt": f"{BASE['prompt']} <lora:{UNICODE_NAME}:0.7>"})
+    batch = fclient.submit_batch(jobs)
+    batch.wait(timeout=240)
+    records = batch.records()
+    assert [r.state.value for r in records] == ["succeeded"] * 7, [r.error for r in records]
+    file_plain, file_kohya, file_unet, folder_plain, folder_kohya, _, named = (
+        pixels(fclient, r.results[0].key) for r in records)
+    assert np.abs(file_kohya - file_plain).max() > 20
+    assert np.abs(file_unet - file_plain).max() > 20
+    assert np.abs(file_kohya - folder_kohya).max() <= 2
+    assert np.abs(file_plain - folder_plain).max() <= 2
+
+    assert records[-1].request.loras[0].name == UNICODE_NAME
+    assert np.abs(named - folder_plain).max() > 20
+    info = read_png_info(fclient.storage.get(records[-1].results[0].key))
+    assert f"<lora:{UNICODE_NAME}:0.7>" in info["parameters"]
+    assert f'Lora hashes: "{UNICODE_NAME}: ' in info["parameters"]
+
+
+@pytest.mark.parametrize("fields, value, words", [
+    ({"model": "tiny-sdxl", "loras": [{"name": "sd_ink"}]}, "sd_ink",
+     ["is a LoRA for model family 'sd15'", "'tiny-sdxl' is 'sdxl'"]),
+    ({"model": "xlfile", "prompt": "a cat <lora:fx_ink:0.5>"}, "fx_ink",
+     ["is a LoRA for model family 'flux'", "'xlfile' is 'sdxl'"]),
+    ({"model": "tiny-flux", "loras": [{"name": "xl_unet"}]}, "xl_unet",
+     ["is a LoRA for model family 'sdxl'", "'tiny-flux' is 'flux'"]),
+    ({"model": "tiny-sdxl", "loras": [{"name": "not_a_lora"}]}, "not_a_lora",
+     ["cannot be used: not a LoRA", "none of its 2 tensors is a LoRA weight"]),
+    ({"model": "tiny-sdxl", "prompt": "a cat <lora:cut_short>"}, "cut_short",
+     ["cannot be used: truncated"]),
+])
+def test_a_lora_that_cannot_apply_is_refused_at_submit(fclient, fields, value, words):
+    before = fclient.redis.dbsize()
+    with pytest.raises(InvalidJob) as caught:
+        fclient.submit({**BASE, **fields})
+    [error] = caught.value.errors
+    assert (error.field, error.value) == ("loras.0.name", value)
+    for word in words:
+        assert word in str(error), str(error)
+    assert fclient.redis.dbsize() == before  # nothing recorded or enqueued
+
+
+def test_a_lora_tag_without_its_weight_is_refused_naming_the_tag(fclient):
+    with pytest.raises(InvalidJob) as caught:
+        fclient.submit({**BASE, "model": "tiny-sdxl", "prompt": "a cat <lora:xl_ink:>"})
+    [error] = caught.value.errors
+    assert error.field == "prompt" and "<lora:xl_ink:>" in str(error)
+    assert "no weight after" in str(error)
+
+
+def test_a_lora_file_broken_after_submit_fails_its_job_and_the_worker_lives_on(
+        fclient, family_models):
+    """A LoRA whose file is cut short between submit and render: the job fails naming the
+    LoRA and why, and the worker renders the next job."""
+    from renderfarm.schema import JobState
+
+    loras = family_models / "loras"
+    good = (loras / "xl_ink.safetensors").read_bytes()
+    (loras / "swap.safetensors").write_bytes(good)
+    try:
+        blocker = fclient.submit({**BASE, "model": "tiny-sdxl", "width": 128, "height": 128,
+                                  "steps": 150, "seed": 1})
+        _until_rendering(blocker)
+        _until(lambda: "swap" in fclient.loras(), "the worker advertising 'swap'")
+        job = fclient.submit({**BASE, "model": "tiny-sdxl", "loras": [{"name": "swap"}]})
+        (loras / "swap.safetensors").write_bytes(good[:len(good) // 2])
+        blocker.cancel()
+        record = job.wait(timeout=120)
+        assert record.state is JobState.failed
+        assert "LoRA 'swap' (swap.safetensors) cannot be used: truncated" in record.error
+        after = fclient.submit({**BASE, "model": "tiny-sdxl", "loras": [{"name": "xl_ink"}]})
+        assert after.wait(timeout=120).state is JobState.succeeded
+    finally:
+        (loras / "swap.safetensors").unlink()
+
+
+def _until(check, what: str, timeout: float = 30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not after {timeout}s")

@@ -19,7 +19,12 @@ from safetensors.torch import save_file  # noqa: E402
 
 from renderfarm.schema import JobRequest, parse_job  # noqa: E402
 from worker.adapters import LoraMismatch, UnknownLora  # noqa: E402
-from worker.lorafiles import lora_family, loras_with_family, safetensors_shapes  # noqa: E402
+from worker.lorafiles import (  # noqa: E402
+    NotALora,
+    lora_family,
+    loras_with_family,
+    safetensors_shapes,
+)
 from worker.modelgen import make_lora, make_model  # noqa: E402
 from worker.pipelines import PipelineCache  # noqa: E402
 from worker.profiles import Profile  # noqa: E402
@@ -88,7 +93,30 @@ def test_family_from_names_and_cross_attention_width():
     to_k = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
     assert lora_family({to_k: (4, 2048)}) == "sdxl"
     assert lora_family({to_k: (4, 768)}) == "sd15"
-    assert lora_family({to_k.replace("unet.", "lora_unet_").replace(".", "_"): (4, 1024)}) == "sd2"
+    assert lora_family({to_k: (4, 32)}) == "sd15"  # a toy width: SD's names decide
+    with pytest.raises(NotALora, match="no model family the farm knows .* cross-attention "
+                                       "width 1024"):  # SD 2.x
+        lora_family({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+                     ".lora_down.weight": (4, 1024)})
+    with pytest.raises(NotALora, match="not a LoRA: none of its 2 tensors is a LoRA weight"):
+        lora_family({"model.diffusion_model.out.2.weight": (4, 320), "x.bias": (4,)})
+
+
+def test_a_family_is_recognised_from_its_own_module_alone(monkeypatch):
+    """A new family's LoRAs are told by its own ``lora_keys`` / ``cross_attention_widths``
+    once it is in the registry: lorafiles holds no table of its own."""
+    from worker import families
+
+    new = families.Family(name="sd3", label="Stable Diffusion 3",
+                          txt2img="StableDiffusion3Pipeline",
+                          img2img="StableDiffusion3Img2ImgPipeline",
+                          folder_classes=("StableDiffusion3Pipeline",),
+                          lora_keys=(r"^transformer\.joint_",), cross_attention_widths=(4096,))
+    # Its registry line, first (its transformer LoRAs would otherwise look like Flux's).
+    monkeypatch.setattr(families, "FAMILIES", {"sd3": new, **families.FAMILIES})
+    assert lora_family({"transformer.joint_blocks.0.x.lora_A.weight": (4, 64)}) == "sd3"
+    to_k = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
+    assert lora_family({to_k: (4, 4096)}) == "sd3"
 
 
 @pytest.mark.parametrize("name", ["ink", "sketch"])

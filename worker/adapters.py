@@ -98,8 +98,11 @@ class LoraAdapters:
             return
         if entry is not None:  # the file changed: drop the old weights
             self._delete(pipe, name)
-        shapes = safetensors_shapes(path)
-        family = lora_family(shapes)
+        try:
+            family = lora_family(safetensors_shapes(path))
+        except ValueError as exc:  # not a LoRA, truncated, of no family the farm knows
+            reason = str(exc).replace(f"{path}: ", "")
+            raise LoraMismatch(f"LoRA {name!r} ({path.name}) cannot be used: {reason}") from exc
         if family != self.family:
             raise LoraMismatch(f"LoRA {name!r} is for model family {family!r}, but model "
                                f"{self.model!r} is {self.family!r}")
@@ -141,7 +144,9 @@ def _load(pipe: Any, path: Path, adapter: str) -> None:
     if not hasattr(pipe, "unet"):  # a transformer model (Flux): diffusers' own loader
         pipe.load_lora_weights(str(path), adapter_name=adapter)
         return
-    state_dict, alphas = pipe.lora_state_dict(str(path))
+    # With the UNet's config, as diffusers' own load_lora_weights passes it: kohya's SDXL
+    # LoRAs name the UNet's blocks the original (SGM) way, mapped to diffusers' names by it.
+    state_dict, alphas = pipe.lora_state_dict(str(path), unet_config=pipe.unet.config)
     unet_keys = [k for k in state_dict if k.startswith("unet.")]
     if not unet_keys and not any(k.startswith(a + ".") for a in TEXT_ENCODERS for k in state_dict):
         raise LoraMismatch(f"{path.name}: no UNet or text-encoder weights diffusers can read")

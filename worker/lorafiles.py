@@ -13,6 +13,7 @@ from pathlib import Path
 
 from renderfarm.errors import FieldError
 from renderfarm.schema import LORA_NAME_PATTERN, JobRequest
+from worker.families import UnknownFamily, family_of_lora
 from worker.modelfiles import safetensors_shapes  # one header reader for models and LoRAs
 
 log = logging.getLogger("renderfarm.worker")
@@ -20,24 +21,19 @@ log = logging.getLogger("renderfarm.worker")
 LORAS_DIR = "loras"
 _NAME = re.compile(LORA_NAME_PATTERN)
 
-#: Tensor-name fragments that mark a LoRA as made for a family, checked in this order: the
-#: formats diffusers' ``load_lora_weights`` reads (kohya / A1111 / civitai ``lora_unet_*``,
-#: ``lora_te*``; diffusers / peft ``unet.*``, ``text_encoder*.*``; Flux ``transformer.*``).
-#: kohya names SDXL's UNet blocks the original way (``input_blocks``), SD 1.x's the diffusers
-#: way (``down_blocks``); SDXL has a second text encoder (``te2``).
-FAMILY_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("flux", ("transformer.", "lora_transformer_", "double_blocks", "single_blocks")),
-    ("sdxl", ("lora_te2_", "text_encoder_2.", "lora_unet_input_blocks_",
-              "lora_unet_output_blocks_", "lora_unet_middle_block_", "add_embedding")),
-)
-#: The width of the text embeddings a UNet's cross-attention reads (``attn2.to_k``'s input):
-#: 768 for SD 1.x (CLIP ViT-L), 1024 for SD 2.x (OpenCLIP ViT-H), 2048 for SDXL (both
-#: encoders). Decides where the names do not (a diffusers-format UNet-only LoRA).
-CROSS_ATTENTION_FAMILIES = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
-_TO_K_DOWN = re.compile(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down)")
-#: What a LoRA whose file says nothing more is taken for (the tiny test models have small
-#: cross-attention widths): the family of most LoRAs people have.
-DEFAULT_FAMILY = "sd15"
+#: Tensor names of LoRA weights, in the formats diffusers' ``load_lora_weights`` reads:
+#: peft ``lora_A`` / ``lora_B``, kohya / A1111 / civitai ``lora_down`` / ``lora_up``, and
+#: older diffusers ``to_q_lora.down`` / ``lora_linear_layer.down``. A file with none is no LoRA.
+_LORA_WEIGHT = re.compile(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|"
+                          r"lora_linear_layer\.(down|up))\.weight$")
+#: What ``loras_with_family`` advertises, followed by the reason, for a file in ``loras/`` that
+#: no model can use (not a LoRA, truncated, of no family the farm knows): a job naming it is
+#: refused at submit with that reason instead of "not a LoRA the farm has".
+UNUSABLE = "unusable: "
+
+
+class NotALora(ValueError):
+    """A file in ``loras/`` that is not a LoRA any family can use; the message says why."""
 
 
 def list_loras(models_dir: Path) -> dict[str, Path]:
@@ -64,18 +60,19 @@ def list_loras(models_dir: Path) -> dict[str, Path]:
 
 
 def lora_family(shapes: dict[str, tuple[int, ...]]) -> str:
-    """The model family a LoRA with these tensor names and shapes was made for: its names
-    (:data:`FAMILY_MARKERS`), else its cross-attention width
-    (:data:`CROSS_ATTENTION_FAMILIES`), else :data:`DEFAULT_FAMILY`."""
-    for family, markers in FAMILY_MARKERS:
-        if any(marker in key for key in shapes for marker in markers):
-            return family
-    for key, shape in shapes.items():
-        if _TO_K_DOWN.search(key) and len(shape) == 2:
-            width = shape[1]
-            if width in CROSS_ATTENTION_FAMILIES:
-                return CROSS_ATTENTION_FAMILIES[width]
-    return DEFAULT_FAMILY
+    """The model family a LoRA with these tensor names and shapes was made for, as the
+    family layer recognises it (:func:`worker.families.family_of_lora`: each family's module
+    says how its LoRAs look). :class:`NotALora` for a file without LoRA weights or of no
+    family the farm knows."""
+    if not any(_LORA_WEIGHT.search(key) for key in shapes):
+        example = next(iter(sorted(shapes)), None)
+        raise NotALora(f"not a LoRA: none of its {len(shapes)} tensors is a LoRA weight "
+                       "(lora_A / lora_B, lora_down / lora_up)"
+                       + (f", e.g. {example!r}" if example else ""))
+    try:
+        return family_of_lora(shapes).name
+    except UnknownFamily as exc:
+        raise NotALora(str(exc)) from None
 
 
 _FAMILY_CACHE: dict[tuple[str, int, int], str] = {}
@@ -83,17 +80,24 @@ _FAMILY_CACHE: dict[tuple[str, int, int], str] = {}
 
 def loras_with_family(models_dir: Path) -> dict[str, str]:
     """LoRA name -> family, for the heartbeat. Each file's header is read once per (path,
-    size, mtime); an unreadable file is left out with a warning (it cannot be loaded)."""
+    size, mtime). A file no model can use (unreadable, truncated, not a LoRA, of no known
+    family) is listed as :data:`UNUSABLE` and the reason, with a warning in the log, so a job
+    naming it is refused at submit saying why; a file gone meanwhile is left out."""
     out = {}
     for name, path in list_loras(models_dir).items():
         try:
             stat = path.stat()
-            key = (str(path), stat.st_size, stat.st_mtime_ns)
-            if key not in _FAMILY_CACHE:
+        except OSError:
+            continue
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _FAMILY_CACHE:
+            try:
                 _FAMILY_CACHE[key] = lora_family(safetensors_shapes(path))
-            out[name] = _FAMILY_CACHE[key]
-        except (OSError, ValueError) as exc:
-            log.warning("LoRA %s left out: %s", name, exc)
+            except (OSError, ValueError) as exc:
+                reason = str(exc).replace(f"{path}: ", "")
+                log.warning("LoRA %s (%s) cannot be used: %s", name, path, reason)
+                _FAMILY_CACHE[key] = UNUSABLE + reason
+        out[name] = _FAMILY_CACHE[key]
     return out
 
 
@@ -110,6 +114,10 @@ def lora_errors(request: JobRequest, known: dict[str, str], model_family: str | 
             errors.append(FieldError(f"loras.{i}.name",
                                      f"is not a LoRA the farm has (known: {names})",
                                      lora.name, index))
+        elif family.startswith(UNUSABLE):
+            errors.append(FieldError(f"loras.{i}.name",
+                                     f"is a file in the loras folder that cannot be used: "
+                                     f"{family[len(UNUSABLE):]}", lora.name, index))
         elif model_family is not None and family != model_family:
             errors.append(FieldError(f"loras.{i}.name",
                                      f"is a LoRA for model family {family!r}, but model "

@@ -57,5 +57,13 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"{path}: unreadable safetensors header ({exc})") from exc
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the safetensors header is not an object")
+    ends = [entry["data_offsets"][1] for entry in header.values()
+            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    expected = 8 + size + max(ends, default=0)
+    actual = path.stat().st_size
+    if actual < expected:  # a download or copy cut short
+        raise ValueError(f"{path}: truncated: its header describes {expected} bytes, the file "
+                         f"holds {actual}")
     return {key: tuple(entry.get("shape", ())) for key, entry in header.items()
             if key != "__metadata__" and isinstance(entry, dict)}

@@ -332,22 +332,29 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 #: The LoRA file formats :func:`make_lora` writes: diffusers' own (peft ``lora_A`` /
 #: ``lora_B``, as ``save_lora_weights`` writes) and kohya's (``lora_down`` / ``lora_up`` /
-#: ``alpha``, what A1111 and civitai LoRAs use).
+#: ``alpha``, what A1111 and civitai LoRAs use; SDXL's UNet blocks named the original (SGM)
+#: way, ``lora_unet_input_blocks_4_1_...``, and its encoders ``lora_te1_`` / ``lora_te2_``, as
+#: kohya's sd-scripts write them).
 LORA_FORMATS = ("peft", "kohya")
-#: The layers a made LoRA adapts: the UNet's attention projections and the text encoders'
-#: self-attention projections (what most LoRAs train).
+#: The layers a made LoRA adapts: the UNet's attention projections, a Flux transformer's
+#: attention projections (both streams), and the text encoders' self-attention projections
+#: (what most LoRAs train).
 _LORA_UNET = re.compile(r"^(.*\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.weight$")
+_LORA_TRANSFORMER = re.compile(
+    r"^(.*\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out))"
+    r"\.weight$")
 _LORA_TEXT = re.compile(r"^(?:text_model\.)?(encoder\.layers\.\d+\.self_attn\.[qkvo]\w*_proj)"
                         r"\.weight$")
 
 
 def make_lora(model_dir: Path, path: Path, fmt: str = "peft", seed: int = 0, rank: int = 4,
-              scale: float = 0.3) -> Path:
+              scale: float = 0.3, text_encoders: bool = True) -> Path:
     """Write a LoRA for the diffusers model folder ``model_dir`` to ``path`` (``.safetensors``):
-    random low-rank updates (``scale`` x standard normal, seeded) of the UNet's attention and
-    the text encoders' self-attention, in ``fmt`` (:data:`LORA_FORMATS`), with layer names as
-    real LoRAs have them. Shapes come from the model files' headers: nothing is loaded.
-    Returns ``path``."""
+    random low-rank updates (``scale`` x standard normal, seeded) of the UNet's (or a Flux
+    transformer's) attention and, with ``text_encoders``, the text encoders' self-attention
+    (not Flux's: its LoRAs adapt the transformer), in ``fmt`` (:data:`LORA_FORMATS`; Flux:
+    peft only), with layer names as real LoRAs have them. Shapes come from the model files'
+    headers: nothing is loaded. Returns ``path``."""
     from safetensors.torch import save_file
 
     from worker.lorafiles import safetensors_shapes
@@ -355,8 +362,22 @@ def make_lora(model_dir: Path, path: Path, fmt: str = "peft", seed: int = 0, ran
     if fmt not in LORA_FORMATS:
         raise ValueError(f"format must be one of {', '.join(LORA_FORMATS)}, got {fmt!r}")
     model_dir = Path(model_dir)
-    encoders = sorted(p.name for p in model_dir.glob("text_encoder*") if p.is_dir())
-    parts = [("unet", _LORA_UNET)] + [(name, _LORA_TEXT) for name in encoders]
+    if (model_dir / "transformer").is_dir():  # Flux
+        if fmt != "peft":
+            raise ValueError(f"{model_dir}: a transformer model's LoRA is written in diffusers' "
+                             "own format only (--format peft)")
+        parts = [("transformer", _LORA_TRANSFORMER)]
+        encoders: list[str] = []
+    else:
+        encoders = sorted(p.name for p in model_dir.glob("text_encoder*") if p.is_dir())
+        parts = [("unet", _LORA_UNET)]
+        if text_encoders:
+            parts += [(name, _LORA_TEXT) for name in encoders]
+    sgm = fmt == "kohya" and "text_encoder_2" in encoders  # kohya's SDXL names
+    layers_per_block = 0
+    if sgm:
+        config = json.loads((model_dir / "unet" / "config.json").read_text(encoding="utf-8"))
+        layers_per_block = int(config.get("layers_per_block", 2))
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for part, pattern in parts:
@@ -367,7 +388,7 @@ def make_lora(model_dir: Path, path: Path, fmt: str = "peft", seed: int = 0, ran
             match = pattern.match(key)
             if not match or len(shape) != 2:
                 continue
-            layer = match.group(1) if part == "unet" else f"text_model.{match.group(1)}"
+            layer = match.group(1) if pattern is not _LORA_TEXT else f"text_model.{match.group(1)}"
             down = torch.randn(rank, shape[1], generator=generator) * scale
             up = torch.randn(shape[0], rank, generator=generator) * scale
             if fmt == "peft":
@@ -378,6 +399,8 @@ def make_lora(model_dir: Path, path: Path, fmt: str = "peft", seed: int = 0, ran
                           "text_encoder_2": "lora_te2"}[part]
                 if part == "text_encoder" and "text_encoder_2" in encoders:
                     prefix = "lora_te1"
+                if sgm and part == "unet":
+                    layer = _sgm_name(layer, layers_per_block)
                 name = f"{prefix}_{layer.replace('.', '_')}"
                 tensors[f"{name}.lora_down.weight"] = down
                 tensors[f"{name}.lora_up.weight"] = up
@@ -388,3 +411,20 @@ def make_lora(model_dir: Path, path: Path, fmt: str = "peft", seed: int = 0, ran
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt", "renderfarm_lora_format": fmt})
     return path
+
+
+def _sgm_name(layer: str, layers_per_block: int) -> str:
+    """A diffusers UNet attention layer's name in the original (SGM) layout, as kohya names
+    SDXL's (2 layers per block): ``down_blocks.1.attentions.0.x`` -> ``input_blocks.4.1.x``,
+    ``up_blocks.0.attentions.2.x`` -> ``output_blocks.2.1.x``, ``mid_block.attentions.0.x`` ->
+    ``middle_block.1.x`` (the inverse of diffusers' ``_maybe_map_sgm_blocks_to_diffusers``)."""
+    found = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.*)$", layer)
+    if found:
+        kind, block, index, rest = found.groups()
+        per = layers_per_block + (0 if kind == "down_blocks" else 1)
+        if kind == "down_blocks":
+            return f"input_blocks.{1 + int(block) * (per + 1) + int(index)}.1.{rest}"
+        return f"output_blocks.{int(block) * per + int(index)}.1.{rest}"
+    if layer.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + layer[len("mid_block.attentions.0."):]
+    raise ValueError(f"no original (SGM) name for UNet layer {layer!r}")

@@ -17,6 +17,7 @@ check jobs at submit); the worker-side methods import diffusers when called.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,22 @@ if TYPE_CHECKING:
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 Shapes = dict[str, tuple[int, ...]]
+
+
+#: A cross-attention key projection's LoRA down-projection (its input is the text embedding),
+#: in the diffusers / peft (``attn2.to_k.lora_A``), kohya (``attn2_to_k.lora_down``) and
+#: older diffusers (``attn2.processor.to_k_lora.down``) names.
+_CROSS_ATTENTION_DOWN = re.compile(
+    r"attn2[._](processor[._])?to_k.*(lora_down|lora_A|lora\.down)")
+
+
+def lora_cross_attention_width(shapes: Shapes) -> int | None:
+    """The width of the text embeddings a LoRA's cross-attention layers read (768 for SD 1.x,
+    1024 for SD 2.x, 2048 for SDXL), or None where the LoRA adapts no cross-attention."""
+    for key, shape in shapes.items():
+        if len(shape) == 2 and _CROSS_ATTENTION_DOWN.search(key):
+            return shape[1]
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,12 @@ class Family:
     #: Peak device memory per output pixel of one image in fp16 beyond the weights, in bytes
     #: (float32 doubles it). The worker's profiles are calibrated for SD 1.5 (4096).
     bytes_per_pixel: int = 4096
+    #: How its LoRA files are recognised (:meth:`owns_lora`): regular expressions on tensor
+    #: names of which any one marks a LoRA as this family's (searched, so anchor with ``^``),
+    #: and the widths of the text embeddings its denoiser's cross-attention reads, which
+    #: decide a UNet-only LoRA whose names say nothing (:func:`lora_cross_attention_width`).
+    lora_keys: tuple[str, ...] = ()
+    cross_attention_widths: tuple[int, ...] = ()
     #: Latent channel -> (R, G, B), and the RGB bias, for previews without the VAE
     #: (ComfyUI's ``comfy/latent_formats.py``).
     latent_rgb_factors: tuple[tuple[float, float, float], ...] = ()
@@ -72,6 +95,14 @@ class Family:
     def owns_checkpoint(self, shapes: Shapes) -> bool:
         """Whether a single file with these tensor names and shapes is of this family."""
         return any(key in shapes for key in self.checkpoint_keys)
+
+    def owns_lora(self, shapes: Shapes) -> bool:
+        """Whether a LoRA file with these tensor names and shapes was made for this family:
+        one of its names matches :attr:`lora_keys`, or its cross-attention width is one of
+        :attr:`cross_attention_widths`. Asked in registry order (:func:`family_of_lora`)."""
+        if any(re.search(pattern, key) for pattern in self.lora_keys for key in shapes):
+            return True
+        return lora_cross_attention_width(shapes) in self.cross_attention_widths
 
     # -- facts for jobs -----------------------------------------------------------------
     def memory_scale(self) -> float:
@@ -125,7 +156,8 @@ FAMILIES: dict[str, Family] = {
 
 
 class UnknownFamily(ValueError):
-    """A model whose family the farm does not know; the message says what it looks like."""
+    """A model (or LoRA) whose family the farm does not know; the message says what it looks
+    like."""
 
 
 def family_named(name: str) -> Family:
@@ -157,6 +189,21 @@ def family_of_checkpoint(shapes: Shapes) -> Family | None:
         if family.owns_checkpoint(shapes):
             return family
     return None
+
+
+def family_of_lora(shapes: Shapes) -> Family:
+    """The family a LoRA with these tensor names and shapes was made for: the first family
+    in registry order whose :meth:`Family.owns_lora` says so; :class:`UnknownFamily` (naming
+    the evidence) where none does."""
+    for family in FAMILIES.values():
+        if family.owns_lora(shapes):
+            return family
+    width = lora_cross_attention_width(shapes)
+    seen = f"cross-attention width {width}" if width else "no cross-attention layers"
+    example = next(iter(sorted(shapes)), "none")
+    raise UnknownFamily(
+        f"a LoRA of no model family the farm knows ({', '.join(FAMILIES)}): {seen}, "
+        f"{len(shapes)} tensors such as {example!r}")
 
 
 #: (path, size, mtime) of a .safetensors -> its family, so a submit does not reread headers.

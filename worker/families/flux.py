@@ -64,6 +64,14 @@ FAMILY = Flux(
     # A 4096-token sequence per megapixel through 57 transformer blocks plus a 16-channel VAE
     # decode: an estimate that errs large.
     bytes_per_pixel=6144,
+    # LoRAs adapt the transformer: diffusers / peft ``transformer.``, kohya-style
+    # ``lora_transformer_``, and the original (BFL / kohya / civitai) ``double_blocks`` /
+    # ``single_blocks`` names, bare or as ``lora_unet_double_blocks_...``.
+    lora_keys=(
+        r"^transformer\.",
+        r"^lora_transformer_",
+        r"^(lora_unet_|diffusion_model\.)?(double_blocks|single_blocks)[._]",
+    ),
     # ComfyUI latent_formats.Flux (16 latent channels).
     latent_rgb_factors=(
         (-0.0346, 0.0244, 0.0681),

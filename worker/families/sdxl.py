@@ -27,6 +27,20 @@ FAMILY = Family(
     # Fewer attention layers at full latent resolution than SD 1.5, but a 4x larger image at
     # its default size and a VAE that upcasts to float32 in fp16: an estimate that errs large.
     bytes_per_pixel=5120,
+    # LoRAs: the second text encoder (kohya ``lora_te2_`` with ``lora_te1_`` for the first,
+    # diffusers ``text_encoder_2.``); kohya names SDXL's UNet blocks the original (SGM) way
+    # (``input_blocks``); several transformer layers per attention block (SDXL has 2 and 10,
+    # SD 1.x and 2.x one), which marks a diffusers-named UNet-only LoRA whatever its widths;
+    # the size micro-conditioning's embedding; and a 2048-wide cross-attention (both encoders'
+    # 768 + 1280).
+    lora_keys=(
+        r"^lora_te[12]_",
+        r"^text_encoder_2\.",
+        r"^lora_unet_(input_blocks|output_blocks|middle_block)_",
+        r"^(unet\.|lora_unet_).*transformer_blocks[._][1-9]",
+        r"^(unet\.|lora_unet_)add_embedding",
+    ),
+    cross_attention_widths=(2048,),
     latent_rgb_factors=(
         (0.3651, 0.4232, 0.4341),
         (-0.2533, -0.0042, 0.1068),
