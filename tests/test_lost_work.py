@@ -190,3 +190,35 @@ def test_cancel_after_the_first_object_is_stored_answers_storing(own_farm):
     assert records.renew("c2", "w1", 30) == "ok"
     records.succeed("c2", "w1", [])
     assert records.job("c2").state is JobState.succeeded
+
+
+# -- a publish that fails after the records are written: all or error ----------------------
+def test_publish_refused_mid_batch_fails_every_job_and_tells_the_caller(own_farm):
+    """README: "a submit either records and enqueues every job of a batch or reports the error".
+    A batch of 2,001 jobs: 2,000 for one queue (one full publish pipeline, sent), then one for
+    another queue that Redis refuses (the submitting ACL user of the real redis-server may not
+    touch that queue's keys), after every record is written. The submit raises, naming the
+    failure; every job of the batch is ``failed`` ("not enqueued"), none sits queued with no
+    message; the messages that did go out are dropped by the worker that claims them."""
+    from renderfarm.errors import FarmUnavailable
+
+    client, _ = own_farm
+    queue = client.settings.queue
+    allowed = [f"~{keys.PREFIX}*", "~_kombu*", f"~{queue}.tiny", f"~{queue}.tiny[^.]*"]
+    client.redis.acl_setuser("submitter", enabled=True, passwords=["+submitter-pw"],
+                             keys=allowed, commands=["+@all"])
+    url = "redis://submitter:submitter-pw@" + client.settings.redis_url.split("@", 1)[1]
+    limited = FarmClient(client.settings.model_copy(update={"redis_url": url}))
+    jobs = [{**JOB, "prompt": f"sent {i}"} for i in range(2000)]
+    jobs.append({**JOB, "prompt": "refused", "hardware": "cpu"})  # queue <queue>.tiny.cpu
+    with pytest.raises(FarmUnavailable, match=r"not enqueued.*no permissions.*marked failed"):
+        limited.submit_batch(jobs, batch_id="half-sent")
+    assert depth(client.redis, f"{queue}.tiny") == 2000  # the first pipeline went out ...
+    assert depth(client.redis, f"{queue}.tiny.cpu") == 0  # ... the last message was refused
+    batch = client.records.batch("half-sent")
+    assert batch.total == 2001
+    assert {s.value: n for s, n in batch.counts.items()} == {"failed": 2001}
+    ids = [raw.decode() for raw in client.redis.lrange(keys.batch_jobs("half-sent"), 0, -1)]
+    errors = {client.records.job(i).error for i in ids[::100] + ids[-1:]}
+    assert len(errors) == 1 and errors.pop().startswith("not enqueued: the farm's Redis failed")
+    assert {client.records.claim(i, "w1", 30, 3).status for i in ids[::100]} == {"terminal"}
