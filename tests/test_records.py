@@ -10,6 +10,7 @@ from redis import Redis
 from renderfarm import keys
 from renderfarm.records import Records
 from renderfarm.schema import JobRequest, JobState
+from tests.fault_fixtures import wait_for
 
 
 @pytest.fixture
@@ -24,6 +25,11 @@ def add(records: Records, job_id: str, batch_id: str = "b1") -> None:
     request = JobRequest(prompt="x", model="tiny", seed=1)
     records.redis.delete(keys.job(job_id), keys.batch(batch_id), keys.batch_jobs(batch_id))
     records.add_jobs(batch_id, [(job_id, request)])
+
+
+def lease_ended(records: Records, job_id: str) -> None:
+    """Wait until Redis' clock (the one of leases) has passed the job's lease."""
+    wait_for(lambda: job_id in records.expired_leases(), 5, f"{job_id}'s lease to end", 0.01)
 
 
 def counts(records: Records, batch_id: str = "b1") -> dict:
@@ -57,8 +63,7 @@ def test_expired_lease_is_reaped_and_reclaimed(records):
     add(records, "j3")
     records.claim("j3", "dead-worker", 0.2, 3)
     assert records.reap("j3", 3) == ""  # lease still live
-    time.sleep(0.3)
-    assert "j3" in records.expired_leases()
+    lease_ended(records, "j3")
     assert records.reap("j3", 3) == "requeued"
     assert records.reap("j3", 3) == ""  # a second reaper does nothing
     assert records.job("j3").state is JobState.queued
@@ -70,7 +75,7 @@ def test_poison_job_fails_after_max_attempts(records):
     add(records, "j4")
     for _ in range(3):
         assert records.claim("j4", "w", 0.05, 3).ok
-        time.sleep(0.1)
+        lease_ended(records, "j4")
         outcome = records.reap("j4", 3)
     assert outcome == "failed"
     record = records.job("j4")
@@ -82,8 +87,8 @@ def test_poison_job_fails_after_max_attempts(records):
 def test_claim_counts_attempts_past_the_limit(records):
     add(records, "j5")
     for _ in range(2):
-        records.claim("j5", "w", 0.01, 2)
-        time.sleep(0.02)
+        assert records.claim("j5", "w", 0.01, 2).ok
+        lease_ended(records, "j5")
     claim = records.claim("j5", "w", 0.01, 2)
     assert claim.status == "poison"
     assert records.job("j5").state is JobState.failed
