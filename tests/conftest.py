@@ -110,11 +110,32 @@ def farm_settings(tmp_path_factory, redis_url, s3_endpoint, models_dir) -> Setti
 
 @pytest.fixture(scope="session")
 def farm(farm_settings):
-    """One real Celery worker process running the tiny model, shared by the session."""
+    """One real Celery worker process running the tiny model, shared by the session. It runs
+    with test holds on (worker/testhooks.py; the ``holds`` fixture): only jobs whose prompt a
+    test holds ever stop."""
     from renderfarm.farm import EmbeddedFarm
+    from worker import testhooks
 
-    with EmbeddedFarm(farm_settings, workers=1, profile="cpu", preload=["tiny"]) as running:
+    env = {testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE}
+    with EmbeddedFarm(farm_settings, workers=1, profile="cpu", preload=["tiny"],
+                      extra_env=env) as running:
         yield running
+
+
+@pytest.fixture
+def holds(farm, client):
+    """Test holds on the session farm's worker (tests/fault_fixtures.py ``HoldControl``): a job
+    whose prompt the test holds stops at that point until released. Every hold the test set
+    is released after it, so a failed test never leaves the shared worker waiting."""
+    from tests.fault_fixtures import HoldControl
+
+    def logs() -> str:
+        path = farm.log_dir / "worker-0.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    control = HoldControl(client.redis, logs)
+    yield control
+    control.release_all()
 
 
 @pytest.fixture

@@ -96,6 +96,49 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
                 pass
 
 
+class HoldControl:
+    """The test's side of worker/testhooks.py on one farm's Redis (its workers must run with
+    holds on): ``hold_step`` / ``hold_upload`` make jobs with a prompt stop at a point,
+    ``wait_held`` waits until one has, ``release`` lets it go on."""
+
+    def __init__(self, redis, logs: Callable[[], str] = lambda: ""):
+        self.redis, self.logs = redis, logs
+        self.fields: set[str] = set()  # set by this control and not yet released
+
+    def hold_step(self, prompt: str, step: int) -> str:
+        """Jobs with ``prompt`` stop after denoising step ``step`` until released."""
+        field = f"step:{prompt}"
+        self.redis.hset(testhooks.HOLDS, field, step)
+        self.fields.add(field)
+        return field
+
+    def hold_upload(self, prompt: str) -> str:
+        """Jobs with ``prompt`` stop after rendering, before storing anything, until released."""
+        field = f"upload:{prompt}"
+        self.redis.hset(testhooks.HOLDS, field, "")
+        self.fields.add(field)
+        return field
+
+    def wait_held(self, timeout: float = 90) -> tuple[str, str, int]:
+        """The next stop at a hold: (point, job id, step)."""
+        try:
+            event = wait_for(lambda: self.redis.lpop(testhooks.REACHED), timeout,
+                             "a job stopping at a test hold")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; the workers' logs end:\n{self.logs()[-3000:]}") from None
+        point, job_id, step = event.decode().split(":")
+        return point, job_id, int(step)
+
+    def release(self, *fields: str) -> None:
+        if fields:
+            self.redis.hdel(testhooks.HOLDS, *fields)
+            self.fields.difference_update(fields)
+
+    def release_all(self) -> None:
+        """Every hold this control set (a failed test must not leave a shared worker held)."""
+        self.release(*self.fields)
+
+
 class FaultFarm:
     """One farm under test: its Redis, its workers (``farm.workers``) and a client."""
 
@@ -108,6 +151,7 @@ class FaultFarm:
         self.farm = EmbeddedFarm(settings, workers=workers, profile="cpu", preload=["tiny"],
                                  extra_env=extra_env)
         self.client = FarmClient(settings)
+        self.holds = HoldControl(self.client.redis, self.logs)
 
     # -- processes --------------------------------------------------------------------------
     def start(self) -> FaultFarm:
@@ -159,29 +203,16 @@ class FaultFarm:
 
     # -- test holds (worker/testhooks.py) ---------------------------------------------------
     def hold_step(self, prompt: str, step: int) -> str:
-        """Jobs with ``prompt`` stop after denoising step ``step`` until released."""
-        field = f"step:{prompt}"
-        self.client.redis.hset(testhooks.HOLDS, field, step)
-        return field
+        return self.holds.hold_step(prompt, step)
 
     def hold_upload(self, prompt: str) -> str:
-        """Jobs with ``prompt`` stop after rendering, before storing anything, until released."""
-        field = f"upload:{prompt}"
-        self.client.redis.hset(testhooks.HOLDS, field, "")
-        return field
+        return self.holds.hold_upload(prompt)
 
     def wait_held(self, timeout: float = 90) -> tuple[str, str, int]:
-        """The next stop at a hold: (point, job id, step)."""
-        try:
-            event = wait_for(lambda: self.client.redis.lpop(testhooks.REACHED), timeout,
-                             "a job stopping at a test hold")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}; the workers' logs end:\n{self.logs()[-3000:]}") from None
-        point, job_id, step = event.decode().split(":")
-        return point, job_id, int(step)
+        return self.holds.wait_held(timeout)
 
     def release(self, *fields: str) -> None:
-        self.client.redis.hdel(testhooks.HOLDS, *fields)
+        self.holds.release(*fields)
 
     # -- jobs -------------------------------------------------------------------------------
     def wait_state(self, job_id: str, states: set[JobState], timeout: float = 60) -> JobRecord:

@@ -124,24 +124,22 @@ def test_sidecar_json_describes_the_job(farm, client):
     assert all(v is not None and v >= 0 for v in body["timings"].values()), body["timings"]
 
 
-def test_cancel_queued_and_running(farm, client):
-    slow = {**JOB, "prompt": "slow", "width": 256, "height": 256, "steps": 150}
+def test_cancel_queued_and_running(farm, client, holds):
+    """A queued job is cancelled at once; a running one stops at its next denoising step:
+    cancelled while provably held after step 2 of 20 (worker/testhooks.py), it records no
+    step past 3 and stores nothing."""
+    slow = {**JOB, "prompt": "cancelled at step 2", "steps": 20}
+    held = holds.hold_step(slow["prompt"], 2)
     running = client.submit(slow)
     queued = client.submit({**JOB, "prompt": "never rendered"})
     assert queued.cancel() == "cancelled"
-    deadline_state = running.status()
-    for _ in range(600):
-        deadline_state = running.status()
-        if deadline_state.state is JobState.rendering:
-            break
-        import time
-
-        time.sleep(0.05)
-    assert deadline_state.state is JobState.rendering
+    assert holds.wait_held() == ("step", running.id, 2)
+    assert running.status().state is JobState.rendering
     assert running.cancel() == "cancelling"
+    holds.release(held)
     record = running.wait(timeout=30)
     assert record.state is JobState.cancelled
-    assert record.step < 150
+    assert 2 <= record.step <= 3, record.step  # the step it was held at, or the next one
     assert not client.storage.list(f"{record.batch_id}/")
     assert queued.wait(timeout=5).state is JobState.cancelled
     assert queued.status().attempts == 0
