@@ -227,6 +227,12 @@ class FaultFarm:
         prefix = f"{record.batch_id}/{record.id}"
         return [k.split("/", 1)[1] for k in self.client.storage.list(prefix)]
 
+    def assert_one_set(self, job_id: str) -> None:
+        """The job succeeded with exactly one set of objects in storage."""
+        record = self.client.records.job(job_id)
+        assert record.state is JobState.succeeded, (record.state, record.error)
+        assert self.objects(record) == self.expected_objects(record)
+
     def expected_objects(self, record: JobRecord) -> list[str]:
         """One PNG per image and the JSON sidecar: exactly one set."""
         n = record.request.num_images

@@ -19,9 +19,10 @@ from renderfarm.embedded import free_port
 from renderfarm.farm import EmbeddedFarm
 from renderfarm.schema import JobState
 from renderfarm.settings import Settings
+from tests.fault_fixtures import HoldControl
+from worker import testhooks
 
 SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 2, "scheduler": "euler"}
-SLOW = {**SMALL, "width": 256, "height": 256, "steps": 60}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def tools_farm(tmp_path_factory, models_dir):
     data = tmp_path_factory.mktemp("tools-farm")
     settings = Settings(data_dir=data, models_dir=models, storage_url=(data / "images").as_uri(),
                         lease_seconds=3, metrics_port=free_port())
-    with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"]) as farm:
+    env = {testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE}  # test holds: see the revoke test
+    with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"],
+                      extra_env=env) as farm:
         yield farm
 
 
@@ -130,17 +133,28 @@ def test_failed_job_is_failure_with_its_reason(tools_farm, events):
 
 
 def test_revoke_cancels_queued_and_running_jobs(tools_farm, events):
+    """Revoked while provably rendering (held after step 2 of 20 by a test hold until both
+    revokes are answered), the running job stops at its next step; the queued one never runs."""
     client = FarmClient(tools_farm.settings)
-    running = client.submit({**SLOW, "steps": 150, "prompt": "to be revoked while rendering"})
-    queued = client.submit({**SMALL, "prompt": "revoked before it runs", "priority": 0})
-    wait_for(lambda: running.status().state is JobState.rendering, 120, "rendering")
-    # the worker renders: Celery's handler answers later, the farm's listener at once
-    assert f"{queued.id} cancelled" in celery_cli(tools_farm, "control", "revoke", queued.id)
-    assert queued.wait(60).state is JobState.cancelled
-    assert queued.status().attempts == 0  # never ran
-    celery_cli(tools_farm, "control", "revoke", running.id)
+    holds = HoldControl(client.redis)
+    prompt = "to be revoked while rendering"
+    hold = holds.hold_step(prompt, 2)
+    try:
+        running = client.submit({**SMALL, "steps": 20, "prompt": prompt})
+        queued = client.submit({**SMALL, "prompt": "revoked before it runs", "priority": 0})
+        assert holds.wait_held() == ("step", running.id, 2)
+        # the worker renders: Celery's handler answers later, the farm's listener at once
+        assert f"{queued.id} cancelled" in celery_cli(tools_farm, "control", "revoke",
+                                                      queued.id)
+        assert queued.wait(60).state is JobState.cancelled
+        assert queued.status().attempts == 0  # never ran
+        answer = celery_cli(tools_farm, "control", "revoke", running.id)
+        assert f"{running.id} cancelling" in answer, answer  # recorded before the reply
+        assert running.status().cancel_requested
+    finally:
+        holds.release(hold)
     record = running.wait(60)
-    assert record.state is JobState.cancelled and record.step < 150
+    assert record.state is JobState.cancelled and 2 <= record.step <= 3, record.step
     assert task_state(events, running.id) == "REVOKED"
     assert task_state(events, queued.id) == "REVOKED"
 

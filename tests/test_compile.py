@@ -93,6 +93,23 @@ def test_compiled_renders_equal_eager_renders(models_dir):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
 
 
+def test_padded_compiled_call_equals_unpadded_eager_call(models_dir):
+    """3 images on a UNet compiled for batches of 1, 2 and 4 run as one call padded to 4 (the
+    extra image thrown away); the same 3 images eagerly, unpadded, in one call of 3: the same
+    pixels, image for image (seed, seed+1, seed+2), within rounding."""
+    eager = PipelineCache(models_dir, Profile("cpu", "cpu", torch.float32, max_batch=4))
+    compiled = PipelineCache(models_dir, compiled_profile())
+    assert compiled.call_size(64, 64, "tiny") == 4 and compiled.batch_size_for(3) == 4
+    assert eager.call_size(64, 64, "tiny") == 4 and eager.batch_size_for(3) == 3
+    for scheduler in ("euler", "ddim"):
+        a = render(eager, job(seed=11, num_images=3, scheduler=scheduler))
+        b = render(compiled, job(seed=11, num_images=3, scheduler=scheduler))
+        assert len(a) == len(b) == 3
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert np.abs(pixels(x) - pixels(y)).max() <= 1, (scheduler, k)
+        assert np.abs(pixels(a[0]) - pixels(a[1])).max() > 10  # three different images
+
+
 def test_inductor_compiles_the_unet_on_the_cpu(models_dir):
     """The real code generator, once: one shape (about a minute on two cores), then a job of
     that shape with another scheduler renders from the compiled graph, equal to eager."""
