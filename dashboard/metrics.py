@@ -6,7 +6,8 @@ Metrics (all gauges, all from the farm's own records, so an autoscaler can trust
   from the queues' pending sets (a job a worker claimed is no longer in them, unlike the raw
   Celery lists, which also hold the messages of claimed micro-batch partners and are split
   over ten priority keys);
-- ``renderfarm_jobs{state}``: every kept job by state, summed from the batches' counters;
+- ``renderfarm_jobs{state}``: every kept job by state, from the farm-wide counter that every
+  transition keeps (renderfarm/records.py, ``rf:counts``);
 - ``renderfarm_oldest_queued_job_age_seconds``: how long the oldest queued job has waited
   (0 when none waits);
 - ``renderfarm_workers{hardware, status}``: live workers by class and status (starting, idle,
@@ -33,28 +34,10 @@ from prometheus_client.registry import Collector
 from renderfarm import keys
 from renderfarm.fleet import read_workers
 from renderfarm.records import PRIORITY_BAND
-from renderfarm.schema import JobState
 
 bp = Blueprint("metrics", __name__)
 
 HARDWARE = ("gpu", "cpu", "jetson", "mps")
-
-# Sums the per-state counters (n:<state>, kept by every transition) of the batches ranked
-# ARGV[1]..ARGV[2] in rf:batches, in Redis itself; ARGV[3..]: the states. Called per chunk of
-# batches (CHUNK), so no call blocks Redis for long however many batches are kept.
-_COUNT_STATES = """
-local fields, totals = {}, {}
-for i = 3, #ARGV do fields[i - 2] = 'n:' .. ARGV[i]; totals[i - 2] = 0 end
-local batches = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2])
-for _, batch in ipairs(batches) do
-  local counts = redis.call('HMGET', 'rf:batch:' .. batch, unpack(fields))
-  for i = 1, #fields do totals[i] = totals[i] + (tonumber(counts[i]) or 0) end
-end
-table.insert(totals, #batches)
-return totals
-"""
-CHUNK = 5000  #: batches summed per script call
-
 
 def split_queue(queue: str, prefix: str) -> tuple[str, str]:
     """(model, hardware) of a queue named by producer/enqueue.queue_for."""
@@ -68,7 +51,6 @@ def split_queue(queue: str, prefix: str) -> tuple[str, str]:
 class FarmCollector(Collector):
     def __init__(self, farm_client):
         self.client = farm_client
-        self._count_states = farm_client.redis.register_script(_COUNT_STATES)
 
     def collect(self):
         redis = self.client.redis
@@ -103,19 +85,10 @@ class FarmCollector(Collector):
                                 "Seconds the oldest queued job has waited (0: none waits)",
                                 value=max(0.0, now - oldest) if oldest is not None else 0.0)
 
-        states = [s.value for s in JobState]
-        totals = [0] * len(states)
-        first = 0
-        while True:
-            *counts, seen = self._count_states(keys=[keys.BATCHES],
-                                               args=[first, first + CHUNK - 1, *states])
-            totals = [a + b for a, b in zip(totals, counts, strict=True)]
-            if seen < CHUNK:
-                break
-            first += CHUNK
+        # one hash read (rf:counts, kept by every transition): not a pass over the batches
         by_state = GaugeMetricFamily("renderfarm_jobs", "Kept jobs by state", labels=["state"])
-        for state, total in zip(states, totals, strict=True):
-            by_state.add_metric([state], int(total))
+        for state, total in self.client.records.state_counts().items():
+            by_state.add_metric([state.value], total)
         yield by_state
 
         workers = GaugeMetricFamily("renderfarm_workers", "Live workers by hardware class and "

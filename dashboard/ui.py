@@ -45,6 +45,7 @@ from renderfarm.jobfile import parse_jobs
 from renderfarm.keys import batch_jobs as batch_jobs_key
 from renderfarm.plots import AXES, FIELDS, parse_cli_axis
 from renderfarm.schema import SCHEDULERS, JobRecord, JobState
+from renderfarm.webhooks import batch_deliveries
 from storage import check_key
 from storage.local import LocalStorage
 from storage.png import read_png_info
@@ -344,8 +345,14 @@ def batch(batch_id: str):
     offset = (page - 1) * GRID_PAGE
     jobs = [api.job_json(r) for r in c.records.batch_jobs(batch_id, offset, GRID_PAGE)]
     pages = max(1, -(-record.total // GRID_PAGE))
+    hooks = batch_deliveries(c.redis, batch_id) if record.webhooks else []
+    now = c.records.clock() if hooks else 0.0
+    for hook in hooks:  # "next try in 42 s" / "12 s ago", by Redis' clock like the records
+        hook["next_in"] = None if hook["next_at"] is None else round(hook["next_at"] - now)
+        hook["last_ago"] = None if hook["last_at"] is None else round(now - hook["last_at"])
     return render_template("batch.html", batch=api.batch_json(record), jobs=jobs, page=page,
-                           pages=pages, offset=offset, limit=GRID_PAGE, states=list(JobState))
+                           pages=pages, offset=offset, limit=GRID_PAGE, states=list(JobState),
+                           hooks=hooks)
 
 
 @bp.post("/batches/<batch_id>/cancel")

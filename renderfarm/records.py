@@ -375,6 +375,29 @@ for _, id in ipairs(ids) do redis.call('ZADD', 'rf:outbox', now, id) end
 return ids
 """
 
+# The farm's jobs by state (rf:counts), kept by move(), _ADD and _PRUNE. Built once from the
+# batches' counters when it has never been (a farm's Redis from before it existed, or one
+# restored): atomically, so an increment that came first is not counted twice. Returns
+# state, n, state, n, ...
+_COUNTS = """
+if redis.call('HGET', 'rf:counts', '_built') ~= '1' then
+  redis.call('DEL', 'rf:counts')
+  local totals = {}
+  for _, batch in ipairs(redis.call('ZRANGE', 'rf:batches', 0, -1)) do
+    local fields = redis.call('HGETALL', 'rf:batch:' .. batch)
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'n:' then
+        local state = string.sub(fields[i], 3)
+        totals[state] = (totals[state] or 0) + (tonumber(fields[i + 1]) or 0)
+      end
+    end
+  end
+  for state, n in pairs(totals) do redis.call('HSET', 'rf:counts', state, n) end
+  redis.call('HSET', 'rf:counts', '_built', '1')
+end
+return redis.call('HGETALL', 'rf:counts')
+"""
+
 ADD_CHUNK = 500  #: jobs recorded per script call by Records.add_jobs
 
 # Largest list offset asked of Redis: offset + limit must stay within its 64-bit integers.
@@ -513,6 +536,7 @@ class Records:
         self._prune = redis.register_script(_PRUNE)
         self._add = redis.register_script(_ADD)
         self._unsent = redis.register_script(_UNSENT)
+        self._counts = redis.register_script(_COUNTS)
 
     # -- writing new work -------------------------------------------------------------------
     def add_jobs(
@@ -652,6 +676,18 @@ class Records:
 
     def count_jobs(self) -> int:
         return int(self.redis.zcard(keys.JOBS))
+
+    def state_counts(self) -> dict[JobState, int]:
+        """The farm's kept jobs by state: one hash read, kept by every transition (built from
+        the batches' counters the first time)."""
+        flat = self._counts()
+        out = {state: 0 for state in JobState}
+        for name, value in zip(flat[::2], flat[1::2], strict=True):
+            try:
+                out[JobState(name.decode())] = int(value)
+            except ValueError:  # '_built', or a state this version does not know
+                continue
+        return out
 
     # -- a worker's transitions -------------------------------------------------------------
     def claim(self, job_id: str, owner: str, lease_seconds: float, max_attempts: int) -> Claim:

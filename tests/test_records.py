@@ -182,3 +182,52 @@ def test_update_many_answers_for_each_job(records):
     answers = records.update_many(["m1", "m2", "m3", "nope"], "w1", JobState.rendering, step=2)
     assert answers == [("ok", False), ("lost", False), ("ok", True), ("missing", False)]
     assert records.job("m1").step == 2 and records.job("m2").step == 0
+
+
+def test_farm_wide_state_counts_never_drift(records):
+    """rf:counts (GET /metrics' jobs by state) against the job records themselves, after every
+    kind of transition: retry, cancel, reap, give back, abandon, claim_more, extension, prune."""
+    def truth() -> dict[JobState, int]:
+        out = dict.fromkeys(JobState, 0)
+        for key in records.redis.scan_iter("rf:job:*"):
+            out[JobState(records.redis.hget(key, "state").decode())] += 1
+        return out
+
+    def request(prompt: str) -> JobRequest:
+        return JobRequest(prompt=prompt, model="tiny", seed=1)
+
+    records.add_jobs("d1", [(f"d1-{n}", request(str(n))) for n in range(6)])
+    assert records.state_counts() == truth()  # built from the batches' counters at first
+    steps = [
+        lambda: records.add_jobs("d1", [("d1-6", request("6"))]),  # the batch extended
+        lambda: records.claim("d1-0", "w", 30, 3),
+        lambda: records.succeed("d1-0", "w", []),
+        lambda: records.claim("d1-1", "w", 30, 3),
+        lambda: records.fail("d1-1", "w", "boom"),
+        lambda: records.retry("d1-1"),
+        lambda: records.cancel("d1-2"),
+        lambda: records.retry("d1-2"),
+        lambda: records.cancel("d1-2"),
+        lambda: records.claim("d1-3", "w", 30, 3),
+        lambda: records.update("d1-3", "w", JobState.rendering, step=1),
+        lambda: records.cancel("d1-3"),  # running: flagged, then ended by its worker
+        lambda: records.update("d1-3", "w", JobState.cancelled),
+        lambda: records.claim("d1-4", "lost-worker", -1, 3),  # a lease already run out
+        lambda: records.reap("d1-4", 3),
+        lambda: records.claim("d1-5", "w", 30, 3),
+        lambda: records.give_back("d1-5", "w"),
+        lambda: records.claim_more(["renderfarm"], "w2", 30, 3, 2),
+        lambda: records.add_jobs("d2", [("d2-0", request("x")), ("d2-1", request("y"))]),
+        lambda: records.abandon(["d2-0", "d2-1"], "not sent"),
+    ]
+    for step in steps:
+        step()
+        assert records.state_counts() == truth()
+    old = time.time() - 7200
+    records.redis.hset(keys.batch("d2"), "created_at", old)
+    records.redis.zadd(keys.BATCHES, {"d2": old})
+    assert records.prune(3600).batches == 1
+    assert records.state_counts() == truth()
+    assert sum(records.state_counts().values()) == 7
+    records.redis.delete(keys.COUNTS)  # lost (a restored Redis): rebuilt from the batches
+    assert records.state_counts() == truth()

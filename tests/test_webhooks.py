@@ -265,3 +265,7 @@ def test_worker_delivers_a_rendered_job(farm, farm_settings, client, receiver):
     assert answer["batch"]["webhook_url"] == receiver.url
     assert {d["type"] for d in answer["webhook_deliveries"]} == {"job.succeeded",
                                                                   "batch.completed"}
+    page = api.get(f"/batches/{handle.id}").get_data(as_text=True)  # the dashboard's page
+    table = page[page.index('id="webhooks"'):]
+    assert "2 delivered, 0 pending, 0 failed" in table
+    assert table.count('class="hook-delivered"') == 2 and "HTTP 200" in table
