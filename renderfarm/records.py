@@ -185,6 +185,9 @@ for i = 5, #ARGV, 7 do
   end
 end
 if #fresh > 0 then
+  if redis.call('ZCARD', 'rf:batches') == 0 and redis.call('EXISTS', 'rf:counts') == 0 then
+    redis.call('HSET', 'rf:counts', '_built', '1')  -- a new farm: nothing to count first
+  end
   redis.call('HSETNX', bkey, 'id', batch_id)
   local ok, request = pcall(cjson.decode, first)
   if ok and type(request) == 'table' and type(request.prompt) == 'string' then
