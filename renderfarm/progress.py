@@ -16,30 +16,101 @@ console = Console()
 
 def follow_batch(client, batch_id: str, timeout: float | None = None, poll: float = 0.25) -> bool:
     """Show the batch's progress (per-step, across its jobs) until it ends; then where every
-    image is. Returns True if every job succeeded."""
+    image is. Returns True if every job succeeded.
+
+    With ``RENDERFARM_DASHBOARD_URL`` set, the bar follows the batch's event stream
+    (``GET /api/v1/batches/<id>/events``, Server-Sent Events: each change as it happens, no
+    polling); where the dashboard cannot be reached, or its stream breaks off, it polls Redis."""
     deadline = None if timeout is None else time.monotonic() + timeout
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[states]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         batch = client.records.batch(batch_id)
         task = bar.add_task(f"batch {batch_id}", total=batch.total, states="")
-        while True:
-            batch = client.records.batch(batch_id)
-            running = batch.counts.get(JobState.rendering, 0) + batch.counts.get(
-                JobState.started, 0) + batch.counts.get(JobState.uploading, 0)
-            partial = _step_fraction(client, batch_id) if running else 0.0
-            bar.update(task, total=batch.total, completed=min(batch.total, batch.done + partial),
-                       states=_counts(batch))
-            if batch.finished:
-                bar.update(task, completed=batch.total)
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                console.print(f"[yellow]gave up waiting after {timeout}s[/]")
-                return False
-            time.sleep(poll)
+        url = client.settings.dashboard_url
+        ended = _follow_events(url, batch_id, bar, task, deadline) if url else None
+        if ended is None:
+            ended = _poll_until_end(client, batch_id, bar, task, deadline, poll)
+        if not ended:
+            console.print(f"[yellow]gave up waiting after {timeout}s[/]")
+            return False
     records = client.records.batch_jobs(batch_id)
     print_results(client, records)
     return all(r.state is JobState.succeeded for r in records)
+
+
+def _poll_until_end(client, batch_id: str, bar: Progress, task, deadline: float | None,
+                    poll: float) -> bool:
+    while True:
+        batch = client.records.batch(batch_id)
+        running = batch.counts.get(JobState.rendering, 0) + batch.counts.get(
+            JobState.started, 0) + batch.counts.get(JobState.uploading, 0)
+        partial = _step_fraction(client, batch_id) if running else 0.0
+        bar.update(task, total=batch.total, completed=min(batch.total, batch.done + partial),
+                   states=_counts(batch))
+        if batch.finished:
+            bar.update(task, completed=batch.total)
+            return True
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+
+
+def _follow_events(url: str, batch_id: str, bar: Progress, task,
+                   deadline: float | None) -> bool | None:
+    """Follow the batch's SSE stream: True when it ends, False past the deadline, None when
+    the stream cannot be had or breaks off (the caller polls instead). stdlib only: the
+    client install has no HTTP library of its own."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote
+
+    target = f"{url.rstrip('/')}/api/v1/batches/{quote(batch_id)}/events"
+    headers = {"Accept": "text/event-stream"}
+    if os.environ.get("RENDERFARM_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['RENDERFARM_TOKEN']}"
+    counts: dict[str, int] = {}
+    steps: dict[str, float] = {}  # running job -> fraction of its steps done
+    total = 0
+    try:
+        # the dashboard sends a keep-alive at least every 5 s: a read timeout means it is gone
+        with urllib.request.urlopen(urllib.request.Request(target, headers=headers),
+                                    timeout=15) as stream:  # noqa: S310 (the farm's own URL)
+            event = ""
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event:
+                    data = json.loads(line[6:])
+                    if event in ("snapshot", "end"):
+                        counts, total = dict(data["counts"]), data["total"]
+                        steps = {}
+                    elif event == "job":
+                        previous, state = data.get("from"), data.get("state")
+                        if previous:
+                            counts[previous] = counts.get(previous, 0) - 1
+                        counts[state] = counts.get(state, 0) + 1
+                        if state not in ("rendering", "started"):
+                            steps.pop(data["job_id"], None)
+                    elif event == "step" and data.get("steps"):
+                        steps[data["job_id"]] = data["step"] / data["steps"]
+                    done = sum(counts.get(s.value, 0) for s in JobState if s.terminal)
+                    states = " ".join(f"{s}={n}" for s, n in counts.items() if n > 0)
+                    bar.update(task, total=total, states=states,
+                               completed=min(total, done + sum(steps.values())))
+                    if event == "end":
+                        bar.update(task, completed=total)
+                        return True
+                elif not line:
+                    event = ""
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+    except (OSError, ValueError, KeyError, urllib.error.URLError):
+        return None
+    return None  # closed without an end: poll
 
 
 def _step_fraction(client, batch_id: str) -> float:

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         "metrics are the dashboard's /metrics.",
     )
 
+    dashboard_url: str | None = Field(
+        None, description="The dashboard's URL (http://host:port). `renderfarm submit --wait` "
+        "then follows the batch's event stream (Server-Sent Events) instead of polling Redis; "
+        "unreachable, it polls.",
+    )
     webhook_secret: SecretStr | None = Field(
         None, description="Key that signs webhooks (Standard Webhooks: 'whsec_' + base64 of "
         "24-64 random bytes). Needed by the processes that deliver them (workers, `renderfarm "

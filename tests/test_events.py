@@ -104,3 +104,30 @@ def test_the_event_stream_is_written_with_each_change_and_pruned_with_its_batch(
     records.cancel("j2")
     assert records.prune(older_than=-60).batches == 1
     assert not r.exists(keys.batch_events("b1"))
+
+
+def test_submit_wait_follows_the_stream_else_polls(dashboard_url, farm_settings, monkeypatch):
+    """``renderfarm submit --wait`` (progress.follow_batch) with RENDERFARM_DASHBOARD_URL reads
+    the event stream and never polls; with the dashboard unreachable it polls Redis."""
+    from producer import FarmClient
+    from renderfarm import progress
+
+    job = {"prompt": "a kite", "model": "tiny", "width": 64, "height": 64, "steps": 2}
+    polls: list[str] = []
+    poll = progress._poll_until_end
+
+    def counted(client, batch_id, *args):
+        polls.append(batch_id)
+        return poll(client, batch_id, *args)
+
+    monkeypatch.setattr(progress, "_poll_until_end", counted)
+    streamed = FarmClient(farm_settings.model_copy(update={"dashboard_url": dashboard_url}))
+    handle = streamed.submit_batch([job, {**job, "prompt": "a second kite"}])
+    assert progress.follow_batch(streamed, handle.id, timeout=120)
+    assert polls == [] and handle.status().finished
+
+    unreachable = FarmClient(farm_settings.model_copy(
+        update={"dashboard_url": "http://127.0.0.1:9"}))
+    handle = unreachable.submit_batch([job])
+    assert progress.follow_batch(unreachable, handle.id, timeout=120)
+    assert polls == [handle.id]
