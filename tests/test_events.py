@@ -122,7 +122,7 @@ def test_submit_wait_follows_the_stream_else_polls(dashboard_url, farm_settings,
 
     monkeypatch.setattr(progress, "_poll_until_end", counted)
     streamed = FarmClient(farm_settings.model_copy(update={"dashboard_url": dashboard_url}))
-    handle = streamed.submit_batch([job, {**job, "prompt": "a second kite"}])
+    handle = streamed.submit_batch([job])
     assert progress.follow_batch(streamed, handle.id, timeout=120)
     assert polls == [] and handle.status().finished
 
