@@ -269,3 +269,32 @@ def test_worker_delivers_a_rendered_job(farm, farm_settings, client, receiver):
     table = page[page.index('id="webhooks"'):]
     assert "2 delivered, 0 pending, 0 failed" in table
     assert table.count('class="hook-delivered"') == 2 and "HTTP 200" in table
+
+
+def test_redirects_not_followed_and_slow_receivers_time_out(redis, hook_settings):
+    """A 3xx is a failed try (its target gets nothing); a receiver that does not answer within
+    RENDERFARM_WEBHOOK_TIMEOUT is a failed try too, and the delivery stays pending."""
+    from producer import FarmClient
+
+    target, redirecting, hanging = (Receiver(WEBHOOK_SECRET) for _ in range(3))
+    redirecting.status, redirecting.location = 307, target.url
+    hanging.hang = threading.Event()
+    try:
+        settings = hook_settings.model_copy(update={"webhook_timeout": 0.5})
+        sender = WebhookSender(settings, FarmClient(settings), "impatient")
+        records = Records(redis)
+        records.add_jobs("wh6", [("wh6-a", job("a", webhook_url=redirecting.url)),
+                                 ("wh6-b", job("b", webhook_url=hanging.url))])
+        records.cancel("wh6-a")
+        records.cancel("wh6-b")
+        sender.run_once()
+        by_job = {d["job_id"]: d for d in batch_deliveries(redis, "wh6")}
+        assert by_job["wh6-a"]["last_answer"].startswith("HTTP 307")
+        assert "timed out" in by_job["wh6-b"]["last_answer"]
+        assert {d["status"] for d in by_job.values()} == {"pending"}
+        assert len(redirecting.received) == 1 and len(hanging.received) == 1
+        assert target.received == []
+    finally:
+        hanging.hang.set()
+        for receiver in (target, redirecting, hanging):
+            receiver.close()

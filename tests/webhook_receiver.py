@@ -26,6 +26,8 @@ class Received:
 class Receiver:
     secret: str
     status: int = 200  #: what the next requests are answered with
+    location: str = ""  #: a Location header to answer with (a redirect, with a 3xx status)
+    hang: threading.Event | None = None  #: when set here, requests wait for it before answering
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -41,7 +43,15 @@ class Receiver:
                 except WebhookVerificationError as exc:
                     payload, error = None, str(exc)
                 status = receiver.status
+                if receiver.hang is not None:
+                    with receiver._changed:  # seen, then held past the sender's timeout
+                        receiver.received.append(Received(headers, body, payload, error, 0))
+                        receiver._changed.notify_all()
+                    receiver.hang.wait(30)
+                    return
                 self.send_response(status)
+                if receiver.location:
+                    self.send_header("Location", receiver.location)
                 self.end_headers()
                 self.wfile.write(b"ok" if status < 300 else b"receiver says no")
                 with receiver._changed:
