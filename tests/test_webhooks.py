@@ -298,3 +298,31 @@ def test_redirects_not_followed_and_slow_receivers_time_out(redis, hook_settings
         hanging.hang.set()
         for receiver in (target, redirecting, hanging):
             receiver.close()
+
+
+def test_api_refuses_bad_webhook_urls_naming_the_field(hook_settings):
+    from dashboard import create_app
+
+    settings = hook_settings.model_copy(update={"webhook_allow_private": False})
+    api = create_app({"SETTINGS": settings, "TESTING": True}).test_client()
+    jobs = [{"prompt": "a", "model": "tiny", "steps": 2, "width": 64, "height": 64}]
+    for url, says in [("http://169.254.169.254/latest/meta-data/", "link-local"),
+                      (42, "http:// or https://"), ("gopher://example.com/", "http:// or https://")]:
+        answer = api.post("/api/v1/batches", json={"jobs": jobs, "webhook_url": url})
+        assert answer.status_code == 400, answer.get_data(as_text=True)
+        [error] = answer.get_json()["errors"]
+        assert (error["field"], error["value"]) == ("webhook_url", url)
+        assert says in error["message"]
+
+
+def test_webhook_secret_must_be_whsec_base64():
+    from pydantic import ValidationError
+
+    from renderfarm.settings import Settings
+
+    for bad in ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_not base64!", "whsec_c2hvcnQ="):
+        with pytest.raises(ValidationError) as raised:
+            Settings(webhook_secret=bad)
+        assert "webhook_secret" in str(raised.value)
+    assert Settings(webhook_secret=WEBHOOK_SECRET).webhook_secret.get_secret_value() == (
+        WEBHOOK_SECRET)
