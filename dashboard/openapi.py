@@ -157,7 +157,8 @@ def spec(app: Flask) -> dict[str, Any]:
             "get": _op("Batches, newest first", _OBJ, params=_PAGE, errors=(400,)),
         },
         "/batches/{batch_id}": {
-            "get": _op("A batch with a page of its jobs (each a JobRecord, results with url)",
+            "get": _op("A batch with a page of its jobs (each a JobRecord, results with url) "
+                       "and its latest webhook deliveries (webhook_deliveries)",
                        _OBJ, params=[_id("batch_id"), *_PAGE], errors=(400, 404)),
         },
         "/batches/{batch_id}/events": {"get": _events_op()},

@@ -275,8 +275,8 @@ def check_webhook_url(value: str) -> str:
         raise ValueError("must name a host")
     if parts.username is not None or parts.password is not None:
         raise ValueError("must not carry a user or password (the signature authenticates)")
-    if any(c.isspace() for c in value):
-        raise ValueError("must not contain whitespace")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain whitespace or control characters")
     return value
 
 

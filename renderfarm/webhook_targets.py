@@ -28,7 +28,7 @@ def resolve(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to (an IP literal: itself)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
+    except (OSError, UnicodeError, ValueError) as exc:  # gaierror; a NUL or overlong name
         raise TargetRefused(f"host {host!r} does not resolve ({exc})") from None
     return list(dict.fromkeys(info[4][0] for info in infos))
 
