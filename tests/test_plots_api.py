@@ -8,6 +8,7 @@ import re
 from PIL import Image
 
 from renderfarm.schema import ImageResult
+from storage.png import read_png_info
 from worker.gridbuilder import GridBuilder
 
 pytest_plugins = ["tests.dashboard_fixtures"]
@@ -81,3 +82,29 @@ def test_the_submit_page_makes_a_plot_and_the_batch_page_shows_its_grid(dash_cli
     page = rv.get_data(as_text=True)
     assert re.search(r'data-field="x_values">axes.x.values.1 \(steps\): steps must be at most '
                      r'150, got 999', page)
+
+
+def test_a_model_on_no_live_worker_is_named_by_its_axis(dash_client, dash_farm, make_job,
+                                                        fake_beat, queue_depth):
+    (dash_farm.settings.models_path / "other").mkdir()
+    (dash_farm.settings.models_path / "other" / "model_index.json").write_text("{}")
+    fake_beat("w:1", age=0)  # a live worker with model tiny only
+    dash_farm.redis.hset("rf:worker:w:1", "max_pixels", 2048 * 2048)
+    rv = dash_client.post("/api/v1/batches", json={
+        "job": make_job(), "axes": {"x": {"field": "model", "values": ["tiny", "other"]}}})
+    assert rv.status_code == 400
+    [error] = rv.get_json()["errors"]
+    assert error["error"] == ("axes.x.values.1 (model): model is on no live worker of hardware "
+                              "'any', got 'other'")
+    assert queue_depth() == 0
+
+
+def test_cancelling_a_plot_cancels_its_cells_and_the_grid_shows_them(dash_client, dash_farm,
+                                                                      make_job):
+    data = dash_client.post("/api/v1/batches", json={
+        "job": make_job(), "axes": {"x": {"field": "seed", "values": [1, 2]}}}).get_json()
+    rv = dash_client.post(f"/api/v1/batches/{data['id']}/cancel")
+    assert set(rv.get_json()["outcomes"].values()) == {"cancelled"}
+    [grid] = GridBuilder(dash_farm.records, dash_farm.storage, "hand").build(data["id"])
+    info = read_png_info(dash_farm.storage.get(grid["key"]))["renderfarm"]
+    assert [c["state"] for c in info["cells"]] == ["cancelled", "cancelled"]

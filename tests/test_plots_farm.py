@@ -80,3 +80,16 @@ def test_cli_plot_waits_and_prints_the_grid(farm, farm_settings, client):
     bad = run(["submit", "a red barn", "--x", "colour=1,2"], env, check=False)
     assert bad.returncode == 2
     assert "axes.x.field is not a field a plot can vary" in bad.stderr and "'colour'" in bad.stderr
+
+
+def test_cells_ended_without_a_worker_get_their_grid_from_the_sweep(farm, farm_settings):
+    from producer import FarmClient
+
+    # Cells sent to a queue no worker consumes, then cancelled while queued: no worker ends
+    # them, so only a worker's sweep of the waiting plots can draw the grid.
+    elsewhere = FarmClient(farm_settings.model_copy(update={"queue": "nobody"}))
+    batch = elsewhere.submit_plot(JOB, {"x": {"field": "seed", "values": [1, 2]}})
+    assert set(batch.cancel().values()) == {"cancelled"}
+    [grid] = wait_for_grids(batch, timeout=30)
+    info = read_png_info(elsewhere.storage.get(grid["key"]))["renderfarm"]
+    assert [c["state"] for c in info["cells"]] == ["cancelled", "cancelled"]
