@@ -187,3 +187,32 @@ def test_a_z_axis_gives_one_grid_per_value(client):
     assert second["plot"]["axes"]["z"]["labels"] == ["guidance_scale: 1", "guidance_scale: 7.5"]
     assert batch.records()[3].request.guidance_scale == 7.5
     assert JobState.succeeded in batch.status().counts
+
+
+def test_lora_and_size_axes_set_the_fields_they_name():
+    from renderfarm.plots import parse_plot
+
+    job = {**JOB, "loras": [{"name": "ink", "weight": 1.0}, {"name": "oil", "weight": 0.3}]}
+    plot = parse_plot({"x": {"field": "lora:ink", "values": [0, "0.5"]},
+                       "y": {"field": "size", "values": ["64x96", "96X64"]}}, job, 10)
+    cells = plot.cells(job)
+    assert [(c["loras"][0]["weight"], c["width"], c["height"]) for c in cells] == [
+        (0.0, 64, 96), (0.5, 64, 96), (0.0, 96, 64), (0.5, 96, 64)]
+    assert all(c["loras"][1] == {"name": "oil", "weight": 0.3} for c in cells)
+    assert job["loras"][0]["weight"] == 1.0  # the base job is left as it was
+    assert plot.axis("x").labels == ["lora:ink: 0", "lora:ink: 0.5"]
+    new = parse_plot({"x": {"field": "lora:line", "values": [1]}}, JOB, 10).cells(JOB)
+    assert new[0]["loras"] == [{"name": "line", "weight": 1.0}]
+
+
+def test_cells_of_different_sizes_are_centred_in_cells_of_the_largest():
+    from renderfarm.grids import draw_grid
+
+    tall, wide = noise(1).resize((64, 96)), noise(2).resize((96, 64))
+    grid, layout = draw_grid([[tall, wide]], ["size: 64x96", "size: 96x64"], [])
+    assert (layout.cell_width, layout.cell_height, layout.left) == (96, 96, 0)
+    assert grid.size == (2 * 96, layout.top + 96)
+    pixels = np.asarray(grid)
+    assert np.array_equal(pixels[layout.top:layout.top + 96, 16:80], np.asarray(tall))
+    assert np.array_equal(pixels[layout.top + 16:layout.top + 80, 96:192], np.asarray(wide))
+    assert (pixels[layout.top, 0] == (255, 255, 255)).all()  # beside the narrow cell: blank
