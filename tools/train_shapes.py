@@ -6,9 +6,13 @@ phases, each checkpointed in ``--work`` so an interrupted run resumes where it s
 1. ``vae``: a small AutoencoderKL (64x64x3 <-> 4x16x16), trained on 32x32 crops of drawn
    scenes (it is fully convolutional; crops cost a quarter), then refined on whole pictures.
 2. ``encode``: a fixed set of scenes is drawn and encoded once (the posterior's mean).
-3. ``unet``: the UNet and a small CLIP text encoder (own word-level vocabulary) learn the
-   noise (epsilon, min-SNR weighting) from the cached latents; captions leave parts out at
-   random and are dropped entirely 10% of the time (classifier-free guidance). EMA weights.
+3. ``unet``: the UNet and a small CLIP text encoder (own word-level vocabulary) learn v
+   (``prediction_type`` v_prediction; loss weight 1 where noise dominates, capped where it
+   is fine detail) from the cached latents; captions leave parts out at random and are
+   dropped entirely 10% of the time (classifier-free guidance). EMA weights.
+   (``--prediction epsilon`` is the first recipe, noise with min-SNR-5 weights: its weight on
+   the picture's error is the SNR, ~0 at the noisy end where the colours are decided, and at
+   900 steps its UNet drew the same from any caption.)
    The learning rate is constant after a warm-up, so ``--unet-steps N`` on a work folder whose
    checkpoint is at step N just exports it: the same weights as a run asked for N steps.
 
@@ -229,6 +233,10 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
         opt.load_state_dict(state["opt"])
         step, rng = state["step"], state["rng"]
         torch.set_rng_state(state["torch"])
+        trained = state.get("prediction", "epsilon")
+        if trained != args.prediction:
+            raise SystemExit(f"--prediction {args.prediction}: the checkpoint in {path} was "
+                             f"trained for {trained}")
         log(f"unet: resumed at step {step}")
     betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], 1000)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
@@ -252,8 +260,17 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
         hidden = text(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=hidden).sample
         snr = a.view(-1) / (1 - a.view(-1))
-        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 (Hang et al. 2023)
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        if args.prediction == "v_prediction":
+            # The v loss is (snr + 1) times the error on the picture (x0): weight 1 where the
+            # noise dominates (snr <= 5), where the colours and the layout are decided and the
+            # caption is all the UNet has to go on; capped at 6x the x0 error where it is fine
+            # detail (a truncated min-SNR: min-SNR-5's weight on x0 is snr there, ~0).
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+            weight = torch.clamp(6.0 / (snr + 1), max=1.0)
+        else:
+            target = noise
+            weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 (Hang et al. 2023)
+        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -271,14 +288,16 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
         if step % args.ckpt_every == 0 or step == args.unet_steps:
             save_ckpt(path, {"unet": unet.state_dict(), "text": text.state_dict(),
                              "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                             "opt": opt.state_dict(), "step": step, "rng": rng, **rng_state()})
+                             "opt": opt.state_dict(), "step": step, "rng": rng,
+                             "prediction": args.prediction, **rng_state()})
     return ema_unet, ema_text
 
 
-def export(out: Path, vae, unet, text, tokenizer) -> None:
+def export(out: Path, vae, unet, text, tokenizer, prediction: str) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG),
+        scheduler=EulerAncestralDiscreteScheduler.from_config(
+            {**SCHEDULER_CONFIG, "prediction_type": prediction}),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     for model in (vae, unet, text):
@@ -308,6 +327,9 @@ def main() -> None:
     parser.add_argument("--drop", type=float, default=0.15, help="chance to leave a part out")
     parser.add_argument("--uncond", type=float, default=0.1, help="chance of an empty caption")
     parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--prediction", choices=["v_prediction", "epsilon"],
+                        default="v_prediction", help="what the UNet predicts (the scheduler's "
+                        "prediction_type)")
     parser.add_argument("--ckpt-every", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -319,7 +341,7 @@ def main() -> None:
     scenes, latents, _ = encode_dataset(args, args.work, vae)
     latents = normalize_latents(vae, latents)
     unet, text = train_unet(args, args.work, scenes, latents, tokenizer)
-    export(args.out, vae, unet, text, tokenizer)
+    export(args.out, vae, unet, text, tokenizer, args.prediction)
 
 
 if __name__ == "__main__":
