@@ -5,9 +5,12 @@ makes it a server-side request forgery vector (a worker inside a cloud network c
 metadata service at 169.254.169.254, Redis on 127.0.0.1, the office LAN). So a target whose
 host resolves to a loopback, private, link-local, multicast, reserved or unspecified address is
 refused, at submit and again at every attempt (DNS can change in between), unless
-``RENDERFARM_WEBHOOK_ALLOW_PRIVATE=1``. The connection goes to the very address that was
-checked (no second lookup a rebinding DNS could answer differently), redirects are never
-followed, and each attempt has a short timeout.
+``RENDERFARM_WEBHOOK_ALLOW_PRIVATE=1``; so is any other address off the public internet
+(carrier-grade NAT space 100.64.0.0/10: Alibaba Cloud's metadata service is 100.100.100.200)
+and an IPv6 address wrapping a refused IPv4 one (IPv4-mapped, 6to4, Teredo). The connection
+goes to the very address that was checked (no second lookup a rebinding DNS could answer
+differently), redirects are never followed, and each attempt is bounded as a whole by
+``timeout`` (a receiver trickling its answer a byte at a time does not hold the deliverer).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -36,11 +40,15 @@ def resolve(host: str, port: int) -> list[str]:
 def _forbidden(address: str) -> str | None:
     """Why this address may not be a webhook target, or None when it may."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        wrapped = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if wrapped is not None:  # the IPv4 address it reaches decides
+            return _forbidden(str(wrapped))
     for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
+    if not ip.is_global:  # e.g. 100.64.0.0/10, shared (carrier-grade NAT) space
+        return "non-public"
     return None
 
 
@@ -68,26 +76,53 @@ class Answer:
     text: str  #: the start of the response body, for the delivery's record
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
+class _Deadline:
+    """Cuts a connection's socket once the whole try has taken ``timeout`` (the socket's own
+    timeout bounds each read only: a byte every few seconds would never trip it)."""
+
+    expired: threading.Event
+    sock: socket.socket | None
+
+    def cut(self) -> None:
+        self.expired.set()
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _connected(self, sock: socket.socket) -> socket.socket:
+        if self.expired.is_set():  # the deadline passed while connecting
+            sock.close()
+            raise TimeoutError("the deadline passed while connecting")
+        return sock
+
+
+class _PinnedHTTP(_Deadline, http.client.HTTPConnection):
     """An HTTP connection to the address that was checked, whatever DNS says now."""
 
     def __init__(self, host: str, port: int | None, address: str, timeout: float):
         super().__init__(host, port, timeout=timeout)
         self._address = address
+        self.expired = threading.Event()
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._connected(
+            socket.create_connection((self._address, self.port), self.timeout))
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
+class _PinnedHTTPS(_Deadline, http.client.HTTPSConnection):
     """HTTPS to the checked address; the certificate is still checked against the host name."""
 
     def __init__(self, host: str, port: int | None, address: str, timeout: float):
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._address = address
+        self.expired = threading.Event()
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = self._connected(socket.create_connection((self._address, self.port),
+                                                        self.timeout))
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -103,6 +138,8 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    deadline = threading.Timer(timeout, connection.cut)
+    deadline.start()
     try:
         connection.request("POST", path, body=body, headers={
             "Content-Type": "application/json", "User-Agent": "renderfarm-webhooks",
@@ -110,6 +147,13 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
         })
         response = connection.getresponse()
         text = response.read(500).decode("utf-8", "replace")
-        return Answer(response.status, text)
+    except Exception as exc:
+        if connection.expired.is_set():
+            raise TimeoutError(f"timed out: no whole answer within {timeout} s") from exc
+        raise
     finally:
+        deadline.cancel()
         connection.close()
+    if connection.expired.is_set():  # cut mid-body: the answer is not whole
+        raise TimeoutError(f"timed out: no whole answer within {timeout} s")
+    return Answer(response.status, text)

@@ -50,15 +50,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("renderfarm.webhooks")
 
 POLL_SECONDS = 0.25  #: a deliverer looks for due deliveries this often
-CLAIM_BATCH = 20  #: deliveries one deliverer claims at a time
+CLAIM_BATCH = 20  #: deliveries one deliverer tries (one claim each) per round
 BODY_JOBS = 1000  #: batch.completed lists the jobs of batches up to this size
 
-# ARGV: how many, claim seconds, sender. Claims due deliveries: attempt count up, due again
-# after the claim (if its sender dies mid-try). Returns id, attempt, id, attempt, ...
+# ARGV: how many, claim seconds, sender, due by (a time; '' = now). Claims deliveries due by
+# then: attempt count up, due again after the claim (if its sender dies mid-try). Returns id,
+# attempt, id, attempt, ...
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local ids = redis.call('ZRANGEBYSCORE', 'rf:hooks:due', '-inf', now, 'LIMIT', 0,
+local by = now
+if ARGV[4] and ARGV[4] ~= '' then by = math.min(now, tonumber(ARGV[4])) end
+local ids = redis.call('ZRANGEBYSCORE', 'rf:hooks:due', '-inf', by, 'LIMIT', 0,
   tonumber(ARGV[1]))
 local out = {}
 for _, id in ipairs(ids) do
@@ -183,7 +186,7 @@ class WebhookSender:
                 stop.wait(POLL_SECONDS)
 
     def run_once(self) -> int:
-        """Claim the due deliveries (up to :data:`CLAIM_BATCH`) and try each once."""
+        """Try the deliveries due now (up to :data:`CLAIM_BATCH`) once each, one claim per try."""
         secret = self.settings.webhook_secret
         if secret is None:
             if not self._warned and self.redis.zcard(keys.HOOKS_DUE):
@@ -191,12 +194,19 @@ class WebhookSender:
                             "this process does not send them")
                 self._warned = True
             return 0
-        claimed = self._claim(args=[CLAIM_BATCH, self.claim_seconds, self.name])
-        pairs = [(claimed[i].decode(), claimed[i + 1].decode())
-                 for i in range(0, len(claimed), 2)]
-        for hook_id, attempt in pairs:
-            self.attempt(hook_id, attempt, secret.get_secret_value())
-        return len(pairs)
+        # One claim per try: a claim covers the try it is taken for (claim_seconds), so a
+        # slow receiver never holds other deliveries claimed-but-unsent until their claims
+        # run out and another sender sends them while this one still does.
+        seconds, micros = self.redis.time()
+        due_by = seconds + micros / 1e6  # this round: what is due now (each tried once)
+        tried = 0
+        while tried < CLAIM_BATCH:
+            claimed = self._claim(args=[1, self.claim_seconds, self.name, repr(due_by)])
+            if not claimed:
+                break
+            self.attempt(claimed[0].decode(), claimed[1].decode(), secret.get_secret_value())
+            tried += 1
+        return tried
 
     def attempt(self, hook_id: str, attempt: str, secret: str) -> str:
         """One try of one claimed delivery; records the answer. Returns the new status."""
