@@ -48,6 +48,8 @@ def test_prompt_without_tags_is_untouched():
 BAD = [
     ({"prompt": "a cat <lora:ink:strong>"}, "prompt", "weight 'strong' is not a number"),
     ({"prompt": "a cat <lora::0.5>"}, "prompt", "without a LoRA name"),
+    ({"prompt": "a cat <lora:ink:>"}, "prompt", "<lora:ink:> with no weight after its ':'"),
+    ({"loras": [{"name": "ink<3"}]}, "loras.0.name", "must match"),
     ({"prompt": "a cat <lora:ink:0.5:0.7>"}, "prompt", "more than a name and one weight"),
     ({"prompt": "a cat <lora:ink:te=0.5>"}, "prompt", "more than a name and one weight"),
     ({"prompt": " <lora:ink:0.5> "}, "prompt", "is only <lora:...> tags"),
