@@ -112,6 +112,10 @@ class HoldControl:
         self.fields.add(field)
         return field
 
+    def move_hold(self, prompt: str, step: int) -> str:
+        """A job held at a step of a ``hold_step`` goes on and stops again after ``step``."""
+        return self.hold_step(prompt, step)
+
     def hold_upload(self, prompt: str) -> str:
         """Jobs with ``prompt`` stop after rendering, before storing anything, until released."""
         field = f"upload:{prompt}"

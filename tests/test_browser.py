@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from renderfarm.settings import Settings
+from tests.fault_fixtures import HoldControl
+from worker import testhooks
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -44,7 +46,9 @@ def running_farm(module_redis_url, models_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("browser-farm")
     settings = Settings(redis_url=url, data_dir=data, models_dir=models_dir,
                         storage_url=(data / "images").as_uri(), lease_seconds=5)
-    farm = EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"])
+    # test holds on (worker/testhooks.py): a test stops a job at a step to look at the page
+    farm = EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"],
+                        extra_env={testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE})
     farm.start()
     server = make_server(create_app({"SETTINGS": settings}), port=0)
     thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
@@ -99,7 +103,7 @@ def test_submit_three_prompts_and_watch_them_render(running_farm, browser_page):
     assert page.evaluate("window.__same_document") is True
     page.wait_for_function(
         "() => document.getElementById('batch-done').textContent.startsWith('3/3')",
-        timeout=10_000)
+        timeout=60_000)
     states = page.locator(".tile .state").all_text_contents()
     assert states == ["succeeded"] * 3
     assert page.locator(".tile img").first.evaluate("i => i.naturalWidth") == 64
@@ -118,3 +122,77 @@ def test_submit_three_prompts_and_watch_them_render(running_farm, browser_page):
     assert "browser test" in page.inner_text("#batch-rows")
     page.screenshot(path=str(ARTIFACTS / "dashboard-batches.png"), full_page=True)
     assert (ARTIFACTS / "dashboard-batch.png").stat().st_size > 0
+
+
+def test_upload_jsonl_and_watch_the_step_bar_move_then_upload_csv(running_farm, browser_page,
+                                                                  tmp_path):
+    """The Submit page's file upload (README: "upload a .txt/.csv/.jsonl file") and the batch's
+    live per-step progress: a ``.jsonl`` job held at step 2 of 6 shows "step 2/6" and a steps
+    part of 2/6 of a job's width; the hold moved to step 4 (worker/testhooks.py), the same
+    document shows "step 4/6" and a wider part; then a ``.csv`` with a header row."""
+    from producer import FarmClient
+
+    base, farm = running_farm
+    page = browser_page
+    client = FarmClient(farm.settings)
+    holds = HoldControl(client.redis)
+    held = "uploaded in jsonl, held"
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(f'{{"prompt": "{held}", "seed": 31, "steps": 6}}\n'
+                     '{"prompt": "uploaded in jsonl, second", "seed": 32, "steps": 2}\n')
+    holds.hold_step(held, 2)
+    try:
+        page.goto(f"{base}/submit")
+        page.set_input_files("#prompts_file", str(jsonl))
+        page.select_option("#size", "64x64")
+        page.select_option("#scheduler", "euler")
+        page.click("button[type=submit].primary")
+        page.wait_for_url(f"{base}/batches/*")
+        batch_id = page.url.rsplit("/", 1)[1].split("?")[0]
+        jobs = client.records.batch_jobs(batch_id)
+        assert [(j.request.prompt, j.request.seed, j.request.steps) for j in jobs] == [
+            (held, 31, 6), ("uploaded in jsonl, second", 32, 2)]
+        assert holds.wait_held() == ("step", jobs[0].id, 2)
+        page.evaluate("window.__same_document = true")
+
+        tile_step = f".tile[data-id='{jobs[0].id}'] .step"
+
+        def steps_shown(step: int) -> float:
+            """Wait until the page polled step ``step``; the steps part's share of the bar."""
+            page.wait_for_function(
+                f"() => document.querySelector(\"{tile_step}\").textContent === 'step {step}/6'",
+                timeout=60_000)
+            page.wait_for_function(
+                f"() => Math.abs(parseFloat(document.querySelector('#batch-progress .p-steps')"
+                f".style.width) - {step / 6 / 2 * 100}) < 0.01", timeout=60_000)
+            return page.locator("#batch-progress .p-steps").evaluate(
+                "e => e.getBoundingClientRect().width / e.parentElement.clientWidth")
+
+        at_two = steps_shown(2)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-step-2.png"), full_page=True)
+        holds.move_hold(held, 4)
+        assert holds.wait_held() == ("step", jobs[0].id, 4)
+        at_four = steps_shown(4)
+        assert abs(at_two - 2 / 12) < 0.02 and abs(at_four - 4 / 12) < 0.02, (at_two, at_four)
+        assert page.evaluate("window.__same_document") is True  # no reload: the page polled
+    finally:
+        holds.release_all()
+    page.wait_for_function(
+        "() => document.getElementById('batch-done').textContent.startsWith('2/2')",
+        timeout=120_000)
+
+    csv = tmp_path / "jobs.csv"
+    csv.write_text("prompt,seed,steps\nuploaded in csv,41,2\n\"a csv, with a comma\",42,3\n")
+    page.goto(f"{base}/submit")
+    page.set_input_files("#prompts_file", str(csv))
+    page.select_option("#size", "64x64")
+    page.click("button[type=submit].primary")
+    page.wait_for_url(f"{base}/batches/*")
+    batch_id = page.url.rsplit("/", 1)[1].split("?")[0]
+    assert [(j.request.prompt, j.request.seed, j.request.steps, j.request.width)
+            for j in client.records.batch_jobs(batch_id)] == [
+        ("uploaded in csv", 41, 2, 64), ("a csv, with a comma", 42, 3, 64)]
+    page.wait_for_function(
+        "() => document.getElementById('batch-done').textContent.startsWith('2/2')",
+        timeout=120_000)
+    assert page.locator(".tile .seed").all_text_contents() == ["seed 41", "seed 42"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from renderfarm.images import encode_init_image
@@ -121,7 +122,10 @@ def test_sidecar_json_describes_the_job(farm, client):
     stamps = body["timestamps"]
     assert stamps["queued"] <= stamps["started"] <= stamps["rendering"] <= stamps["uploading"] \
         <= stamps["stored"]
-    assert all(v is not None and v >= 0 for v in body["timings"].values()), body["timings"]
+    spans = {"waited": ("queued", "started"), "loaded": ("started", "rendering"),
+             "rendered": ("rendering", "uploading"), "uploaded": ("uploading", "stored")}
+    assert body["timings"] == pytest.approx(
+        {name: stamps[b] - stamps[a] for name, (a, b) in spans.items()}, abs=1e-3)
 
 
 def test_cancel_queued_and_running(farm, client, holds):

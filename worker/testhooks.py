@@ -6,7 +6,8 @@ holds on, the worker stops a job there, pushes an event saying so, and waits unt
 deletes the hold:
 
 - ``step:<prompt>`` = N in the hash :data:`HOLDS`: a job with that prompt stops after its N-th
-  denoising step (its progress for step N is recorded first);
+  denoising step (its progress for step N is recorded first); setting the field to a later
+  step M while it waits moves the hold: the job goes on and stops again after step M;
 - ``upload:<prompt>`` in :data:`HOLDS`: a job with that prompt stops after rendering, before its
   first object is written to storage.
 
@@ -50,18 +51,21 @@ class Holds:
         for (job_id, _), field, value in zip(jobs, fields, self.redis.hmget(HOLDS, fields),
                                              strict=True):
             if value is not None and int(value) == step:
-                self._wait(field, f"step:{job_id}:{step}")
+                self._wait(field, value, f"step:{job_id}:{step}")
                 return  # jobs rendered together stop together: one stop, one event
 
     def before_upload(self, job_id: str, prompt: str) -> None:
         field = f"upload:{prompt}"
-        if self.redis.hexists(HOLDS, field):
-            self._wait(field, f"upload:{job_id}:0")
+        value = self.redis.hget(HOLDS, field)
+        if value is not None:
+            self._wait(field, value, f"upload:{job_id}:0")
 
-    def _wait(self, field: str, event: str) -> None:
+    def _wait(self, field: str, value: bytes, event: str) -> None:
+        """Until the test deletes the field, or sets it to another step (the job goes on and
+        stops again there)."""
         log.warning("test hold: %s waits for the test to release %r", event, field)
         self.redis.rpush(REACHED, event)
-        while self.redis.hexists(HOLDS, field):
+        while self.redis.hget(HOLDS, field) == value:
             time.sleep(POLL)
         log.warning("test hold: %s released", event)
 
