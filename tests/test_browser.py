@@ -60,6 +60,17 @@ def running_farm(module_redis_url, models_dir, tmp_path_factory):
         farm.stop()
 
 
+@pytest.fixture
+def farm_holds(running_farm):
+    """Test holds on the farm's worker (worker/testhooks.py); released after the test, so a
+    failed test never leaves the module's one worker waiting."""
+    from producer import FarmClient
+
+    control = HoldControl(FarmClient(running_farm[1].settings).redis)
+    yield control
+    control.release_all()
+
+
 @pytest.fixture(scope="module")
 def browser_page(running_farm):
     sync_playwright = _require_browser()
@@ -125,7 +136,7 @@ def test_submit_three_prompts_and_watch_them_render(running_farm, browser_page):
 
 
 def test_upload_jsonl_and_watch_the_step_bar_move_then_upload_csv(running_farm, browser_page,
-                                                                  tmp_path):
+                                                                  farm_holds, tmp_path):
     """The Submit page's file upload (README: "upload a .txt/.csv/.jsonl file") and the batch's
     live per-step progress: a ``.jsonl`` job held at step 2 of 6 shows "step 2/6" and a steps
     part of 2/6 of a job's width; the hold moved to step 4 (worker/testhooks.py), the same
@@ -135,48 +146,46 @@ def test_upload_jsonl_and_watch_the_step_bar_move_then_upload_csv(running_farm, 
     base, farm = running_farm
     page = browser_page
     client = FarmClient(farm.settings)
-    holds = HoldControl(client.redis)
+    holds = farm_holds
     held = "uploaded in jsonl, held"
     jsonl = tmp_path / "jobs.jsonl"
     jsonl.write_text(f'{{"prompt": "{held}", "seed": 31, "steps": 6}}\n'
                      '{"prompt": "uploaded in jsonl, second", "seed": 32, "steps": 2}\n')
     holds.hold_step(held, 2)
-    try:
-        page.goto(f"{base}/submit")
-        page.set_input_files("#prompts_file", str(jsonl))
-        page.select_option("#size", "64x64")
-        page.select_option("#scheduler", "euler")
-        page.click("button[type=submit].primary")
-        page.wait_for_url(f"{base}/batches/*")
-        batch_id = page.url.rsplit("/", 1)[1].split("?")[0]
-        jobs = client.records.batch_jobs(batch_id)
-        assert [(j.request.prompt, j.request.seed, j.request.steps) for j in jobs] == [
-            (held, 31, 6), ("uploaded in jsonl, second", 32, 2)]
-        assert holds.wait_held() == ("step", jobs[0].id, 2)
-        page.evaluate("window.__same_document = true")
+    page.goto(f"{base}/submit")
+    page.set_input_files("#prompts_file", str(jsonl))
+    page.select_option("#size", "64x64")
+    page.select_option("#scheduler", "euler")
+    page.click("button[type=submit].primary")
+    page.wait_for_url(f"{base}/batches/*")
+    batch_id = page.url.rsplit("/", 1)[1].split("?")[0]
+    jobs = client.records.batch_jobs(batch_id)
+    assert [(j.request.prompt, j.request.seed, j.request.steps) for j in jobs] == [
+        (held, 31, 6), ("uploaded in jsonl, second", 32, 2)]
+    assert holds.wait_held() == ("step", jobs[0].id, 2)
+    page.evaluate("window.__same_document = true")
 
-        tile_step = f".tile[data-id='{jobs[0].id}'] .step"
+    tile_step = f".tile[data-id='{jobs[0].id}'] .step"
 
-        def steps_shown(step: int) -> float:
-            """Wait until the page polled step ``step``; the steps part's share of the bar."""
-            page.wait_for_function(
-                f"() => document.querySelector(\"{tile_step}\").textContent === 'step {step}/6'",
-                timeout=60_000)
-            page.wait_for_function(
-                f"() => Math.abs(parseFloat(document.querySelector('#batch-progress .p-steps')"
-                f".style.width) - {step / 6 / 2 * 100}) < 0.01", timeout=60_000)
-            return page.locator("#batch-progress .p-steps").evaluate(
-                "e => e.getBoundingClientRect().width / e.parentElement.clientWidth")
+    def steps_shown(step: int) -> float:
+        """Wait until the page polled step ``step``; the steps part's share of the bar."""
+        page.wait_for_function(
+            f"() => document.querySelector(\"{tile_step}\").textContent === 'step {step}/6'",
+            timeout=60_000)
+        page.wait_for_function(
+            f"() => Math.abs(parseFloat(document.querySelector('#batch-progress .p-steps')"
+            f".style.width) - {step / 6 / 2 * 100}) < 0.01", timeout=60_000)
+        return page.locator("#batch-progress .p-steps").evaluate(
+            "e => e.getBoundingClientRect().width / e.parentElement.clientWidth")
 
-        at_two = steps_shown(2)
-        page.screenshot(path=str(ARTIFACTS / "dashboard-step-2.png"), full_page=True)
-        holds.move_hold(held, 4)
-        assert holds.wait_held() == ("step", jobs[0].id, 4)
-        at_four = steps_shown(4)
-        assert abs(at_two - 2 / 12) < 0.02 and abs(at_four - 4 / 12) < 0.02, (at_two, at_four)
-        assert page.evaluate("window.__same_document") is True  # no reload: the page polled
-    finally:
-        holds.release_all()
+    at_two = steps_shown(2)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-step-2.png"), full_page=True)
+    holds.move_hold(held, 4)
+    assert holds.wait_held() == ("step", jobs[0].id, 4)
+    at_four = steps_shown(4)
+    assert abs(at_two - 2 / 12) < 0.02 and abs(at_four - 4 / 12) < 0.02, (at_two, at_four)
+    assert page.evaluate("window.__same_document") is True  # no reload: the page polled
+    holds.release_all()
     page.wait_for_function(
         "() => document.getElementById('batch-done').textContent.startsWith('2/2')",
         timeout=120_000)

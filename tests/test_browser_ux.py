@@ -6,11 +6,16 @@ Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
 from renderfarm.schema import BatchRecord, JobState
-from tests.test_browser import ARTIFACTS, browser_page, running_farm  # noqa: F401 (fixtures)
+from tests.test_browser import (  # noqa: F401 (fixtures)
+    ARTIFACTS,
+    browser_page,
+    farm_holds,
+    running_farm,
+)
 
 pytest_plugins = ["tests.dashboard_fixtures"]
 
-SLOW = {"model": "tiny", "width": 128, "height": 128, "steps": 30, "scheduler": "euler"}
+SLOW = {"model": "tiny", "width": 64, "height": 64, "steps": 6, "scheduler": "euler"}
 
 
 def test_bar_parts_count_steps_of_running_jobs_and_keep_an_empty_part():
@@ -26,16 +31,45 @@ def test_bar_parts_count_steps_of_running_jobs_and_keep_an_empty_part():
 
 
 def test_cancel_is_confirmed_and_a_cancelled_batch_does_not_look_like_a_success(
-        running_farm, browser_page):  # noqa: F811
+        running_farm, browser_page, farm_holds):  # noqa: F811
     from producer import FarmClient
 
     base, farm = running_farm
     page = browser_page
     ARTIFACTS.mkdir(exist_ok=True)
     client = FarmClient(farm.settings)
-    # steps differ: no two share a pipeline call, so while one renders the others wait
-    batch = client.submit_batch([{**SLOW, "steps": 30 + i, "prompt": f"slow {i}"}
-                                 for i in range(4)])
+    holds = farm_holds
+    # steps differ: no two share a pipeline call; whichever the one worker takes first stops
+    # at step 2 (a test hold) and the other three wait in the queue until the cancel
+    jobs = [{**SLOW, "steps": 6 + i, "prompt": f"slow {i}"} for i in range(4)]
+    for job in jobs:
+        holds.hold_step(job["prompt"], 2)
+    batch = client.submit_batch(jobs)
+    point, held_id, _ = holds.wait_held()
+    assert point == "step" and held_id in batch.job_ids
+    _cancel_on_the_page(page, base, client, batch)
+    holds.release_all()
+    batch.wait(timeout=120)
+    page.goto(f"{base}/batches/{batch.id}")
+    record = client.records.batch(batch.id)
+    cancelled = record.counts.get(JobState.cancelled, 0)
+    assert cancelled == 4 and record.total == 4  # the held one too: none had ended
+    done = page.inner_text("#batch-done")
+    assert done.startswith("0/4 succeeded") and "4 cancelled" in done
+    part = page.locator("#batch-progress .p-cancelled")
+    assert part.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(201, 138, 18)"
+    assert part.evaluate("e => e.getBoundingClientRect().width") > 0
+    assert page.locator("#cancel-batch").is_disabled()  # every job has ended
+    assert page.locator("#retry-batch").is_enabled()
+    page.screenshot(path=str(ARTIFACTS / "ux-cancelled-batch.png"), full_page=True)
+    page.goto(f"{base}/batches")
+    row = page.locator(f"tr[data-id='{batch.id}']")
+    assert f"{cancelled} cancelled" in row.inner_text()
+    assert row.locator(".p-cancelled").count() == 1
+
+
+def _cancel_on_the_page(page, base: str, client, batch) -> None:
+    """Cancel, dismissed then confirmed, while one job is held rendering and three queued."""
     page.goto(f"{base}/batches/{batch.id}")
     assert page.locator("#retry-batch").is_disabled()  # nothing failed or cancelled yet
     assert page.locator("#cancel-batch").is_enabled()
@@ -57,24 +91,8 @@ def test_cancel_is_confirmed_and_a_cancelled_batch_does_not_look_like_a_success(
     page.once("dialog", lambda d: answer(d, True))
     page.click("#cancel-batch")
     page.wait_for_url(f"{base}/batches/{batch.id}*")
-    batch.wait(timeout=120)
-    page.goto(f"{base}/batches/{batch.id}")
-    record = client.records.batch(batch.id)
-    cancelled = record.counts.get(JobState.cancelled, 0)
-    assert cancelled >= 3
-    done = page.inner_text("#batch-done")
-    assert f"{cancelled} cancelled" in done and done.startswith(
-        f"{record.counts.get(JobState.succeeded, 0)}/4 succeeded")
-    part = page.locator("#batch-progress .p-cancelled")
-    assert part.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(201, 138, 18)"
-    assert part.evaluate("e => e.getBoundingClientRect().width") > 0
-    assert page.locator("#cancel-batch").is_disabled()  # every job has ended
-    assert page.locator("#retry-batch").is_enabled()
-    page.screenshot(path=str(ARTIFACTS / "ux-cancelled-batch.png"), full_page=True)
-    page.goto(f"{base}/batches")
-    row = page.locator(f"tr[data-id='{batch.id}']")
-    assert f"{cancelled} cancelled" in row.inner_text()
-    assert row.locator(".p-cancelled").count() == 1
+    # the three queued jobs at once; the held one when it goes on to its next step
+    assert client.records.batch(batch.id).counts.get(JobState.cancelled, 0) == 3
 
 
 def test_submit_form_errors_choices_favicon_and_localhost_notice(
@@ -149,7 +167,7 @@ def _wait(check, timeout: float, what):
 
 
 def test_batches_list_tells_batches_apart_and_a_job_of_four_images_keeps_one_tile(
-        running_farm, browser_page):  # noqa: F811
+        running_farm, browser_page, farm_holds):  # noqa: F811
     """The batches list shows the label, first prompt and first image of each batch, images/min
     while it runs and its total time once done; a job of num_images=4 is a 2x2 mosaic in one
     tile of the usual size; the job page has its parameters beside the image at 1280x800 and
@@ -160,10 +178,13 @@ def test_batches_list_tells_batches_apart_and_a_job_of_four_images_keeps_one_til
     page = browser_page
     client = FarmClient(farm.settings)
     fast = {"model": "tiny", "width": 64, "height": 64, "scheduler": "euler"}
+    holds = farm_holds  # the slow job renders until it is cancelled
+    slow_hold = holds.hold_step("a slow lighthouse", 2)
     batch = client.submit_batch([
         {**fast, "steps": 2, "seed": 40, "num_images": 4, "prompt": "four lighthouses at dusk"},
         {**fast, "steps": 3, "seed": 50, "prompt": "one lighthouse"},
-        {**SLOW, "steps": 60, "prompt": "a slow lighthouse"},
+        # the lowest priority: the one worker takes it last, and it stays held at step 2
+        {**SLOW, "steps": 20, "prompt": "a slow lighthouse", "priority": 0},
     ], label="lighthouses")
     four, one, slow = batch.job_ids
     _wait(lambda: all(client.records.job(j).state is JobState.succeeded for j in (four, one)),
@@ -182,7 +203,9 @@ def test_batches_list_tells_batches_apart_and_a_job_of_four_images_keeps_one_til
     assert row.locator(".tput").inner_text().endswith(" images/min")  # 5 images stored so far
     page.screenshot(path=str(ARTIFACTS / "ux-batches-running.png"), full_page=True)
 
+    assert client.records.job(slow).state is JobState.rendering
     client.cancel([slow])
+    holds.release(slow_hold)
     batch.wait(timeout=120)
     page.goto(f"{base}/batches")
     speed = page.locator(f"tr[data-id='{batch.id}'] .tput").inner_text()

@@ -201,6 +201,9 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 TOKEN = "hostile-test-token"
+#: examples per API operation: 40 in the suite (150 per operation found nothing on
+#: 2026-11-28); hunt with more: FUZZ_EXAMPLES=500 pytest tests/test_hostile.py -k fuzzed
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"/|\.py\", line \d+")
 
@@ -233,7 +236,7 @@ def test_api_fuzzed_no_5xx_no_traceback(api_schema):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, database=None,
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         def check(case) -> None:
             response = case.call()
