@@ -249,6 +249,12 @@ def status(ident: str | None, as_json: bool) -> None:
                 click.echo(batch.model_dump_json(indent=2))
             else:
                 print_batch(client, batch)
+                if batch.plot is not None:  # an X/Y/Z plot: where its grids are
+                    for grid in batch.grids:
+                        click.echo(f"grid: {client.storage.url(grid['key'])}")
+                    if not batch.grids:
+                        click.echo("grid: not drawn yet (a worker draws it once every cell "
+                                   "has ended)")
     except JobNotFound as exc:
         _fail(str(exc))
     except FarmUnavailable as exc:

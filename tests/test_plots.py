@@ -216,3 +216,17 @@ def test_cells_of_different_sizes_are_centred_in_cells_of_the_largest():
     assert np.array_equal(pixels[layout.top:layout.top + 96, 16:80], np.asarray(tall))
     assert np.array_equal(pixels[layout.top + 16:layout.top + 80, 96:192], np.asarray(wide))
     assert (pixels[layout.top, 0] == (255, 255, 255)).all()  # beside the narrow cell: blank
+
+
+def test_a_grid_over_the_pixel_cap_has_its_cells_scaled_down(client):
+    batch = client.submit_plot(JOB, {"x": {"field": "seed", "values": [1, 2]},
+                                     "y": {"field": "steps", "values": [1, 2]}})
+    for n, job_id in enumerate(batch.job_ids):
+        end_cell(client, job_id, noise(20 + n))
+    [grid] = GridBuilder(client.records, client.storage, "b", max_pixels=4 * 32 * 32).build(
+        batch.id)
+    info = read_png_info(client.storage.get(grid["key"]))["renderfarm"]
+    assert info["grid"]["scale"] == 0.5
+    assert (info["layout"]["cell_width"], info["layout"]["cell_height"]) == (32, 32)
+    image = Image.open(io.BytesIO(client.storage.get(grid["key"])))
+    assert image.size == (info["layout"]["left"] + 64, info["layout"]["top"] + 64)

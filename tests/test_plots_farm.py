@@ -77,6 +77,9 @@ def test_cli_plot_waits_and_prints_the_grid(farm, farm_settings, client):
     prompts = [r.request.prompt for r in client.batch(batch_id).records()]
     assert prompts == ["a red barn", "a red barn", "a red house", "a red house"]
 
+    status = run(["status", batch_id], env)
+    assert grid_lines[0] in status.stdout.splitlines()
+
     bad = run(["submit", "a red barn", "--x", "colour=1,2"], env, check=False)
     assert bad.returncode == 2
     assert "axes.x.field is not a field a plot can vary" in bad.stderr and "'colour'" in bad.stderr

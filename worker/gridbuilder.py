@@ -38,8 +38,15 @@ def grid_key(batch_id: str, z: int, has_z: bool) -> str:
     return f"{batch_id}/grid-z{z}.png" if has_z else f"{batch_id}/grid.png"
 
 
+#: Largest grid drawn, in pixels (cells only); a plot whose cells would make a larger one has
+#: its cells scaled down to fit (100 cells of 1024x1024 would be a 300 MB bitmap otherwise).
+GRID_MAX_PIXELS = 64 * 2**20
+
+
 class GridBuilder:
-    def __init__(self, records: Records, storage, owner: str):
+    def __init__(self, records: Records, storage, owner: str,
+                 max_pixels: int = GRID_MAX_PIXELS):
+        self.max_pixels = max_pixels
         self.records = records
         self.plots = PlotRecords(records.redis)
         self.storage = storage
@@ -114,11 +121,14 @@ class GridBuilder:
                     row.append(cell)
                     states.append({"col": x, "row": y, "job_id": job_id, "state": state})
                 cells.append(row)
+            scale = self._scale(cells)
+            if scale < 1:
+                cells = [[_scaled(c, scale) for c in row] for row in cells]
             title = axes["z"]["labels"][z] if has_z else ""
             grid, layout = draw_grid(cells, axes["x"]["labels"] if "x" in axes else [],
                                      axes["y"]["labels"] if "y" in axes else [], title)
             key = grid_key(batch_id, z, has_z)
-            meta = {"batch_id": batch_id, "grid": {"z": z, "epoch": int(epoch)},
+            meta = {"batch_id": batch_id, "grid": {"z": z, "epoch": int(epoch), "scale": scale},
                     "plot": definition, "layout": layout.to_dict(), "cells": states}
             data = encode_png(grid, _parameters(definition, z), meta)
             current = self.records.redis.hget(keys.batch(batch_id), "grid_epoch") or b"0"
@@ -135,6 +145,15 @@ class GridBuilder:
         log.info("plot %s: %d grid(s) stored", batch_id, len(grids))
         return grids
 
+    def _scale(self, cells: list[list[Image.Image | str]]) -> float:
+        """The factor that keeps the grid's cells within ``max_pixels`` (1: as they are)."""
+        images = [c for row in cells for c in row if isinstance(c, Image.Image)]
+        if not images:
+            return 1.0
+        w, h = max(i.width for i in images), max(i.height for i in images)
+        area = w * h * len(cells) * len(cells[0])
+        return 1.0 if area <= self.max_pixels else (self.max_pixels / area) ** 0.5
+
     def _cell(self, found: JobRecord | BadRecord | None) -> tuple[Image.Image | str, str]:
         if found is None:
             return "missing", "missing"
@@ -149,6 +168,13 @@ class GridBuilder:
         except (KeyError, OSError) as exc:
             log.warning("plot cell %s: image unreadable: %s", found.id, exc)
             return "image missing", state
+
+
+def _scaled(cell: Image.Image | str, scale: float) -> Image.Image | str:
+    if not isinstance(cell, Image.Image):
+        return cell
+    size = (max(1, round(cell.width * scale)), max(1, round(cell.height * scale)))
+    return cell.resize(size, Image.Resampling.LANCZOS)
 
 
 def _parameters(definition: dict[str, Any], z: int) -> str:
