@@ -78,7 +78,8 @@ def test_cli_plot_waits_and_prints_the_grid(farm, farm_settings, client):
     assert prompts == ["a red barn", "a red barn", "a red house", "a red house"]
 
     status = run(["status", batch_id], env)
-    assert grid_lines[0] in status.stdout.splitlines()
+    assert any(line.startswith("grid: ") and f"{batch_id}/grid.png" in line
+               for line in status.stdout.splitlines())
 
     bad = run(["submit", "a red barn", "--x", "colour=1,2"], env, check=False)
     assert bad.returncode == 2
