@@ -44,6 +44,13 @@ def redis(hook_settings) -> Redis:
     return Redis.from_url(hook_settings.redis_url)
 
 
+@pytest.fixture(autouse=True)
+def nothing_due_from_other_tests(redis):
+    """Each test's sender sees only its own deliveries (a sender claims 20 at a time): the
+    module's database forgets the due deliveries the tests before left behind."""
+    redis.delete(keys.HOOKS_DUE)
+
+
 @pytest.fixture
 def sender(hook_settings):
     from producer import FarmClient
@@ -232,7 +239,7 @@ def test_private_target_refused_at_delivery(redis, hook_settings, receiver):
     records = Records(redis)
     records.add_jobs("wh5", [("wh5-a", job("a", webhook_url=receiver.url))])
     records.cancel("wh5-a")
-    assert sender.run_once() >= 1
+    assert sender.run_once() == 1
     [delivery] = batch_deliveries(redis, "wh5")
     assert delivery["last_answer"].startswith("refused: resolves to 127.0.0.1, a loopback")
     assert delivery["status"] == "pending" and delivery["attempts"] == 1
