@@ -208,8 +208,43 @@ def test_affinity_loads_each_model_once_where_fifo_reloads(farms, models):
     assert loads[1] >= 8, loads  # the baseline really reloads: the test can tell them apart
 
 
-def test_heartbeat_describes_the_worker_and_a_killed_one_shows_lost(farm, models):
-    pid = start_worker(farm, models["a"])
+def test_a_starting_worker_beats_starting_until_its_models_are_warm(farm, models):
+    """A worker beats from the start, ``starting`` while it loads (or compiles: minutes on a
+    GPU), so the fleet sees it and ``wait_for_workers`` waits for it past ``timeout``."""
+    pid = start_worker(farm, models["ab"], "--preload", "tiny", "--preload", "tiny2")
+    first = heartbeat(farm, pid)
+    assert first.status == "starting"
+    farm.wait_for_workers(1, timeout=0.01, warmup_timeout=120)  # starting: the wait goes on
+    ready = heartbeat(farm, pid, after=time.time())
+    assert ready.status == "ready" and sorted(ready.loaded) == ["tiny", "tiny2"]
+    assert not ready.current_job
+
+
+def test_workers_prune_old_ended_batches_with_keep_days_beat_and_a_killed_one_shows_lost(
+        farm, models):
+    """RENDERFARM_KEEP_DAYS: a worker removes an old ended batch on its own; a new one stays.
+    The same worker (one process start for both checks) then renders a job; its heartbeat
+    describes it; SIGKILLed, it is shown lost, still listed."""
+    from renderfarm.records import Records
+
+    records = Records(connect(farm.settings))
+    for batch_id, age_days in (("old", 3.0), ("new", 0.5)):
+        records.add_jobs(batch_id, [(f"{batch_id}-1", JobRequest(prompt="x", model="tiny",
+                                                                 seed=1))])
+        records.cancel(f"{batch_id}-1")
+        t = time.time() - age_days * 86400
+        records.redis.zadd(keys.BATCHES, {batch_id: t})
+        records.redis.hset(keys.batch(batch_id), "created_at", t)
+    pid = farm.start_worker(env={"RENDERFARM_MODELS_DIR": str(models["a"]),
+                                 "RENDERFARM_KEEP_DAYS": "2", "OMP_NUM_THREADS": "1"}).pid
+    deadline = time.monotonic() + 60
+    while records.exists("old-1"):
+        assert time.monotonic() < deadline, "the worker did not prune the old batch"
+        time.sleep(0.2)
+    assert records.exists("new-1") and [b.id for b in records.batches()] == ["new"]
+    assert "pruned 1 batches (1 jobs) older than 2 days" in (
+        farm.log_dir / "worker-0.log").read_text()
+
     client = FarmClient(farm.settings)
     assert client.submit({**JOB, "model": "tiny", "prompt": "beat"}).wait(60).state is \
         JobState.succeeded
@@ -234,38 +269,3 @@ def test_heartbeat_describes_the_worker_and_a_killed_one_shows_lost(farm, models
                      30, "the killed worker shown as lost")
     assert shown.beat == last.beat  # nothing beat for the dead worker after the kill
     assert info.id not in {w.id for w in live_workers(client.redis)}
-
-
-def test_a_starting_worker_beats_starting_until_its_models_are_warm(farm, models):
-    """A worker beats from the start, ``starting`` while it loads (or compiles: minutes on a
-    GPU), so the fleet sees it and ``wait_for_workers`` waits for it past ``timeout``."""
-    pid = start_worker(farm, models["ab"], "--preload", "tiny", "--preload", "tiny2")
-    first = heartbeat(farm, pid)
-    assert first.status == "starting"
-    farm.wait_for_workers(1, timeout=0.01, warmup_timeout=120)  # starting: the wait goes on
-    ready = heartbeat(farm, pid, after=time.time())
-    assert ready.status == "ready" and sorted(ready.loaded) == ["tiny", "tiny2"]
-    assert not ready.current_job
-
-
-def test_workers_prune_old_ended_batches_with_keep_days(farm, models):
-    """RENDERFARM_KEEP_DAYS: a worker removes an old ended batch on its own; a new one stays."""
-    from renderfarm.records import Records
-
-    records = Records(connect(farm.settings))
-    for batch_id, age_days in (("old", 3.0), ("new", 0.5)):
-        records.add_jobs(batch_id, [(f"{batch_id}-1", JobRequest(prompt="x", model="tiny",
-                                                                 seed=1))])
-        records.cancel(f"{batch_id}-1")
-        t = time.time() - age_days * 86400
-        records.redis.zadd(keys.BATCHES, {batch_id: t})
-        records.redis.hset(keys.batch(batch_id), "created_at", t)
-    farm.start_worker(env={"RENDERFARM_MODELS_DIR": str(models["a"]),
-                           "RENDERFARM_KEEP_DAYS": "2"})
-    deadline = time.monotonic() + 60
-    while records.exists("old-1"):
-        assert time.monotonic() < deadline, "the worker did not prune the old batch"
-        time.sleep(0.2)
-    assert records.exists("new-1") and [b.id for b in records.batches()] == ["new"]
-    assert "pruned 1 batches (1 jobs) older than 2 days" in (
-        farm.log_dir / "worker-0.log").read_text()
