@@ -23,6 +23,7 @@ from typing import Any
 from redis import Redis
 
 from renderfarm import keys
+from renderfarm.records import HOOK_LUA
 
 GRID_CLAIM_SECONDS = 120.0
 
@@ -49,12 +50,20 @@ return {'ok', epoch}
 """
 
 # KEYS: batch.  ARGV: batch id, epoch, grids JSON.  The grids are recorded only if no cell was
-# retried since the claim (else the next claim draws them again); returns 1 if recorded.
-_FINISH = """
+# retried since the claim (else the next claim draws them again); returns 1 if recorded. A
+# plot's batch.completed webhook is recorded here, not when its last cell ends: its receiver
+# gets the grid's URL and finds the grid stored (again after a retry's grid).
+_FINISH = HOOK_LUA + """
 if (redis.call('HGET', KEYS[1], 'grid_epoch') or '0') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'grids', ARGV[3], 'grid_done', ARGV[2])
 redis.call('HDEL', KEYS[1], 'grid_claim', 'grid_claim_until')
 redis.call('SREM', 'rf:plots', ARGV[1])
+local url = redis.call('HGET', KEYS[1], 'webhook')
+if url then
+  local t = redis.call('TIME')
+  hook(url, 'batch.completed', KEYS[1], 'batch_' .. ARGV[1], ARGV[1], '',
+    tonumber(t[1]) + tonumber(t[2]) / 1000000)
+end
 return 1
 """
 

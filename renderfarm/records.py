@@ -44,17 +44,10 @@ end
 local B = 'rf:batch:' .. (redis.call('HGET', KEYS[1], 'batch_id') or '_')
 """
 
-# move() keeps the batch's counts, the queue's pending set and the outbox (queued jobs whose
-# message may not have been sent: the sender removes them once it has) in step with the state.
-_MOVE = """
--- event(): appends to the batch's event stream (SSE: dashboard/events.py), capped.
-local function event(batch, ...)
-  redis.call('XADD', batch .. ':events', 'MAXLEN', '~', 10000, '*', ...)
-end
--- 't:<state>' is when the job entered that state: a write that keeps the state (progress)
--- never moves it.
--- hook(): records a webhook event with the change that makes it (renderfarm/webhooks.py
--- delivers it): its id is stable (msg_<kind>_<job or batch id>_<n>) and names it in every try.
+# hook(): records a webhook event with the change that makes it (renderfarm/webhooks.py
+# delivers it): its id is stable (msg_<kind>_<job or batch id>_<n>) and names it in every try.
+# Also used by renderfarm/plotrecords.py (a plot's batch.completed comes with its grid).
+HOOK_LUA = """
 local function hook(url, kind, owner, entity, batch_id, job_id, t)
   local n = redis.call('HINCRBY', owner, 'hook_seq', 1)
   local id = 'msg_' .. entity .. '_' .. n
@@ -65,6 +58,17 @@ local function hook(url, kind, owner, entity, batch_id, job_id, t)
   redis.call('RPUSH', 'rf:batch:' .. batch_id .. ':hooks', id)
   redis.call('HINCRBY', 'rf:batch:' .. batch_id, 'hooks:pending', 1)
 end
+"""
+
+# move() keeps the batch's counts, the queue's pending set and the outbox (queued jobs whose
+# message may not have been sent: the sender removes them once it has) in step with the state.
+_MOVE = HOOK_LUA + """
+-- event(): appends to the batch's event stream (SSE: dashboard/events.py), capped.
+local function event(batch, ...)
+  redis.call('XADD', batch .. ':events', 'MAXLEN', '~', 10000, '*', ...)
+end
+-- 't:<state>' is when the job entered that state: a write that keeps the state (progress)
+-- never moves it.
 local function ended(s) return s == 'succeeded' or s == 'failed' or s == 'cancelled' end
 local function move(job, batch, from, to, t)
   redis.call('HSET', job, 'state', to)
@@ -88,7 +92,8 @@ local function move(job, batch, from, to, t)
         hook(url, 'job.' .. to, job, 'job_' .. id, batch_id, id, t)
       end
       url = redis.call('HGET', batch, 'webhook')
-      if url then
+      -- a plot's batch.completed is recorded with its grid (renderfarm/plotrecords.py)
+      if url and redis.call('HEXISTS', batch, 'plot') == 0 then
         local over = 0
         for _, s in ipairs({'succeeded', 'failed', 'cancelled'}) do
           over = over + tonumber(redis.call('HGET', batch, 'n:' .. s) or '0')

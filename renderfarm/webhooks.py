@@ -274,6 +274,10 @@ class WebhookSender:
             "state": "completed", "label": batch.label, "total": batch.total,
             "counts": {s.value: n for s, n in batch.counts.items()},
         }
+        if batch.grids:  # a plot: sent once its grid is stored (renderfarm/plotrecords.py)
+            storage = self.client.storage
+            out["grids"] = [{"key": storage.object_key(g["key"]), "url": storage.url(g["key"]),
+                             "z": g.get("z", 0)} for g in batch.grids]
         if batch.total <= BODY_JOBS:
             records = self.client.records.batch_jobs(batch_id)
             storage = self.client.storage
