@@ -57,19 +57,36 @@ def font_for(cell_height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    """``text`` in lines no wider than ``width`` (a word longer than that gets a line alone)."""
+    """``text`` in lines no wider than ``width``, broken at spaces; a word wider than that
+    (a tag-style prompt ``a,b,c``, a URL, Chinese or Japanese text) is cut between characters
+    (else a row label would widen its band to its whole length, a column label cover its
+    neighbours)."""
     lines: list[str] = []
     for paragraph in text.split("\n"):
         line = ""
         for word in paragraph.split(" "):
             candidate = f"{line} {word}" if line else word
-            if not line or draw.textlength(candidate, font=font) <= width:
+            if draw.textlength(candidate, font=font) <= width:
                 line = candidate
-            else:
+                continue
+            if line:
                 lines.append(line)
-                line = word
+            *full, line = _cut(draw, word, font, width)
+            lines.extend(full)
         lines.append(line)
     return lines
+
+
+def _cut(draw: ImageDraw.ImageDraw, word: str, font, width: int) -> list[str]:
+    """``word`` in pieces no wider than ``width`` (one character at least, however wide)."""
+    pieces, piece = [], ""
+    for char in word:
+        if piece and draw.textlength(piece + char, font=font) > width:
+            pieces.append(piece)
+            piece = char
+        else:
+            piece += char
+    return [*pieces, piece]
 
 
 def draw_grid(
