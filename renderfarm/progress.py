@@ -57,10 +57,11 @@ def _poll_until_end(client, batch_id: str, bar: Progress, task, deadline: float 
 
 
 def _follow_events(url: str, batch_id: str, bar: Progress, task,
-                   deadline: float | None) -> bool | None:
+                   deadline: float | None, tries: int = 3) -> bool | None:
     """Follow the batch's SSE stream: True when it ends, False past the deadline, None when
-    the stream cannot be had or breaks off (the caller polls instead). stdlib only: the
-    client install has no HTTP library of its own."""
+    the stream cannot be had (the caller polls instead). A stream that breaks off, or says
+    it failed, is resumed from its last event (``Last-Event-ID``, as browsers' EventSource
+    do), ``tries`` connections in all. stdlib only: the client install has no HTTP library."""
     import json
     import os
     import urllib.error
@@ -74,43 +75,54 @@ def _follow_events(url: str, batch_id: str, bar: Progress, task,
     counts: dict[str, int] = {}
     steps: dict[str, float] = {}  # running job -> fraction of its steps done
     total = 0
-    try:
-        # the dashboard sends a keep-alive at least every 5 s: a read timeout means it is gone
-        with urllib.request.urlopen(urllib.request.Request(target, headers=headers),
-                                    timeout=15) as stream:  # noqa: S310 (the farm's own URL)
-            event = ""
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event:
-                    data = json.loads(line[6:])
-                    if event in ("snapshot", "end"):
-                        counts, total = dict(data["counts"]), data["total"]
-                        steps = {}
-                    elif event == "job":
-                        previous, state = data.get("from"), data.get("state")
-                        if previous:
-                            counts[previous] = counts.get(previous, 0) - 1
-                        counts[state] = counts.get(state, 0) + 1
-                        if state not in ("rendering", "started"):
-                            steps.pop(data["job_id"], None)
-                    elif event == "step" and data.get("steps"):
-                        steps[data["job_id"]] = data["step"] / data["steps"]
-                    done = sum(counts.get(s.value, 0) for s in JobState if s.terminal)
-                    states = " ".join(f"{s}={n}" for s, n in counts.items() if n > 0)
-                    bar.update(task, total=total, states=states,
-                               completed=min(total, done + sum(steps.values())))
-                    if event == "end":
-                        bar.update(task, completed=total)
-                        return True
-                elif not line:
-                    event = ""
-                if deadline is not None and time.monotonic() > deadline:
-                    return False
-    except (OSError, ValueError, KeyError, urllib.error.URLError):
-        return None
-    return None  # closed without an end: poll
+    last_id = ""
+    for _ in range(tries):
+        if last_id:
+            headers["Last-Event-ID"] = last_id
+        try:
+            # the dashboard sends a keep-alive at least every 5 s: a read timeout means it is
+            # gone
+            with urllib.request.urlopen(urllib.request.Request(target, headers=headers),
+                                        timeout=15) as stream:  # noqa: S310 (the farm's URL)
+                event, event_id = "", ""
+                for raw in stream:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event == "error":
+                        break  # the dashboard's stream failed: resume from the last event
+                    elif line.startswith("data: ") and event:
+                        data = json.loads(line[6:])
+                        if event in ("snapshot", "end"):
+                            counts, total = dict(data["counts"]), data["total"]
+                            steps = {}
+                        elif event == "job":
+                            previous, state = data.get("from"), data.get("state")
+                            if previous:
+                                counts[previous] = counts.get(previous, 0) - 1
+                            counts[state] = counts.get(state, 0) + 1
+                            if state not in ("rendering", "started"):
+                                steps.pop(data["job_id"], None)
+                        elif event == "step" and data.get("steps"):
+                            steps[data["job_id"]] = data["step"] / data["steps"]
+                        last_id = event_id or last_id
+                        done = sum(counts.get(s.value, 0) for s in JobState if s.terminal)
+                        states = " ".join(f"{s}={n}" for s, n in counts.items() if n > 0)
+                        bar.update(task, total=total, states=states,
+                                   completed=min(total, done + sum(steps.values())))
+                        if event == "end":
+                            bar.update(task, completed=total)
+                            return True
+                    elif not line:
+                        event, event_id = "", ""
+                    if deadline is not None and time.monotonic() > deadline:
+                        return False
+        except (OSError, ValueError, KeyError, urllib.error.URLError):
+            if not last_id:
+                return None  # never reached: the dashboard is not there
+    return None
 
 
 def _step_fraction(client, batch_id: str) -> float:
