@@ -389,7 +389,8 @@ def prune(older_than: float, dry_run: bool) -> None:
 def models(as_json: bool) -> None:
     """List the models the farm knows: family (sd15, sdxl, flux; "?" where no worker has said
     and it cannot be read here), A1111's model hash, the SHA-256 ("-" until a worker has
-    hashed the model) and the live workers that have it."""
+    hashed the model), the live workers that have it and the LoRAs of its family; then each
+    LoRA with its family and the live workers that have it."""
     from rich.console import Console
     from rich.table import Table
 
@@ -399,24 +400,39 @@ def models(as_json: bool) -> None:
     farm = FarmClient(_settings())
     families = farm.model_families()
     details = farm.model_details()
-    holders = {name: [w.id for w in live_workers(farm.redis) if name in w.models]
+    loras = farm.loras()  # name -> family
+    live = live_workers(farm.redis)
+    holders = {name: [w.id for w in live if name in w.models] for name in details}
+    lora_holders = {name: [w.id for w in live if name in w.loras] for name in loras}
+    fitting = {name: [n for n, family in loras.items() if family == families.get(name)]
                for name in details}
     if as_json:
         click.echo(json.dumps({name: {**info, "family": families.get(name),
-                                      "worker_ids": holders[name]}
+                                      "worker_ids": holders[name],
+                                      "loras": {n: lora_holders[n] for n in fitting[name]}}
                                for name, info in details.items()}, indent=2))
         return
     if not details:
         click.echo(f"no models: put one in {farm.settings.models_path} "
                    "(renderfarm make-model tiny DIR makes a test model)")
         return
-    table = Table("model", "family", "hash", "sha256", "workers")
+    table = Table("model", "family", "hash", "sha256", "workers", "LoRAs")
     table.columns[0].no_wrap = True
     table.columns[3].overflow = "fold"
     for name, info in details.items():
         table.add_row(name, families.get(name, "?"), info["model_hash"] or "-",
-                      info["sha256"] or "-", "\n".join(holders[name]) or "none live")
-    Console().print(table)
+                      info["sha256"] or "-", "\n".join(holders[name]) or "none live",
+                      "\n".join(fitting[name]) or "-")
+    console = Console()
+    console.print(table)
+    if loras:
+        table = Table("LoRA", "family", "workers")
+        table.columns[0].no_wrap = True
+        for name, family in loras.items():
+            table.add_row(name, family or "?", "\n".join(lora_holders[name]) or "none live")
+        console.print(table)
+    else:
+        console.print(f"no LoRAs: put .safetensors files in {farm.settings.models_path / 'loras'}")
 
 
 # -- running the farm -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from renderfarm.schema import JobState
+from tests.fault_fixtures import wait_for
 from tests.test_cli import farm_env, run
 
 SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 2}
@@ -96,6 +97,36 @@ def test_models_is_a_table_and_json(farm, farm_settings):
     assert worker in out.replace("\n", "").replace("│", "").replace(" ", "")
     data = json.loads(run(["models", "--json"], env).stdout)
     assert data["tiny"]["worker_ids"] == [worker] and data["tiny"]["family"] == "sd15"
+
+
+def test_models_shows_the_loras_and_the_workers_that_have_them(farm, farm_settings, models_dir):
+    """A LoRA dropped in the models dir is listed under its model (of its family) and in the
+    LoRA table with the live worker that advertises it; removed again after."""
+    from worker.modelgen import make_lora
+
+    env = farm_env(farm_settings)
+    lora = make_lora(models_dir / "tiny", models_dir / "loras" / "cli_pen.safetensors", seed=3)
+    try:
+        (worker,) = farm_workers(farm_settings)
+        wait_for(lambda: "cli_pen" in worker_loras(farm_settings), 30, "the LoRA advertised")
+        out = run(["models"], {**env, "COLUMNS": "160"}).stdout
+        (row,) = [line for line in out.splitlines() if " tiny " in line]
+        assert "cli_pen" in row  # the tiny model's LoRAs column
+        (row,) = [line for line in out.splitlines() if " cli_pen " in line and " tiny " not in line]
+        assert "sd15" in row and worker in row
+        data = json.loads(run(["models", "--json"], env).stdout)
+        assert data["tiny"]["loras"]["cli_pen"] == [worker]
+    finally:
+        lora.unlink()
+        wait_for(lambda: "cli_pen" not in worker_loras(farm_settings), 30, "the LoRA dropped")
+
+
+def worker_loras(settings) -> dict[str, str]:
+    from producer import FarmClient
+    from renderfarm.fleet import live_workers
+
+    return {name: family for w in live_workers(FarmClient(settings).redis)
+            for name, family in w.loras.items()}
 
 
 def farm_workers(settings) -> list[str]:
