@@ -486,7 +486,8 @@ def list_queues():
 def list_models():
     farm = client()
     return {"models": farm.models(), "default": farm.settings.default_model,
-            "families": farm.model_families(), "details": farm.model_details()}
+            "families": farm.model_families(), "details": farm.model_details(),
+            "loras": farm.inventory()["loras"]}
 
 
 @bp.get("/families")

@@ -481,6 +481,13 @@ def workers():
     return render_template("workers.html", workers=api.workers(), redis_report=redis_report())
 
 
+@bp.get("/models")
+def models():
+    c = api.client()
+    return render_template("models.html", inventory=c.inventory(),
+                           models_path=c.settings.models_path)
+
+
 @bp.get("/queues")
 def queues():
     return render_template("queues.html", data=api.queues(), redis_report=redis_report())

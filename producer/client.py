@@ -133,6 +133,26 @@ class FarmClient:
                 out[name]["other_sha256"] = ranked[1:]
         return out
 
+    def inventory(self) -> dict[str, dict]:
+        """What the farm can render, for people (``renderfarm models``, the dashboard's Models
+        page): ``{"models": {name: {family, sha256, model_hash, worker_ids, loras}},
+        "loras": {name: {family, worker_ids}}}``. A model's ``loras`` are the LoRAs of its
+        family, each with the live workers that have it; ``worker_ids`` are live workers."""
+        families = self.model_families()
+        details = self.model_details()
+        loras = self.loras()  # name -> family
+        live = live_workers(self.redis)
+        lora_holders = {name: [w.id for w in live if name in w.loras] for name in loras}
+        models = {
+            name: {**info, "family": families.get(name),
+                   "worker_ids": [w.id for w in live if name in w.models],
+                   "loras": {n: lora_holders[n] for n, family in loras.items()
+                             if family == families.get(name)}}
+            for name, info in details.items()}
+        return {"models": models,
+                "loras": {name: {"family": family, "worker_ids": lora_holders[name]}
+                          for name, family in loras.items()}}
+
     def validate(self, jobs: Iterable[JobRequest | dict]) -> list[JobRequest]:
         """Check every job; raise :class:`InvalidJob` naming each bad field. Enqueues nothing.
 

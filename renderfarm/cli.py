@@ -395,41 +395,31 @@ def models(as_json: bool) -> None:
     from rich.table import Table
 
     from producer import FarmClient
-    from renderfarm.fleet import live_workers
 
     farm = FarmClient(_settings())
-    families = farm.model_families()
-    details = farm.model_details()
-    loras = farm.loras()  # name -> family
-    live = live_workers(farm.redis)
-    holders = {name: [w.id for w in live if name in w.models] for name in details}
-    lora_holders = {name: [w.id for w in live if name in w.loras] for name in loras}
-    fitting = {name: [n for n, family in loras.items() if family == families.get(name)]
-               for name in details}
+    inventory = farm.inventory()
+    models, loras = inventory["models"], inventory["loras"]
     if as_json:
-        click.echo(json.dumps({name: {**info, "family": families.get(name),
-                                      "worker_ids": holders[name],
-                                      "loras": {n: lora_holders[n] for n in fitting[name]}}
-                               for name, info in details.items()}, indent=2))
+        click.echo(json.dumps(models, indent=2))
         return
-    if not details:
+    if not models:
         click.echo(f"no models: put one in {farm.settings.models_path} "
                    "(renderfarm make-model tiny DIR makes a test model)")
         return
     table = Table("model", "family", "hash", "sha256", "workers", "LoRAs")
     table.columns[0].no_wrap = True
     table.columns[3].overflow = "fold"
-    for name, info in details.items():
-        table.add_row(name, families.get(name, "?"), info["model_hash"] or "-",
-                      info["sha256"] or "-", "\n".join(holders[name]) or "none live",
-                      "\n".join(fitting[name]) or "-")
+    for name, info in models.items():
+        table.add_row(name, info["family"] or "?", info["model_hash"] or "-",
+                      info["sha256"] or "-", "\n".join(info["worker_ids"]) or "none live",
+                      "\n".join(info["loras"]) or "-")
     console = Console()
     console.print(table)
     if loras:
         table = Table("LoRA", "family", "workers")
         table.columns[0].no_wrap = True
-        for name, family in loras.items():
-            table.add_row(name, family or "?", "\n".join(lora_holders[name]) or "none live")
+        for name, info in loras.items():
+            table.add_row(name, info["family"] or "?", "\n".join(info["worker_ids"]) or "none live")
         console.print(table)
     else:
         console.print(f"no LoRAs: put .safetensors files in {farm.settings.models_path / 'loras'}")

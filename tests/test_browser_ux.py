@@ -244,3 +244,70 @@ def test_batches_list_tells_batches_apart_and_a_job_of_four_images_keeps_one_til
         assert page.locator("a#job-next").count() == 0  # nor the last a next one
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_a_csv_upload_takes_job_fields_as_columns_and_refuses_unknown_ones(
+        running_farm, browser_page, tmp_path):  # noqa: F811
+    from producer import FarmClient
+
+    base, farm = running_farm
+    page = browser_page
+    client = FarmClient(farm.settings)
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("prompt,colour\na cat,red\n")
+    page.goto(f"{base}/submit")
+    page.set_input_files("#prompts_file", str(jobs))
+    page.select_option("#size", "64x64")
+    page.fill("#steps", "2")
+    page.click("button[type=submit].primary")
+    error = page.inner_text("#field-prompts_file .error")
+    assert "unknown column(s) 'colour'" in error
+    page.screenshot(path=str(ARTIFACTS / "ux-csv-unknown-column.png"), full_page=True)
+
+    jobs.write_text("prompt,seed,negative_prompt\na cat,77,ugly\na dog,,\n")
+    page.set_input_files("#prompts_file", str(jobs))
+    page.click("button[type=submit].primary")
+    page.wait_for_url(f"{base}/batches/*")
+    batch_id = page.url.rsplit("/", 1)[-1].split("?")[0]
+    records = client.batch(batch_id).records()
+    assert [(r.request.prompt, r.request.negative_prompt) for r in records] == [
+        ("a cat", "ugly"), ("a dog", "")]
+    assert records[0].request.seed == 77 and records[0].request.steps == 2
+    assert page.locator(".tile .seed").first.inner_text() == "seed 77"
+    client.cancel([r.id for r in records])
+
+
+def test_models_page_shows_family_hash_workers_and_loras(
+        running_farm, browser_page, models_dir):  # noqa: F811
+    from producer import FarmClient
+    from renderfarm.fleet import live_workers
+    from worker.modelgen import make_lora
+
+    base, farm = running_farm
+    page = browser_page
+    client = FarmClient(farm.settings)
+    lora = make_lora(models_dir / "tiny", models_dir / "loras" / "ux_ink.safetensors", seed=4)
+
+    def advertised(present: bool):
+        workers = live_workers(client.redis)
+        return workers and all(("ux_ink" in w.loras) is present and "tiny" in w.hashes
+                               for w in workers) and workers
+
+    try:
+        (worker,) = _wait(lambda: advertised(True), 30, lambda: "the LoRA advertised")
+        page.goto(f"{base}/models")
+        row = page.locator("tr[data-model='tiny']")
+        assert row.locator(".family").inner_text() == "sd15"
+        digest = worker.hashes["tiny"]
+        assert row.locator(".hash code").inner_text() == digest[:10]
+        assert row.locator(".hash code").get_attribute("title") == f"SHA-256 {digest}"
+        assert row.locator(".workers").inner_text() == worker.id
+        pill = row.locator(".loras .pill", has_text="ux_ink")
+        assert pill.get_attribute("title") == worker.id
+        lora_row = page.locator("tr[data-lora='ux_ink']")
+        assert lora_row.locator(".family").inner_text() == "sd15"
+        assert lora_row.locator(".workers").inner_text() == worker.id
+        page.screenshot(path=str(ARTIFACTS / "ux-models.png"), full_page=True)
+    finally:
+        lora.unlink()  # the session's models dir: other modules count its LoRAs
+        _wait(lambda: advertised(False), 30, lambda: "the LoRA dropped")
