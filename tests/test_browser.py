@@ -106,9 +106,11 @@ def test_submit_three_prompts_and_watch_them_render(running_farm, browser_page):
     assert page.locator(".tile").count() == 3
     # The grid fills in by polling, with no reload: the images arrive in the same document.
     page.evaluate("window.__same_document = true")
+    # (img.preview: a live preview while a job renders, not its image)
     page.wait_for_function(
-        "() => document.querySelectorAll('.tile img').length === 3 && "
-        "[...document.querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth > 0)",
+        "() => document.querySelectorAll('.tile img:not(.preview)').length === 3 && "
+        "[...document.querySelectorAll('.tile img:not(.preview)')]"
+        ".every(i => i.complete && i.naturalWidth > 0)",
         timeout=180_000,
     )
     assert page.evaluate("window.__same_document") is True
