@@ -247,18 +247,28 @@ class WebhookSender:
         created = float(hook.get("created_at") or 0)
         data: dict[str, Any] = {"batch_id": batch_id}
         if job_id:
-            data.update(self._job_data(job_id))
+            data.update(self._job_data(job_id, kind.removeprefix("job."), created))
             data["state"] = kind.removeprefix("job.")
         else:
             data.update(self._batch_data(batch_id))
         return {"type": kind, "timestamp": datetime.fromtimestamp(created, tz=timezone.utc)
                 .isoformat().replace("+00:00", "Z"), "data": data}
 
-    def _job_data(self, job_id: str) -> dict[str, Any]:
+    def _job_data(self, job_id: str, state: str, at: float) -> dict[str, Any]:
+        """The job as it ended in ``state`` at ``at`` (the event's time): its record, or, when
+        it was retried since (the body is built at the first try), that attempt's history
+        entry: its error and no images, not a later attempt's."""
         try:
             record = self.client.records.job(job_id)
         except Exception as exc:  # noqa: BLE001 -- pruned or unreadable: say so, still send
             return {"job_id": job_id, "error": None, "images": [], "note": str(exc)}
+        if abs(record.timestamps.get(state, 0.0) - at) > 0.01:  # not the current attempt's
+            for entry in reversed(record.history):
+                ended = (entry.get("timestamps") or {}).get(state)
+                if entry.get("state") == state and ended is not None and abs(ended - at) <= 0.01:
+                    return {"job_id": job_id, "error": entry.get("error"), "images": [],
+                            "model": record.request.model, "attempts": record.attempts,
+                            "note": "retried since: this is the attempt that ended then"}
         storage = self.client.storage
         images = [{"key": storage.object_key(r.key), "url": storage.url(r.key), "seed": r.seed,
                    "width": r.width, "height": r.height} for r in record.results]

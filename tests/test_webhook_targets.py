@@ -12,7 +12,7 @@ import pytest
 from redis import Redis
 
 from renderfarm.records import Records
-from renderfarm.schema import JobRequest
+from renderfarm.schema import ImageResult, JobRequest
 from renderfarm.webhook_targets import TargetRefused, checked_addresses, post
 from renderfarm.webhooks import WebhookSender, batch_deliveries
 from tests.conftest import WEBHOOK_SECRET
@@ -127,3 +127,33 @@ def test_a_sender_claims_only_what_it_is_sending(hook_settings):
         hanging.hang.set()
         hanging.close()
         healthy.close()
+
+
+def test_a_job_event_tells_the_end_it_was_recorded_for(hook_settings):
+    """job.failed's body is built at its first try: if the job was retried and succeeded
+    before that try (deliverers busy, or none running), the body still tells the failure (its
+    error, no images), not the later success's images under job.failed."""
+    from producer import FarmClient
+
+    receiver = Receiver(WEBHOOK_SECRET)
+    redis = Redis.from_url(hook_settings.redis_url)
+    records = Records(redis)
+    try:
+        records.add_jobs("wt2", [("wt2-a", JobRequest(prompt="a", model="tiny",
+                                                        webhook_url=receiver.url))])
+        assert records.claim("wt2-a", "w1", 30, 3).ok
+        records.fail("wt2-a", "w1", "CUDA out of memory")
+        assert records.retry("wt2-a")
+        assert records.claim("wt2-a", "w2", 30, 3).ok
+        records.succeed("wt2-a", "w2", [ImageResult(key="wt2/a-0.png", seed=1, width=64,
+                                                    height=64)])
+        sender = WebhookSender(hook_settings, FarmClient(hook_settings), "late")
+        while sender.run_once():
+            pass
+        got = {r.payload["type"]: r.payload["data"] for r in receiver.received if r.payload}
+        assert (got["job.failed"]["error"], got["job.failed"]["images"]) == (
+            "CUDA out of memory", [])
+        assert got["job.succeeded"]["error"] is None
+        assert [i["key"] for i in got["job.succeeded"]["images"]][0].endswith("wt2/a-0.png")
+    finally:
+        receiver.close()
