@@ -6,6 +6,7 @@ files, started again."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -146,7 +147,8 @@ def test_second_ctrl_c_puts_the_running_job_back_in_the_queue_at_once(tmp_path, 
         assert client.redis.zscore("rf:running", job_id) is None  # no lease to wait out
         assert record.history and record.history[-1]["state"] == "rendering"
         assert client.redis.zscore("rf:outbox", job_id) is None  # its message was sent
-        queued = sum(client.redis.llen(k) for k in client.redis.keys("renderfarm*"))
-        assert queued >= 1
+        messages = [json.loads(m) for k in client.redis.keys("renderfarm*")
+                    for m in client.redis.lrange(k, 0, -1)]
+        assert [m["headers"]["id"] for m in messages] == [job_id]  # its message, once
     finally:
         server.stop()
