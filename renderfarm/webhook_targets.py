@@ -134,7 +134,10 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float,
     parts = urlsplit(url)
     address = checked_addresses(url, allow_private)[0]
     kind = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
-    connection = kind(parts.hostname or "", parts.port, address, timeout)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal: bracketed, else http.client reads its last group as a port
+        host = f"[{host}]"
+    connection = kind(host, parts.port, address, timeout)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query

@@ -157,3 +157,28 @@ def test_a_job_event_tells_the_end_it_was_recorded_for(hook_settings):
         assert [i["key"] for i in got["job.succeeded"]["images"]][0].endswith("wt2/a-0.png")
     finally:
         receiver.close()
+
+
+def test_an_ipv6_literal_without_a_port_goes_to_port_80():
+    """``http://[::1]/hook`` is port 80 of ::1 (http.client read the last group of a bare IPv6
+    host as its port: [::1] went to port 1, [2606:4700::1111] to port 1111)."""
+    try:
+        server = socket.create_server(("::1", 80), family=socket.AF_INET6)
+    except OSError as exc:  # not root, or no IPv6 here
+        pytest.skip(f"cannot listen on [::1]:80: {exc}")
+    seen: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            seen.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        assert post("http://[::1]/hook", b"{}", {}, timeout=5, allow_private=True).status == 204
+        thread.join(5)
+        assert b"\r\nHost: [::1]\r\n" in seen[0]
+    finally:
+        server.close()
