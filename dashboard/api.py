@@ -86,6 +86,7 @@ def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
         "total": batch.total,
         "done": batch.done,
         "finished": batch.finished,
+        "paused": batch.paused,
         "counts": counts,
         # jobs ended per minute since the batch was submitted; only while it still runs
         "jobs_per_minute": round(batch.done / age * 60, 2) if running and age > 0 else None,
@@ -422,6 +423,24 @@ def cancel_batch(batch_id: str):
     c.records.batch(batch_id)
     outcomes = cancel_jobs(c.records.batch_jobs(batch_id))
     return {"id": batch_id, "outcomes": outcomes, "batch": batch_json(c.records.batch(batch_id))}
+
+
+@bp.post("/batches/<batch_id>/pause")
+def pause_batch(batch_id: str):
+    """Hold the batch's queued jobs (they stay queued; no worker takes them); running ones
+    finish. ``held``: how many queued jobs it holds."""
+    c = client()
+    held = c.pause(batch_id)
+    return {"id": batch_id, "held": held, "batch": batch_json(c.records.batch(batch_id))}
+
+
+@bp.post("/batches/<batch_id>/resume")
+def resume_batch(batch_id: str):
+    """Let a paused batch's queued jobs run again (they take turns with the other batches)."""
+    c = client()
+    resumed = c.resume(batch_id)
+    return {"id": batch_id, "resumed": len(resumed),
+            "batch": batch_json(c.records.batch(batch_id))}
 
 
 @bp.post("/batches/<batch_id>/retry")

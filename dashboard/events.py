@@ -9,6 +9,9 @@ stream misses nothing and orders everything. Each SSE event's ``id`` is its stre
 - ``job``: a job changed state (``job_id``, ``state``, ``from``, ``t``; a failed job's
   ``error``; a succeeded job's ``results`` with URLs);
 - ``step``: a rendering job reached step ``step`` of ``steps``;
+- ``preview``: a rendering job has a new live preview (worker/previews.py): ``job_id``,
+  ``image`` (a ``data:image/jpeg;base64,...`` URL, or null when it has expired since: a client
+  replaying old events) and ``url`` (``GET /api/v1/jobs/<id>/preview``);
 - ``end``: the batch has ended (every job terminal); the stream then closes.
 
 A client that reconnects with ``Last-Event-ID`` (browsers' ``EventSource`` do by themselves; or
@@ -18,6 +21,7 @@ events; a client asking to resume from before those gets a fresh ``snapshot`` fi
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -104,6 +108,12 @@ def _follow(c: FarmClient, batch_id: str, last_id: str | None) -> Iterator[str]:
 
 def _describe(c: FarmClient, fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
     job_id = fields.get("job", "")
+    if "preview" in fields:
+        picture = c.redis.get(keys.preview(job_id))
+        image = ("data:image/jpeg;base64," + base64.b64encode(picture).decode()
+                 if picture else None)
+        return "preview", {"job_id": job_id, "image": image,
+                           "url": f"/api/v1/jobs/{job_id}/preview"}
     if "step" in fields:
         return "step", {"job_id": job_id, "step": int(fields["step"]),
                         "steps": int(fields["steps"] or 0)}

@@ -166,6 +166,14 @@ def spec(app: Flask) -> dict[str, Any]:
             "post": _op("Cancel every job of the batch that has not ended", _OBJ,
                         params=[_id("batch_id")]),
         },
+        "/batches/{batch_id}/pause": {
+            "post": _op("Pause the batch: its queued jobs stay queued and no worker takes them "
+                        "until resumed; running ones finish", _OBJ, params=[_id("batch_id")]),
+        },
+        "/batches/{batch_id}/resume": {
+            "post": _op("Resume a paused batch: its queued jobs take turns with the other "
+                        "batches again", _OBJ, params=[_id("batch_id")]),
+        },
         "/batches/{batch_id}/retry": {
             "post": _op("Re-queue the batch's failed and cancelled jobs", _OBJ,
                         params=[_id("batch_id")]),

@@ -364,6 +364,20 @@ def cancel_batch(batch_id: str):
     return redirect(url_for("ui.batch", batch_id=batch_id), code=303)
 
 
+@bp.post("/batches/<batch_id>/pause")
+def pause_batch(batch_id: str):
+    held = api.client().pause(batch_id)
+    flash(f"batch paused: {held} queued jobs held")
+    return redirect(url_for("ui.batch", batch_id=batch_id), code=303)
+
+
+@bp.post("/batches/<batch_id>/resume")
+def resume_batch(batch_id: str):
+    resumed = api.client().resume(batch_id)
+    flash(f"batch resumed: {len(resumed)} queued jobs back in line")
+    return redirect(url_for("ui.batch", batch_id=batch_id), code=303)
+
+
 @bp.post("/batches/<batch_id>/retry")
 def retry_batch(batch_id: str):
     c = api.client()

@@ -16,7 +16,7 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from producer.enqueue import drop_dead_messages, queue_for, send
+from producer.enqueue import drop_dead_messages, publish_records, queue_for, send
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
 from renderfarm.errors import FarmUnavailable, FieldError, InvalidJob, JobFailed
@@ -353,6 +353,22 @@ class FarmClient:
             drop_dead_messages(self.redis, queues)
         return outcomes
 
+    def pause(self, batch_id: str) -> int:
+        """Pause a batch (see :meth:`Records.pause`): its queued jobs stay queued and no
+        worker takes them until :meth:`resume`; running ones finish. Returns how many queued
+        jobs it holds. :class:`JobNotFound` for an unknown batch."""
+        return self.records.pause(batch_id)
+
+    def resume(self, batch_id: str) -> list[str]:
+        """Resume a paused batch: its queued jobs rejoin their queues (at the current turn of
+        the fair share) and their messages are sent again. Returns their ids. If Redis fails
+        before the messages are out, the jobs stay in the outbox and the workers' sweep sends
+        them (``RENDERFARM_RESEND_AFTER``)."""
+        ids = self.records.resume(batch_id)
+        if ids:
+            publish_records(self.celery, self.records, ids)
+        return ids
+
     def _publish_or_abandon(self, messages: list[tuple[str, str, int]]) -> None:
         """Send the jobs' messages. If Redis fails part-way, the recorded jobs are failed with
         the reason (a job never sits ``queued`` with no message) and the caller is told."""
@@ -482,6 +498,14 @@ class BatchHandle:
         """Job id -> its images, for the jobs that succeeded."""
         self.wait(timeout)
         return {r.id: self.client.urls(r) for r in self.records() if r.state.value == "succeeded"}
+
+    def pause(self) -> int:
+        """Hold the batch's queued jobs (:meth:`FarmClient.pause`)."""
+        return self.client.pause(self.id)
+
+    def resume(self) -> list[str]:
+        """Let the batch's queued jobs run again (:meth:`FarmClient.resume`)."""
+        return self.client.resume(self.id)
 
     def cancel(self) -> dict[str, str]:
         """Cancel every job of the batch that has not ended: job id -> outcome."""

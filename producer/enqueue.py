@@ -12,6 +12,7 @@ a record.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from secrets import token_hex
 from typing import TYPE_CHECKING
 
 from renderfarm import keys
@@ -70,8 +71,22 @@ def send_unsent(app: Celery, records: Records, older_than: float) -> list[str]:
     return queued
 
 
-def send(app: Celery, messages: Sequence[tuple[str, str, int]]) -> None:
-    """Publish (job id, queue, priority) messages in pipelines. Raises if Redis refuses them."""
+#: A spare turn's task id is its job's id, this, and a random tag (see :func:`send_turn`).
+TURN_TAG = ".turn-"
+
+
+def send_turn(app: Celery, records: Records, job_id: str) -> None:
+    """Send a turn of job ``job_id``'s queue under a task id of its own: for a message of that
+    job that Celery discarded (a revoke), which may have been another queued job's turn
+    (docs/RELIABILITY.md, "Pause and fair share"). A spare turn is harmless: delivered with no
+    job waiting, it reports its job's end as any late delivery does."""
+    for _, queue, priority in records.messages([job_id]):
+        send(app, [(job_id, queue, priority)], task_id=f"{job_id}{TURN_TAG}{token_hex(4)}")
+
+
+def send(app: Celery, messages: Sequence[tuple[str, str, int]], task_id: str = "") -> None:
+    """Publish (job id, queue, priority) messages in pipelines. Raises if Redis refuses them.
+    A message's task id is its job id, or ``task_id`` when given (one message)."""
     amqp = app.amqp
     with app.producer_or_acquire() as producer:
         declared: set[str] = set()
@@ -81,7 +96,7 @@ def send(app: Celery, messages: Sequence[tuple[str, str, int]]) -> None:
                     producer.maybe_declare(amqp.queues[queue])
                     declared.add(queue)
                 message = amqp.as_task_v2(
-                    job_id, TASK_NAME, args=(job_id,), kwargs={},
+                    task_id or job_id, TASK_NAME, args=(job_id,), kwargs={},
                     argsrepr=repr((job_id,)), kwargsrepr="{}",
                 )
                 amqp.send_task_message(
@@ -100,20 +115,28 @@ def priority_lists(queue: str) -> list[str]:
     return [queue] + [f"{queue}{PRIORITY_SEP}{n}" for n in range(1, 10)]
 
 
-# KEYS: a queue's lists. Drops the undelivered messages whose job has ended (or is gone), and
-# keeps the others in their order. One pass over the lists, atomic against the consumers.
+# KEYS: a queue's lists, then its fair set. Drops the undelivered messages whose job has ended
+# (or is gone), and keeps the others in their order. A message is a turn of its queue, not of
+# its own job alone (fair share: a delivery renders the job whose turn it is), so as many
+# messages are kept as the fair set holds jobs, dead or not: a job whose own message served
+# another job's turn still has one. One pass over the lists, atomic against the consumers.
 _DROP_DEAD = """
 local dropped = 0
-for _, list in ipairs(KEYS) do
+local fair = KEYS[#KEYS]
+local spare = -redis.call('ZCARD', fair)
+for i = 1, #KEYS - 1 do spare = spare + redis.call('LLEN', KEYS[i]) end
+for k = 1, #KEYS - 1 do
+  local list = KEYS[k]
   local messages = redis.call('LRANGE', list, 0, -1)
   local kept = {}
   for _, m in ipairs(messages) do
     local ok, msg = pcall(cjson.decode, m)
     local id = ok and type(msg) == 'table' and type(msg.headers) == 'table' and msg.headers.id
     local state = id and redis.call('HGET', 'rf:job:' .. id, 'state')
-    if id and ((not state) or state == 'cancelled' or state == 'failed'
+    if spare > 0 and id and ((not state) or state == 'cancelled' or state == 'failed'
         or state == 'succeeded') then
       dropped = dropped + 1
+      spare = spare - 1
     else
       table.insert(kept, m)
     end
@@ -134,4 +157,4 @@ def drop_dead_messages(redis: Redis, queues: Sequence[str]) -> int:
     a new job does not wait while workers take and drop them one by one. Returns how many.
     Each queue is one script over its lists: O(messages waiting), run after bulk cancels."""
     script = redis.register_script(_DROP_DEAD)
-    return sum(int(script(keys=priority_lists(q))) for q in queues)
+    return sum(int(script(keys=[*priority_lists(q), keys.fair(q)])) for q in queues)

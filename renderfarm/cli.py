@@ -303,6 +303,36 @@ def cancel(ident: str, as_json: bool) -> None:
         click.echo(f"{job_id}: {CANCEL_OUTCOMES.get(outcome, outcome)}")
 
 
+@main.command()
+@click.argument("batch_id")
+def pause(batch_id: str) -> None:
+    """Pause a batch: its queued jobs stay queued and no worker takes them until
+    'renderfarm resume'; running ones finish. Survives worker restarts."""
+    from producer import FarmClient
+    from renderfarm.errors import JobNotFound
+
+    try:
+        held = FarmClient(_settings()).pause(batch_id)
+    except JobNotFound as exc:
+        _fail(str(exc))
+    click.echo(f"batch {batch_id}: paused, {held} queued job(s) held")
+
+
+@main.command()
+@click.argument("batch_id")
+def resume(batch_id: str) -> None:
+    """Resume a paused batch: its queued jobs go back in line (taking turns with the other
+    batches, not ahead of them)."""
+    from producer import FarmClient
+    from renderfarm.errors import JobNotFound
+
+    try:
+        ids = FarmClient(_settings()).resume(batch_id)
+    except JobNotFound as exc:
+        _fail(str(exc))
+    click.echo(f"batch {batch_id}: resumed, {len(ids)} queued job(s) back in line")
+
+
 #: What ``Records.cancel``'s answers mean to a user.
 CANCEL_OUTCOMES = {
     "cancelled": "cancelled",

@@ -67,6 +67,18 @@ def pending(queue: str) -> str:
     return f"rf:pending:{queue}"
 
 
+def fair(queue: str) -> str:
+    """Zset of the ids of a queue's ``queued`` jobs that workers may take (paused batches' left
+    out), in serving order: priority, then round-robin turns over batches (records.py ``_FAIR``).
+    Every claim takes from it."""
+    return f"rf:fair:{queue}"
+
+
+def fair_clock(queue: str) -> str:
+    """Hash priority band -> the turn of the last job claimed from that band of the queue."""
+    return f"rf:fairclock:{queue}"
+
+
 def session(sid_hash: str) -> str:
     """A dashboard login session, by the SHA-256 of its id; expires with the session's lifetime,
     deleted at logout."""

@@ -44,6 +44,43 @@ end
 local B = 'rf:batch:' .. (redis.call('HGET', KEYS[1], 'batch_id') or '_')
 """
 
+# Fair share (docs/RELIABILITY.md, "Pause and fair share"). Workers take a queue's jobs from
+# its fair set rf:fair:<queue> (lowest first), not from the pending set: a job's place there is
+# its priority band * FAIR_BAND + its turn. The k-th job a batch has waiting in a queue and band
+# takes turn max(clock, the batch's last turn + 1), the clock (rf:fairclock:<queue>, one field
+# per band) being the turn of the last job claimed there: batches waiting together take one
+# job each per turn (round-robin), whatever their sizes and order of arrival. Paused batches'
+# queued jobs stay in the pending set (they are queued) but leave the fair set.
+_FAIR = """
+local FAIR_BAND = 1e10
+-- The place of a batch's next job in a queue's fair set (its turn recorded in the batch).
+local function fair_place(bkey, queue, band)
+  local field = 'r:' .. queue .. ':' .. band
+  local clock = tonumber(redis.call('HGET', 'rf:fairclock:' .. queue, band) or '0')
+  local last = tonumber(redis.call('HGET', bkey, field) or '-1')
+  local turn = math.max(clock, last + 1)
+  redis.call('HSET', bkey, field, turn)
+  return band * FAIR_BAND + turn
+end
+-- A job's recorded place; a record written before fair share: first turn of its band.
+local function fair_place_of(job)
+  local place = redis.call('HGET', job, 'fair')
+  if place then return tonumber(place) end
+  return math.floor(tonumber(redis.call('HGET', job, 'score') or '0') / FAIR_BAND) * FAIR_BAND
+end
+-- A job of the queue was claimed: the clock of its band moves up to its turn.
+local function served(job, queue)
+  local place = tonumber(redis.call('HGET', job, 'fair') or '')
+  if not place then return end
+  local band = math.floor(place / FAIR_BAND)
+  local turn = place - band * FAIR_BAND
+  local key = 'rf:fairclock:' .. queue
+  if turn > tonumber(redis.call('HGET', key, band) or '0') then
+    redis.call('HSET', key, band, turn)
+  end
+end
+"""
+
 # hook(): records a webhook event with the change that makes it (renderfarm/webhooks.py
 # delivers it): its id is stable (msg_<kind>_<job or batch id>_<n>) and names it in every try.
 # Also used by renderfarm/plotrecords.py (a plot's batch.completed comes with its grid).
@@ -60,9 +97,10 @@ local function hook(url, kind, owner, entity, batch_id, job_id, t)
 end
 """
 
-# move() keeps the batch's counts, the queue's pending set and the outbox (queued jobs whose
-# message may not have been sent: the sender removes them once it has) in step with the state.
-_MOVE = HOOK_LUA + """
+# move() keeps the batch's counts, the queue's pending and fair sets and the outbox (queued jobs
+# whose message may not have been sent: the sender removes them once it has) in step with the
+# state.
+_MOVE = HOOK_LUA + _FAIR + """
 -- event(): appends to the batch's event stream (SSE: dashboard/events.py), capped.
 local function event(batch, ...)
   redis.call('XADD', batch .. ':events', 'MAXLEN', '~', 10000, '*', ...)
@@ -109,9 +147,14 @@ local function move(job, batch, from, to, t)
       local id = redis.call('HGET', job, 'id')
       if to == 'queued' then
         redis.call('ZADD', 'rf:pending:' .. queue, redis.call('HGET', job, 'score') or 0, id)
+        if redis.call('HGET', batch, 'paused') ~= '1' then  -- a paused batch's wait for resume
+          redis.call('ZADD', 'rf:fair:' .. queue, fair_place_of(job), id)
+        end
         redis.call('ZADD', 'rf:outbox', t, id)
       elseif from == 'queued' then
         redis.call('ZREM', 'rf:pending:' .. queue, id)
+        redis.call('ZREM', 'rf:fair:' .. queue, id)
+        if to == 'started' then served(job, queue) end
       end
     end
   end
@@ -152,7 +195,7 @@ end
 # key never points at a job that was not written.
 # Returns, per job, its own id or the id of the job that holds its key. Idempotent: a job whose
 # record exists is left as it is (redis-py retries a call that timed out).
-_ADD = """
+_ADD = _FAIR + """
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -173,13 +216,18 @@ for i = 5, #ARGV, 7 do
   if owner then
     table.insert(out, owner)
   else
-    local score = (9 - tonumber(ARGV[i + 3])) * 1e10 + t
+    local band = 9 - tonumber(ARGV[i + 3])
+    local score = band * 1e10 + t
+    local place = fair_place(bkey, queue, band)
     redis.call('HSET', 'rf:job:' .. id, 'id', id, 'batch_id', batch_id, 'state', 'queued',
       'request', ARGV[i + 6], 'created_at', t, 't:queued', t, 'queue', queue,
-      'compat', ARGV[i + 4], 'score', score)
+      'compat', ARGV[i + 4], 'score', score, 'fair', place)
     if idem ~= '' then redis.call('HSET', 'rf:job:' .. id, 'idem', idem) end
     if ARGV[i + 5] ~= '' then redis.call('HSET', 'rf:job:' .. id, 'webhook', ARGV[i + 5]) end
     redis.call('ZADD', 'rf:pending:' .. queue, score, id)
+    if redis.call('HGET', bkey, 'paused') ~= '1' then
+      redis.call('ZADD', 'rf:fair:' .. queue, place, id)
+    end
     redis.call('ZADD', 'rf:outbox', t, id)
     redis.call('ZADD', 'rf:jobs', t, id)
     redis.call('RPUSH', bkey .. ':jobs', id)
@@ -211,11 +259,12 @@ return out
 """
 
 # ARGV: id, owner, lease seconds, max_attempts
-_CLAIM = _TERMINAL + _MOVE + """
+_CLAIM_JOB = """
 local now = clock()
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
 if terminal(state) then return {'terminal', state} end
+if state == 'queued' and redis.call('HGET', B, 'paused') == '1' then return {'paused', ''} end
 if state ~= 'queued' then
   local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
   if lease > now then
@@ -241,6 +290,112 @@ redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease_owner', ARGV[2], 'lease_un
   'step', 0)
 redis.call('ZADD', KEYS[2], lease, ARGV[1])
 return {'ok', tostring(attempts)}
+"""
+_CLAIM = _TERMINAL + _MOVE + _CLAIM_JOB
+
+# ARGV: id, owner, lease seconds, max_attempts. A delivered message is a turn of its job's queue
+# (docs/RELIABILITY.md, "Pause and fair share"): it claims the first job of the queue's fair
+# set, whichever that is, and returns {'ok', attempts, that job's id}. Only when the fair set
+# holds no job does it fall back to the delivered job itself (_CLAIM: a duplicate delivery
+# finds it busy or ended; a paused batch's job answers 'paused' and stays queued).
+_CLAIM_TURN = _TERMINAL + _MOVE + """
+local queue = redis.call('HGET', KEYS[1], 'queue')
+if queue then
+  local fair = 'rf:fair:' .. queue
+  local t = clock()
+  while true do
+    local head = redis.call('ZRANGE', fair, 0, 0)
+    if #head == 0 then break end
+    local id = head[1]
+    local job = 'rf:job:' .. id
+    local state = redis.call('HGET', job, 'state')
+    local JB = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
+    if state ~= 'queued' or redis.call('HGET', JB, 'paused') == '1' then
+      redis.call('ZREM', fair, id)
+    elseif redis.call('HGET', job, 'cancel') == '1' then
+      move(job, JB, state, 'cancelled', t)
+    else
+      local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+      if attempts > tonumber(ARGV[4]) then
+        move(job, JB, state, 'failed', t)
+        redis.call('HSET', job, 'error', 'gave up after ' .. (attempts - 1) ..
+          ' attempts: the worker running it was lost each time')
+      else
+        local lease = t + tonumber(ARGV[3])
+        move(job, JB, state, 'started', t)
+        redis.call('HSET', job, 'worker', ARGV[2], 'lease_owner', ARGV[2], 'lease_until', lease,
+          'step', 0)
+        redis.call('ZADD', KEYS[2], lease, id)
+        return {'ok', tostring(attempts), id}
+      end
+    end
+  end
+end
+""" + _CLAIM_JOB
+
+# KEYS: batch, its job list. Pauses the batch: its queued jobs leave their queues' fair sets
+# (they stay queued, in the pending sets); jobs queued later in it (a retry, a re-queue) wait
+# there too. Returns how many jobs it holds; -1: no such batch.
+_PAUSE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[1], 'paused', '1')
+local n = 0
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local job = 'rf:job:' .. id
+  if redis.call('HGET', job, 'state') == 'queued' then
+    local queue = redis.call('HGET', job, 'queue')
+    if queue then redis.call('ZREM', 'rf:fair:' .. queue, id) end
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS: batch, its job list. Resumes the batch: its queued jobs rejoin their fair sets at the
+# current turn (not ahead of the batches that waited meanwhile) and go into the outbox, in one
+# step: their messages are sent again by the caller (Records.resume's caller), or by the outbox
+# sweep if it dies first. Returns the ids to send; -1: no such batch.
+_RESUME = _FAIR + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HDEL', KEYS[1], 'paused')
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 2) == 'r:' then redis.call('HDEL', KEYS[1], field) end
+end
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local job = 'rf:job:' .. id
+  local queue = redis.call('HGET', job, 'queue')
+  if queue and redis.call('HGET', job, 'state') == 'queued' then
+    local band = math.floor(tonumber(redis.call('HGET', job, 'score') or '0') / FAIR_BAND)
+    local place = fair_place(KEYS[1], queue, band)
+    redis.call('HSET', job, 'fair', place)
+    redis.call('ZADD', 'rf:fair:' .. queue, place, id)
+    redis.call('ZADD', 'rf:outbox', now, id)
+    table.insert(out, id)
+  end
+end
+return out
+"""
+
+# KEYS: a queue's pending set, its fair set. Puts in the fair set the queued jobs of the pending
+# set it lacks (recorded before fair share existed), unless their batch is paused. Returns how
+# many.
+_ADOPT = _FAIR + """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if not redis.call('ZSCORE', KEYS[2], id) then
+    local job = 'rf:job:' .. id
+    local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
+    if redis.call('HGET', job, 'state') == 'queued' and redis.call('HGET', B, 'paused') ~= '1'
+    then
+      redis.call('ZADD', KEYS[2], fair_place_of(job), id)
+      n = n + 1
+    end
+  end
+end
+return n
 """
 
 # ARGV: id, owner, new_state, lease seconds|'', field, value, ...
@@ -412,8 +567,8 @@ ADD_CHUNK = 500  #: jobs recorded per script call by Records.add_jobs
 MAX_INDEX = 2**62
 
 
-# KEYS: running, pending zsets...  ARGV: owner, lease seconds, max_attempts, n, compat|'',
-# scan limit. Claims up to n queued jobs from the pending zsets in order, only those whose
+# KEYS: running, fair zsets...  ARGV: owner, lease seconds, max_attempts, n, compat|'',
+# scan limit. Claims up to n queued jobs from the fair zsets in order, only those whose
 # 'compat' field equals ARGV[5] when it is given (micro-batch partners). Skips (and drops from
 # the zset) ids that are no longer queued. Partners are only jobs never tried before: a job
 # whose worker was lost runs alone, so a poison job cannot take partners down with it.
@@ -519,8 +674,9 @@ class Pruned:
 class Claim:
     """The answer to a worker asking to run a job."""
 
-    status: str  #: ok | terminal | busy | cancelled | poison | missing
+    status: str  #: ok | terminal | busy | cancelled | poison | missing | paused
     detail: str = ""
+    job_id: str = ""  #: the job claimed (a turn of a queue may take another job than its own)
 
     @property
     def ok(self) -> bool:
@@ -533,6 +689,10 @@ class Records:
     def __init__(self, redis: Redis):
         self.redis = redis
         self._claim = redis.register_script(_CLAIM)
+        self._claim_turn = redis.register_script(_CLAIM_TURN)
+        self._pause = redis.register_script(_PAUSE)
+        self._resume = redis.register_script(_RESUME)
+        self._adopt = redis.register_script(_ADOPT)
         self._update = redis.register_script(_UPDATE)
         self._renew = redis.register_script(_RENEW)
         self._cancel = redis.register_script(_CANCEL)
@@ -699,10 +859,46 @@ class Records:
 
     # -- a worker's transitions -------------------------------------------------------------
     def claim(self, job_id: str, owner: str, lease_seconds: float, max_attempts: int) -> Claim:
+        """Claim this very job (queued, or running under an expired lease)."""
         status, detail = self._claim(
             keys=self._keys(job_id), args=[job_id, owner, lease_seconds, max_attempts]
         )
-        return Claim(status.decode(), detail.decode())
+        return Claim(status.decode(), detail.decode(), job_id)
+
+    def claim_turn(self, job_id: str, owner: str, lease_seconds: float,
+                   max_attempts: int) -> Claim:
+        """A delivered message of job ``job_id``: claim the first job of its queue's fair set
+        (round-robin over batches, priority first), which may be another job than its own;
+        ``Claim.job_id`` says which. With no job there to take, :meth:`claim` of the job itself
+        (a duplicate delivery finds it busy or ended; a paused batch's job answers 'paused')."""
+        answer = self._claim_turn(
+            keys=self._keys(job_id), args=[job_id, owner, lease_seconds, max_attempts]
+        )
+        taken = answer[2].decode() if len(answer) > 2 else job_id
+        return Claim(answer[0].decode(), answer[1].decode(), taken)
+
+    def pause(self, batch_id: str) -> int:
+        """Pause a batch: its queued jobs stay queued and no worker takes them until
+        :meth:`resume`; running ones finish. Returns how many queued jobs it holds."""
+        held = self._pause(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)], args=[])
+        if held < 0:
+            raise JobNotFound(batch_id)
+        return int(held)
+
+    def resume(self, batch_id: str) -> list[str]:
+        """Resume a paused batch: its queued jobs rejoin the queues at the current turn. Returns
+        their ids, whose messages the caller must send (:func:`producer.enqueue.
+        publish_records`); they are in the outbox meanwhile, so none is lost if it cannot."""
+        out = self._resume(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)], args=[])
+        if isinstance(out, int):
+            raise JobNotFound(batch_id)
+        return [i.decode() for i in out]
+
+    def adopt(self, queues: Sequence[str]) -> int:
+        """Put the queued jobs recorded before fair share existed in their queues' fair sets
+        (a worker does this at start). Returns how many."""
+        return sum(int(self._adopt(keys=[keys.pending(q), keys.fair(q)], args=[]))
+                   for q in queues)
 
     def claim_more(
         self,
@@ -714,22 +910,23 @@ class Records:
         compat: str = "",
         scan: int = 200,
     ) -> list[str]:
-        """Claim up to ``n`` queued jobs straight from the queues' pending sets (best first),
+        """Claim up to ``n`` queued jobs straight from the queues' fair sets (best first),
         only micro-batch partners when ``compat`` is given. Their Celery messages, delivered
         later, find them claimed and are dropped."""
         if n <= 0 or not queues:
             return []
         ids = self._claim_more(
-            keys=[keys.RUNNING, *[keys.pending(q) for q in queues]],
+            keys=[keys.RUNNING, *[keys.fair(q) for q in queues]],
             args=[owner, lease_seconds, max_attempts, n, compat, scan],
         )
         return [i.decode() for i in ids]
 
     def best_priority(self, queues: Sequence[str]) -> int:
-        """The highest priority among the queues' queued jobs; -1 when none waits."""
+        """The highest priority among the queues' queued jobs a worker may take (paused
+        batches' left out); -1 when none waits."""
         pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
-            pipe.zrange(keys.pending(queue), 0, 0, withscores=True)
+            pipe.zrange(keys.fair(queue), 0, 0, withscores=True)
         scores = [found[0][1] for found in pipe.execute() if found]
         return priority_of(min(scores)) if scores else -1
 
@@ -923,6 +1120,7 @@ def _batch_from_hash(data: dict) -> BatchRecord:
         thumb=_s(data, "thumb"),
         webhook_url=_s(data, "webhook") or None,
         webhooks=hooks,
+        paused=_s(data, "paused") == "1",
     )
 
 

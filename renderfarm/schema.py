@@ -344,6 +344,7 @@ class BatchRecord(BaseModel):
     webhooks: dict[str, int] = Field(
         default_factory=dict, description="Webhook deliveries of the batch and its jobs by "
         "status: pending, delivered, failed.")
+    paused: bool = False  #: its queued jobs wait for a resume (Records.pause)
 
     @property
     def done(self) -> int:

@@ -6,7 +6,11 @@ denoising step, and the test reads its preview while it is provably rendering.""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import os
+import threading
 import uuid
 
 import PIL.Image
@@ -163,3 +167,88 @@ def test_each_job_of_a_micro_batch_gets_its_own_preview(held_farm, api):
         held_farm.release(*holds)
     for job_id in batch.job_ids:
         held_farm.wait_state(job_id, {JobState.succeeded})
+
+
+def _sse_until(response, event: str, limit: int = 200) -> dict:
+    """Read a served SSE body until the first ``event``; its data."""
+    text = ""
+    for n, chunk in enumerate(response.response):
+        text += chunk.decode() if isinstance(chunk, bytes) else chunk
+        for block in text.split("\n\n")[:-1]:
+            lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            if lines.get("event") == event:
+                return json.loads(lines["data"])
+        if n > limit:
+            break
+    raise AssertionError(f"no {event} event in the stream: {text[-2000:]}")
+
+
+def test_a_preview_is_pushed_on_the_batch_event_stream(held_farm, api):
+    prompt = f"a preview event {uuid.uuid4().hex[:6]}"
+    hold = held_farm.hold_step(prompt, 3)
+    batch = held_farm.client.submit_batch([_job(prompt, 3)])
+    [job_id] = batch.job_ids
+    try:
+        assert held_farm.wait_held()[1] == job_id
+        live = api.get(f"/api/v1/batches/{batch.id}/events", buffered=False,
+                       headers={"Last-Event-ID": "0-0"})
+        try:
+            data = _sse_until(live, "preview")
+        finally:
+            live.close()
+        assert data["job_id"] == job_id and data["url"] == f"/api/v1/jobs/{job_id}/preview"
+        head, _, encoded = data["image"].partition(",")
+        assert head == "data:image/jpeg;base64"
+        image = PIL.Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert image.format == "JPEG" and image.size == (16, 8)
+    finally:
+        held_farm.release(hold)
+    held_farm.wait_state(job_id, {JobState.succeeded})
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_chromium_shows_the_preview_in_the_tile_and_on_the_job_page(held_farm):
+    """A real headless Chromium on the served dashboard: the tile of a job held mid-render
+    (and its job page) show its live preview image, loaded. The browser starts before the job
+    is held: a held job's preview lives 30 s after its last write."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from dashboard import create_app
+    from dashboard.serve import make_server
+
+    server = make_server(create_app({"SETTINGS": held_farm.settings}), port=0)
+    threading.Thread(target=server.run, name="preview-dashboard", daemon=True).start()
+    base = f"http://127.0.0.1:{server.effective_port}"
+    prompt = f"a preview in chromium {uuid.uuid4().hex[:6]}"
+    hold = held_farm.hold_step(prompt, 3)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"{base}/batches")
+                batch = held_farm.client.submit_batch([_job(prompt, 4)])
+                [job_id] = batch.job_ids
+                assert held_farm.wait_held()[1] == job_id
+                page.goto(f"{base}/batches/{batch.id}")
+                shown = ("(sel) => { const i = document.querySelector(sel); "
+                         "return i && i.complete ? i.naturalWidth : 0; }")
+                tile = f'.tile[data-id="{job_id}"] img.preview'
+                page.wait_for_function(f"() => ({shown})({json.dumps(tile)}) === 16",
+                                       timeout=30_000)  # 128x64 -> a 16x8 preview
+                page.goto(f"{base}/jobs/{job_id}")
+                page.wait_for_function(f"() => ({shown})('#job-images img.preview') === 16",
+                                       timeout=30_000)
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        held_farm.release(hold)
+        server.close()
+    held_farm.wait_state(job_id, {JobState.succeeded})

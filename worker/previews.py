@@ -10,8 +10,12 @@ render.
 
 The latest preview of a job is one small JPEG in Redis (``keys.preview``), expiring after
 :data:`TTL` seconds, so only running jobs have one; the dashboard serves it at
-``GET /api/v1/jobs/<id>/preview``. ``RENDERFARM_PREVIEW_SECONDS`` sets how often (per group of
-jobs rendered together; the first comes after the first step); 0 turns previews off.
+``GET /api/v1/jobs/<id>/preview``. Each write also appends a small ``preview`` marker (the job's
+id, no image) to the job's batch event stream, which the batch's Server-Sent Events turn into a
+``preview`` event carrying the picture (dashboard/events.py): the stream stays small, and a
+client is told the moment a new picture is there. ``RENDERFARM_PREVIEW_SECONDS`` sets how often
+(per group of jobs rendered together; the first comes after the first step); 0 turns previews
+off.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ log = logging.getLogger("renderfarm.worker")
 
 MAX_SIDE = 64  #: longest side of a preview in pixels (never more than one pixel per latent)
 TTL = 30  #: seconds a preview lives in Redis after its last write
+EVENTS_KEPT = 10_000  #: a batch stream's cap, as records.py's scripts trim it
 QUALITY = 80  #: JPEG quality
 
 #: ``on_latents(latents, owners)``: the latents of one pipeline call after a step, and for each
@@ -88,14 +93,15 @@ class PreviewWriter:
 
     def __init__(self, redis: Redis):
         self.redis = redis
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, tuple[torch.Tensor, str]] = {}
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="previews", daemon=True)
         self._thread.start()
 
-    def put(self, job_id: str, pixels: torch.Tensor) -> None:
+    def put(self, job_id: str, pixels: torch.Tensor, batch_id: str = "") -> None:
+        """Queue a job's picture; with ``batch_id``, a marker goes on that batch's stream."""
         with self._ready:
-            self._pending[job_id] = pixels
+            self._pending[job_id] = (pixels, batch_id)
             self._ready.notify()
 
     def _loop(self) -> None:
@@ -103,9 +109,12 @@ class PreviewWriter:
             with self._ready:
                 while not self._pending:
                     self._ready.wait()
-                job_id, pixels = self._pending.popitem()
+                job_id, (pixels, batch_id) = self._pending.popitem()
             try:
                 self.redis.set(keys.preview(job_id), encode_jpeg(pixels), ex=TTL)
+                if batch_id:  # after the picture: a reader of the marker finds it
+                    self.redis.xadd(keys.batch_events(batch_id), {"job": job_id, "preview": 1},
+                                    maxlen=EVENTS_KEPT, approximate=True)
             except Exception as exc:  # a preview is never worth a job: log and go on
                 log.warning("preview of %s not written: %s", job_id, exc)
 
@@ -117,11 +126,12 @@ class Previews:
         self.every = every
         self.writer = PreviewWriter(redis) if every > 0 else None
 
-    def hook(self, job_ids: Sequence[str], family, width: int, height: int) -> OnLatents | None:
-        """``on_latents`` for the jobs ``job_ids`` rendered together at ``width`` x
-        ``height`` with a model of ``family``: a preview of each job's first image after the
-        first step, then every ``every`` seconds. None when previews are off or the family has
-        no factors."""
+    def hook(self, job_ids: Sequence[str], family, width: int, height: int,
+             batch_ids: Sequence[str] = ()) -> OnLatents | None:
+        """``on_latents`` for the jobs ``job_ids`` (of batches ``batch_ids``, for the event
+        streams) rendered together at ``width`` x ``height`` with a model of ``family``: a
+        preview of each job's first image after the first step, then every ``every`` seconds.
+        None when previews are off or the family has no factors."""
         writer = self.writer
         if writer is None or not family.latent_rgb_factors:
             return None
@@ -146,6 +156,7 @@ class Previews:
                 next_at = float("inf")
                 return
             for owner, image in zip(rows, pixels, strict=True):
-                writer.put(job_ids[owner], image)
+                writer.put(job_ids[owner], image,
+                           batch_ids[owner] if owner < len(batch_ids) else "")
 
         return on_latents

@@ -143,6 +143,8 @@ class WorkerService:
         self.models = list(self._model_paths)
         self.families = self._families(self.models)
         self.queues = worker_queues(self.settings, self.models, self.profile.name)
+        if adopted := self.records.adopt(self.queues):  # queued before fair share existed
+            log.info("%d queued jobs put in their queues' fair sets", adopted)
         if self.models:
             self.redis.hset(keys.MODELS, mapping={n: now() for n in self.models})
         self._start_hashing()
@@ -351,14 +353,20 @@ class WorkerService:
         between jobs. Model affinity continues in :meth:`run_loaded` (worker/tasks.py sends
         this worker a message for it).
 
+        The message is a turn of its job's queue (fair share, ``Records.claim_turn``): it
+        renders the job whose turn it is, often another than its own.
+
         The job is claimed before its record is read: a record that cannot be read then fails
         alone, with its reason, instead of the worker."""
-        claim = self.records.claim(
+        claim = self.records.claim_turn(
             job_id, self.owner, self.settings.lease_seconds, self.settings.max_attempts
         )
         if not claim.ok:
             log.info("job %s not run: %s %s", job_id, claim.status, claim.detail)
             return Delivery(claim, {})
+        if claim.job_id != job_id:  # fair share: the message was a turn of its queue
+            log.info("delivery of job %s takes job %s (its queue's turn)", job_id, claim.job_id)
+        job_id = claim.job_id
         self.affinity_until = time.monotonic() + AFFINITY_SECONDS
         [record] = self._read_claimed([job_id]) or [None]
         if record is None:
@@ -534,7 +542,7 @@ class WorkerService:
                     raise Cancelled(job_id)
             first = group[0].request
             on_latents = self.previews.hook(ids, self.cache.family(first.model), first.width,
-                                            first.height)
+                                            first.height, [r.batch_id for r in group])
             started = time.monotonic()
             if len(group) == 1:
                 rendered = [render(self.cache, group[0].request, on_step, on_latents)]

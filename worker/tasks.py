@@ -1,7 +1,10 @@
 """The Celery tasks: thin shells that hand job ids to the worker service, with task states
 that say what happened to each job (Flower, ``celery events``; see docs/DEPLOY.md).
 
-A job's task id is its job id. How a delivery of ``renderfarm.render`` ends:
+A job's task id is its job id. A delivery is a turn of its job's queue (fair share,
+docs/RELIABILITY.md): it renders the job whose turn it is, often another one than its own;
+only when no job of the queue waits does it deal with its own job. How a delivery of
+``renderfarm.render`` ends:
 
 - it ran the job: the task ends with celery's ``Ignore`` and the worker sends the job's final
   event when the job ends (worker/events.py): SUCCESS once its images are stored, FAILURE with
@@ -25,7 +28,9 @@ import logging
 
 from celery import Celery, Task
 from celery.exceptions import Ignore
+from celery.signals import task_revoked
 
+from producer.enqueue import TURN_TAG, send_turn
 from renderfarm.connection import AFFINITY_TASK, TASK_NAME
 from worker.service import WorkerService
 
@@ -64,7 +69,26 @@ def register(app: Celery, service: WorkerService) -> None:
         if claim.status == "busy":
             log.info("job %s runs on %s: this delivery does nothing", job_id, claim.detail)
             raise Ignore()
+        if claim.status == "paused":  # stays queued; resume sends its message again
+            log.info("job %s: its batch is paused; left queued for its resume", job_id)
+            raise Ignore()
         raise JobFailed(job_error(service, job_id) or f"job {job_id}: {claim.status}")
+
+    @task_revoked.connect(weak=False)
+    def turn_back(sender: Task | None = None, request: object = None, **_: object) -> None:
+        """Celery discarded a revoked (or expired) render message unrun. The message was a
+        turn of its job's queue, maybe another queued job's (fair share): send one in its
+        place, so no queued job is left without (docs/RELIABILITY.md)."""
+        if getattr(sender, "name", None) != TASK_NAME or request is None:
+            return
+        job_id = str(getattr(request, "id", "") or "").split(TURN_TAG)[0]
+        if not job_id:
+            return
+        try:
+            send_turn(app, service.records, job_id)
+        except Exception:  # Redis away (then the discard's ack failed too: Celery restores it)
+            log.exception("job %s: could not send a turn in place of its revoked message",
+                          job_id)
 
     @app.task(name=AFFINITY_TASK, ignore_result=True, acks_late=True)
     def render_loaded() -> dict[str, str]:

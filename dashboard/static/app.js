@@ -151,6 +151,9 @@ function updateTile(tile, job) {
 // The batch's buttons, enabled by its state (as the page renders them).
 function batchButtons(b) {
   document.getElementById("cancel-batch").disabled = b.finished;
+  document.getElementById("pause-batch").disabled = b.paused || b.finished;
+  document.getElementById("resume-batch").disabled = !b.paused;
+  document.getElementById("batch-paused").hidden = !b.paused;
   document.getElementById("retry-batch").disabled = !(b.counts.failed || b.counts.cancelled);
   const zip = document.getElementById("download-zip");
   if (b.counts.succeeded) {

@@ -1,0 +1,99 @@
+"""Fair share: time-to-last-image of a small batch submitted right after a big one.
+
+    .venv/bin/python bench/fairness.py --big 2000 --small 4
+
+One worker process (embedded farm: real Redis, Celery, local storage in a temp dir) with the
+tiny model preloaded and warmed by a few jobs. A ``--big``-job batch is submitted, then at
+once a ``--small``-job batch (same model, size and steps, so they share micro-batches), all at
+priority 5. Measured from the records (Redis' clock): the small batch's time from its submit to
+its last job's ``succeeded``; how many big jobs had succeeded by then; and the big batch's own
+time to its last image, with the mean job time (big batch's wall / its jobs). The code under
+test is whatever is on ``PYTHONPATH``: run it once against a tree before fair share and once
+after to compare (FIFO serves the whole big batch first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def job(prompt: str, steps: int, seed: int) -> dict:
+    return {"prompt": prompt, "model": "tiny", "width": 64, "height": 64, "steps": steps,
+            "seed": seed, "scheduler": "euler"}
+
+
+def run(models_dir: Path, data_dir: Path, big: int, small: int, steps: int,
+        timeout: float) -> dict:
+    from producer import FarmClient
+    from renderfarm.farm import EmbeddedFarm
+    from renderfarm.settings import Settings
+
+    settings = Settings(data_dir=data_dir, models_dir=models_dir)
+    with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"]) as farm:
+        client = FarmClient(farm.settings)
+        client.submit_batch([job("warm-up", steps, i) for i in range(8)]).wait(timeout=300)
+        big_batch = client.submit_batch([job(f"big {i}", steps, i) for i in range(big)])
+        small_batch = client.submit_batch([job(f"small {i}", steps, i) for i in range(small)])
+        small_batch.wait(timeout=timeout, poll=0.05)
+        small_records = small_batch.records()
+        small_created = small_batch.status().created_at
+        small_last = max(r.timestamps["succeeded"] for r in small_records)
+        big_done_before = sum(1 for r in big_batch.records()
+                              if r.timestamps.get("succeeded", float("inf")) < small_last)
+        big_batch.wait(timeout=timeout, poll=0.5)
+        big_records = big_batch.records()
+        big_created = big_batch.status().created_at
+        big_last = max(r.timestamps["succeeded"] for r in big_records)
+    failed = [r.id for r in [*small_records, *big_records] if r.state.value != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {failed[0]}")
+    job_time = (big_last - big_created) / big
+    return {
+        "small_time_to_last_image_s": round(small_last - small_created, 3),
+        "small_in_job_times": round((small_last - small_created) / job_time, 1),
+        "big_jobs_succeeded_before_small_last": big_done_before,
+        "big_time_to_last_image_s": round(big_last - big_created, 3),
+        "mean_job_time_s": round(job_time, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--big", type=int, default=2000)
+    parser.add_argument("--small", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--label", default="", help="What code this run measures (e.g. main).")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in [n for n in os.environ if n.startswith("RENDERFARM_")]:
+        del os.environ[name]  # a developer's own farm must not be measured instead
+
+    import torch
+
+    from worker.modelgen import make_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models_dir = Path(tmp) / "models"
+        make_model("tiny", models_dir / "tiny")
+        t0 = time.monotonic()
+        result = run(models_dir, Path(tmp) / "farm", args.big, args.small, args.steps,
+                     args.timeout)
+    print(json.dumps({
+        "bench": "fairness", "label": args.label,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "model": "tiny",
+        "size": "64x64", "steps": args.steps, "workers": 1, "big": args.big,
+        "small": args.small, **result, "bench_wall_s": round(time.monotonic() - t0, 1),
+        "cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
