@@ -11,6 +11,7 @@ import io
 import json
 import os
 import threading
+import time
 import uuid
 
 import PIL.Image
@@ -169,16 +170,18 @@ def test_each_job_of_a_micro_batch_gets_its_own_preview(held_farm, api):
         held_farm.wait_state(job_id, {JobState.succeeded})
 
 
-def _sse_until(response, event: str, limit: int = 200) -> dict:
-    """Read a served SSE body until the first ``event``; its data."""
+def _sse_until(response, event: str, timeout: float = 60) -> dict:
+    """Read a served SSE body until the first ``event``; its data. The body sends a keep-alive
+    at least every 5 s, so the deadline is checked that often."""
+    deadline = time.monotonic() + timeout
     text = ""
-    for n, chunk in enumerate(response.response):
+    for chunk in response.response:
         text += chunk.decode() if isinstance(chunk, bytes) else chunk
         for block in text.split("\n\n")[:-1]:
             lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
             if lines.get("event") == event:
                 return json.loads(lines["data"])
-        if n > limit:
+        if time.monotonic() > deadline:
             break
     raise AssertionError(f"no {event} event in the stream: {text[-2000:]}")
 
