@@ -1,11 +1,12 @@
 """How often the shapes model draws what its prompt says, by the pixel judge.
 
-    .venv/bin/python bench/shapes_judge.py --model DIR               # 100 prompts, seeds 0..99
-    .venv/bin/python bench/shapes_judge.py --model DIR --save out/  # and the pictures, a sheet
+    .venv/bin/python bench/shapes_judge.py                 # the shipped model, 100 prompts
+    .venv/bin/python bench/shapes_judge.py --model DIR --save out/  # a model folder; pictures
 
 Prompts: ``--n`` scenes of renderfarm.shapes.random_scene(Random(``--seed``)), each with its
 full caption (shape, colour, background; size, position and count where the scene has them);
-picture i uses seed i. The model (a diffusers folder written by tools/train_shapes.py) runs in a
+picture i uses seed i. The model (the shipped renderfarm/data/shapes, or a diffusers folder
+written by tools/train_shapes.py: ``--model``) runs in a
 plain diffusers StableDiffusionPipeline with its own scheduler (Euler ancestral, the farm's
 default), ``--steps`` steps, guidance ``--guidance``, 64x64, ``--batch`` prompts per call
 (a seeded generator per picture: the same pictures at any batch size). renderfarm.shapes_judge
@@ -43,7 +44,8 @@ def sheet(images: list, columns: int = 10, scale: int = 2):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="the model's diffusers folder")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a diffusers folder (default: the shipped shapes model)")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2024, help="seed of the prompts")
     parser.add_argument("--steps", type=int, default=20)
@@ -58,10 +60,11 @@ def main() -> None:
 
     from renderfarm import shapes
     from renderfarm.shapes_judge import check, judge
+    from worker.modelgen import SHAPES_DIR
 
     torch.set_num_threads(args.threads)
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, dtype=torch.float32, safety_checker=None,
+        args.model or SHAPES_DIR, dtype=torch.float32, safety_checker=None,
         requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     rng = random.Random(args.seed)
