@@ -119,6 +119,12 @@ def test_models_shows_the_loras_and_the_workers_that_have_them(farm, farm_settin
     finally:
         lora.unlink()
         wait_for(lambda: "cli_pen" not in worker_loras(farm_settings), 30, "the LoRA dropped")
+        # The farm's LoRA catalogue (rf:loras) keeps what any worker ever advertised: take it
+        # out too, so the session farm's next test module sees the LoRAs it made, only those.
+        from producer import FarmClient
+        from renderfarm import keys
+
+        FarmClient(farm_settings).redis.hdel(keys.LORAS, "cli_pen")
 
 
 def worker_loras(settings) -> dict[str, str]:
