@@ -58,8 +58,8 @@ def test_tiny_tokenizer_takes_any_prompt(tiny, prompt):
 
 
 def test_unknown_kind_names_it(tmp_path):
-    with pytest.raises(ValueError, match=r"kind must be one of tiny, sd15-random, shapes, tiny-sdxl, "
-                                         r"tiny-flux, sdxl-random, got 'sdxl'"):
+    with pytest.raises(ValueError, match=r"kind must be one of tiny, sd15-random, shapes, "
+                                         r"tiny-sdxl, tiny-flux, sdxl-random, got 'sdxl'"):
         make_model("sdxl", tmp_path)
 
 
