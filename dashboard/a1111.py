@@ -478,11 +478,17 @@ def png_info():
 
 @bp.get("/loras")
 def loras():
-    """LoRA files in ``<models dir>/loras/`` (name = file stem, as prompt tags name them)."""
-    folder = client().settings.models_path / "loras"
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return jsonify([{"name": f.stem, "alias": f.stem, "path": str(f), "metadata": {}}
-                    for f in files])
+    """The LoRAs a prompt tag can name (name = file stem): those the live workers advertise
+    (the farm's workers may be on other machines) and the files in this server's
+    ``<models dir>/loras/``. ``path`` is the file here, empty for a LoRA only workers have."""
+    from renderfarm.fleet import live_workers
+
+    farm = client()
+    folder = farm.settings.models_path / "loras"
+    files = {f.stem: f for f in folder.glob("*.safetensors")} if folder.is_dir() else {}
+    names = set(files) | {name for worker in live_workers(farm.redis) for name in worker.loras}
+    return jsonify([{"name": name, "alias": name, "path": str(files.get(name, "")),
+                     "metadata": {}} for name in sorted(names)])
 
 
 @bp.get("/scripts")

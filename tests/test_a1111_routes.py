@@ -15,6 +15,22 @@ def test_loras_lists_the_models_dirs_lora_files(dash_client, dash_settings):
     (folder / "notes.txt").write_text("not a lora")
     loras = dash_client.get("/sdapi/v1/loras").get_json()
     assert [(item["name"], item["alias"]) for item in loras] == [("ink-style", "ink-style")]
+    assert loras[0]["path"] == str(folder / "ink-style.safetensors")
+
+
+def test_loras_lists_what_live_workers_advertise(dash_client, dash_farm, fake_beat):
+    """Workers on other machines have LoRAs this server's folder has not: A1111 clients list
+    them too (a lost worker's do not count)."""
+    import json
+
+    from renderfarm import keys
+
+    fake_beat("w-live", age=1)
+    fake_beat("w-lost", age=200)
+    dash_farm.redis.hset(keys.worker("w-live"), "loras", json.dumps({"remote_ink": "sd15"}))
+    dash_farm.redis.hset(keys.worker("w-lost"), "loras", json.dumps({"gone_pen": "sd15"}))
+    loras = dash_client.get("/sdapi/v1/loras").get_json()
+    assert [(item["name"], item["path"]) for item in loras] == [("remote_ink", "")]
 
 
 def test_refusals_name_the_field_and_enqueue_nothing(make_dash_app, queue_depth):
