@@ -236,7 +236,7 @@ def _generate(req: GenerationRequest, mode: str):
         model = caller_model(c)
     seed = resolve_seed(req.seed)
     try:
-        jobs = to_jobs(req, model, seed)
+        jobs = to_jobs(req, model, seed, c.model_families().get(model))
     except ValueError as exc:
         raise _refused([FieldError("sampler_name", str(exc), req.sampler())]) from None
     who = caller()

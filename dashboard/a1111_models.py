@@ -217,11 +217,12 @@ def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed < 0 else seed
 
 
-def to_jobs(req: GenerationRequest, model: str, seed: int) -> list[dict[str, Any]]:
+def to_jobs(req: GenerationRequest, model: str, seed: int,
+            family: str | None = None) -> list[dict[str, Any]]:
     """One farm job per image: image ``i`` (of ``batch_size x n_iter``) has seed ``seed + i``,
     as A1111 numbers them. Raises ValueError (message for ``sampler_name``) for an unknown
-    sampler or schedule type."""
-    scheduler = from_a1111(req.sampler(), req.scheduler)
+    sampler or schedule type, or one the model's ``family`` has not."""
+    scheduler = from_a1111(req.sampler(), req.scheduler, family)
     common = {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,

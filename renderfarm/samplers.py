@@ -95,10 +95,21 @@ def _split_legacy(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def from_a1111(sampler: str, schedule: str | None = None) -> str:
+def from_a1111(sampler: str, schedule: str | None = None, family: str | None = None) -> str:
     """Our scheduler for an A1111 sampler name (its display name, an alias or a legacy combined
     name like ``DPM++ 2M Karras``, any case) and schedule type (name or label; None or
-    ``Automatic`` is the sampler's default). ``ValueError`` says which names are accepted."""
+    ``Automatic`` is the sampler's default). ``ValueError`` says which names are accepted.
+
+    On a ``flux`` model, ``Euler`` (schedule type Automatic or ``Simple``, as Forge and ComfyUI
+    write Flux's) is Flux's flow-matching Euler, its only scheduler; other samplers are refused.
+    """
+    if family == "flux":
+        head, legacy = _split_legacy(sampler.strip())
+        chosen = (schedule or legacy or "automatic").strip().lower()
+        if _SAMPLER_LOOKUP.get(head.lower()) == "Euler" and chosen in ("automatic", "simple"):
+            return "flow_match_euler"
+        raise ValueError("is not a sampler a Flux model has (Flux takes 'Euler', schedule type "
+                         "'Simple' or 'Automatic': flow-matching Euler)")
     name = sampler.strip()
     base = _SAMPLER_LOOKUP.get(name.lower())
     legacy = None

@@ -75,3 +75,36 @@ def test_skip_and_interrupt_touch_only_the_callers_own(dash_client, dash_farm, m
 def test_unknown_routes_answer_json_404(dash_client):
     answer = dash_client.get("/sdapi/v1/extra-single-image")
     assert answer.status_code == 404 and "not served" in answer.get_json()["detail"]
+
+
+def test_euler_on_a_flux_model_is_flux_flow_matching_euler(make_dash_app, dash_settings,
+                                                             dash_farm):
+    """Forge/ComfyUI clients send Flux requests as sampler 'Euler' (schedule 'Simple'): the farm
+    runs Flux's flow-matching Euler, its only scheduler; any other sampler is refused naming
+    sampler_name before anything is enqueued. (An SD model keeps A1111's Euler.)"""
+    import json
+
+    from renderfarm import keys
+    from renderfarm.samplers import from_a1111
+
+    assert from_a1111("Euler", None, "flux") == from_a1111("Euler", "Simple", "flux")
+    assert from_a1111("Euler", "Simple", "flux") == "flow_match_euler"
+    assert from_a1111("Euler", None, "sd15") == "euler"
+    flux = dash_settings.models_path / "flux-dev"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    dash_client = make_dash_app(A1111_TIMEOUT=1).test_client()
+    body = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "cfg_scale": 3.5,
+            "override_settings": {"sd_model_checkpoint": "flux-dev"}}
+    refused = dash_client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "DPM++ 2M"})
+    assert refused.status_code == 422, refused.get_data(as_text=True)
+    [error] = refused.get_json()["errors"]
+    assert error["field"] == "sampler_name" and "Flux takes 'Euler'" in error["message"]
+    assert dash_farm.redis.zcard(keys.JOBS) == 0
+    # No worker here: accepted, the call waits its 1 s and answers 504; the job is queued.
+    waited = dash_client.post("/sdapi/v1/txt2img",
+                              json={**body, "sampler_name": "Euler", "scheduler": "Simple"})
+    assert waited.status_code == 504, waited.get_data(as_text=True)
+    [job_id] = [j.decode() for j in dash_farm.redis.zrange(keys.JOBS, 0, -1)]
+    record = dash_farm.job(job_id).status()
+    assert (record.request.model, record.request.scheduler) == ("flux-dev", "flow_match_euler")
