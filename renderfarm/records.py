@@ -49,8 +49,13 @@ local B = 'rf:batch:' .. (redis.call('HGET', KEYS[1], 'batch_id') or '_')
 # its priority band * FAIR_BAND + its turn. The k-th job a batch has waiting in a queue and band
 # takes turn max(clock, the batch's last turn + 1), the clock (rf:fairclock:<queue>, one field
 # per band) being the turn of the last job claimed there: batches waiting together take one
-# job each per turn (round-robin), whatever their sizes and order of arrival. Paused batches'
-# queued jobs stay in the pending set (they are queued) but leave the fair set.
+# job each per turn (round-robin), whatever their sizes and order of arrival. Jobs of one turn
+# are served in order of arrival (first come, first served among equals: single-job batches
+# submitted one after the other while the clock stands still all share its turn): a place
+# carries a fraction, the queue band's arrival count mod 10,000, over 10,000 (the scores, about
+# 9e10, keep steps of 1e-4 exact; every 10,000 arrivals the count wraps, and two jobs of one
+# turn across that wrap are served the other way round). Paused batches' queued jobs stay in
+# the pending set (they are queued) but leave the fair set.
 _FAIR = """
 local FAIR_BAND = 1e10
 -- The place of a batch's next job in a queue's fair set (its turn recorded in the batch).
@@ -60,7 +65,8 @@ local function fair_place(bkey, queue, band)
   local last = tonumber(redis.call('HGET', bkey, field) or '-1')
   local turn = math.max(clock, last + 1)
   redis.call('HSET', bkey, field, turn)
-  return band * FAIR_BAND + turn
+  local arrival = redis.call('HINCRBY', 'rf:fairclock:' .. queue, 'arrivals:' .. band, 1)
+  return band * FAIR_BAND + turn + (arrival % 10000) / 10000
 end
 -- A job's recorded place; a record written before fair share: first turn of its band.
 local function fair_place_of(job)
@@ -73,7 +79,7 @@ local function served(job, queue)
   local place = tonumber(redis.call('HGET', job, 'fair') or '')
   if not place then return end
   local band = math.floor(place / FAIR_BAND)
-  local turn = place - band * FAIR_BAND
+  local turn = math.floor(place - band * FAIR_BAND)  -- without its arrival fraction
   local key = 'rf:fairclock:' .. queue
   if turn > tonumber(redis.call('HGET', key, band) or '0') then
     redis.call('HSET', key, band, turn)

@@ -61,6 +61,18 @@ def test_turns_go_round_robin_over_batches_priority_first(records):
     assert set(records.claim_more([QUEUE], "w", 30, 3, n=50)) == set(big[3:]) - set(rest)
 
 
+def test_batches_of_one_turn_are_served_in_order_of_arrival(records):
+    """Single-job batches submitted one after another while the queue's clock stands still all
+    take its turn: among them, first come, first served (job ids sort the other way round, so
+    the zset's tie-break by member cannot pass this by luck)."""
+    first = add_batch(records, "b-first", 1)
+    busy = take(records, 1, first[0])
+    assert busy == first
+    later = [add_batch(records, f"{name}-single", 1)[0] for name in ("z", "y", "x", "w")]
+    assert take(records, 4, later[0]) == later
+    assert records.redis.hget(keys.fair_clock(QUEUE), "4") in (None, b"0")  # one turn, all
+
+
 def test_pause_holds_queued_jobs_and_resume_sends_them_again(records):
     paused = add_batch(records, "p", 3)
     other = add_batch(records, "o", 1)
