@@ -85,7 +85,6 @@ def main() -> None:
 def submit(prompts, file, count, size, init_image, wait, timeout, seed, label, webhook_url,
            x_axis, y_axis, z_axis, prompt_matrix, **options) -> None:
     """Submit prompts as a batch of jobs, or one prompt as an X/Y/Z plot (--x/--y/--z)."""
-    from renderfarm.errors import FarmUnavailable, InvalidJob
     from renderfarm.images import encode_init_image
     from renderfarm.jobfile import read_jobs
 
@@ -130,16 +129,8 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, label, w
     from producer import FarmClient
 
     client = FarmClient(_settings())
-    try:
-        batch = client.submit_batch(expanded, label=label, webhook_url=webhook_url)
-    except InvalidJob as exc:
-        for err in exc.errors:
-            where = f"{origin[err.index]}: " if err.index is not None else ""
-            err.index = None
-            click.echo(f"error: {where}{err}", err=True)
-        sys.exit(2)
-    except FarmUnavailable as exc:
-        _fail(str(exc))
+    batch = _submitted(lambda: client.submit_batch(expanded, label=label,
+                                                   webhook_url=webhook_url), origin)
     click.echo(f"batch {batch.id}: {_plural(len(expanded), 'job')} queued")
     if wait:
         from renderfarm.progress import follow_batch
@@ -148,11 +139,30 @@ def submit(prompts, file, count, size, init_image, wait, timeout, seed, label, w
         sys.exit(0 if ok else 1)
 
 
+def _submitted(submit, origin: list[str] | None = None):
+    """``submit()``'s batch; a refused job prints one ``error:`` line per field (with where the
+    job came from, ``origin[index]``, when given) and exits 2; no farm: one line (exit 2)."""
+    from renderfarm.errors import FarmUnavailable, InvalidJob
+
+    try:
+        return submit()
+    except InvalidJob as exc:
+        for err in exc.errors:
+            where = ""
+            if origin is not None and err.index is not None:
+                where = f"{origin[err.index]}: "
+                err.index = None
+            click.echo(f"error: {where}{err}", err=True)
+        sys.exit(2)
+    except FarmUnavailable as exc:
+        _fail(str(exc))
+
+
 def _submit_plot(job: dict, texts: dict[str, str], prompt_matrix: bool, wait: bool,
                  timeout: float | None, label: str = "",
                  webhook_url: str | None = None) -> None:
     from producer import FarmClient
-    from renderfarm.errors import FarmUnavailable, InvalidJob
+    from renderfarm.errors import InvalidJob
     from renderfarm.plots import AXES, parse_cli_axis
 
     try:
@@ -165,15 +175,8 @@ def _submit_plot(job: dict, texts: dict[str, str], prompt_matrix: bool, wait: bo
             _fail("--prompt-matrix needs a free axis: --x, --y and --z are all taken")
         axes[free] = {"field": "prompt_matrix", "values": []}
     client = FarmClient(_settings())
-    try:
-        batch = client.submit_plot(job, dict(sorted(axes.items())), label=label,
-                                   webhook_url=webhook_url)
-    except InvalidJob as exc:
-        for err in exc.errors:
-            click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except FarmUnavailable as exc:
-        _fail(str(exc))
+    batch = _submitted(lambda: client.submit_plot(job, dict(sorted(axes.items())), label=label,
+                                                  webhook_url=webhook_url))
     click.echo(f"plot {batch.id}: {_plural(len(batch.job_ids or []), 'job')} queued")
     if wait:
         from renderfarm.progress import follow_batch

@@ -31,6 +31,10 @@ from renderfarm.settings import Settings
 from worker import testhooks
 
 FAULT_BUCKET = "faults"
+#: The fault tests' jobs (test_faults.py, test_outages.py, test_stops.py): a quick one, and one
+#: that a test holds at a step (worker/testhooks.py), never one timed to still be running.
+SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 4, "scheduler": "euler"}
+SLOW = {**SMALL, "width": 128, "height": 128, "steps": 12}
 T = TypeVar("T")
 
 

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 from producer.enqueue import publish
 from renderfarm.schema import JobState
-from tests.fault_fixtures import wait_for
+from tests.fault_fixtures import SLOW, SMALL, wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
-
-SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 4, "scheduler": "euler"}
-SLOW = {**SMALL, "width": 128, "height": 128, "steps": 12}  # held at a step, never timed
 
 
 def test_sigkill_mid_render_runs_again_once(make_fault_farm):

@@ -15,12 +15,9 @@ import pytest
 
 from renderfarm.errors import FarmUnavailable
 from renderfarm.schema import JobState
-from tests.fault_fixtures import BrokenEndpoint, wait_for
+from tests.fault_fixtures import SLOW, SMALL, BrokenEndpoint, wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
-
-SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 4, "scheduler": "euler"}
-SLOW = {**SMALL, "width": 128, "height": 128, "steps": 12}  # held at a step, never timed
 
 
 def test_exception_in_pipeline_fails_job_and_worker_serves_on(make_fault_farm, models_dir,

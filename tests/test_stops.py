@@ -12,12 +12,9 @@ import signal
 
 from renderfarm import keys
 from renderfarm.schema import JobState
-from tests.fault_fixtures import wait_for
+from tests.fault_fixtures import SLOW, SMALL, wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
-
-SMALL = {"model": "tiny", "width": 64, "height": 64, "steps": 4, "scheduler": "euler"}
-SLOW = {**SMALL, "width": 128, "height": 128, "steps": 12}  # held at a step, never timed
 
 
 def test_cancel_running_job_writes_nothing_and_worker_goes_on(make_fault_farm):
