@@ -221,29 +221,26 @@ def canonical_field(raw: str) -> str | None:
     return lowered if lowered in FIELDS else None
 
 
+def _number(value: Any, cast: type, message: str) -> Any:
+    """``value`` (a number or its text) as ``cast``; an int from a float only if it is whole."""
+    if isinstance(value, int) or (isinstance(value, float)
+                                  and (cast is float or value.is_integer())):
+        return cast(value)
+    if isinstance(value, str):
+        try:
+            return cast(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(message)
+
+
 def _coerce(fname: str, value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError("must not be a boolean")
     if fname in _INT_FIELDS:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ValueError("must be a whole number")
+        return _number(value, int, "must be a whole number")
     if fname in _FLOAT_FIELDS or fname.startswith("lora:"):
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ValueError("must be a number")
+        return _number(value, float, "must be a number")
     if fname == "size":
         if isinstance(value, str):
             w, sep, h = value.strip().lower().partition("x")
