@@ -2,18 +2,23 @@
 rendering job in Redis, served at GET /api/v1/jobs/<id>/preview.
 
 The farm tests run one real worker with test holds (worker/testhooks.py): a job stops at a
-denoising step, and the test reads its preview while it is provably rendering."""
+denoising step, and the test reads its preview while it is provably rendering. The worker runs
+with ``preview_method="taesd"`` and a models folder of its own: without TAESD weights there
+(most tests) its previews are linear; the TAESD test puts random ones in for its jobs."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import logging
 import os
+import shutil
 import threading
 import time
 import uuid
 
+import numpy
 import PIL.Image
 import pytest
 import redis
@@ -24,9 +29,9 @@ from renderfarm.embedded import EmbeddedRedis
 from renderfarm.schema import JobState
 from renderfarm.settings import Settings
 from tests.fault_fixtures import FAULT_BUCKET, FaultFarm, wait_for
-from worker import testhooks
+from worker import taesd, testhooks
 from worker.families import family_named, family_of_folder
-from worker.previews import Previews, latents_to_rgb, preview_size, unpack
+from worker.previews import Previews, encode_jpeg, latents_to_rgb, preview_size, unpack
 
 
 def test_preview_size_is_the_latent_size_capped_at_64():
@@ -91,19 +96,83 @@ def test_flux_latents_are_unpacked_as_diffusers_packs_them():
     assert torch.equal(unpack(packed, 12 * 8, 8 * 8), latents)
 
 
+# -- TAESD (worker/taesd.py) ------------------------------------------------------------------
+def test_a_comfyui_decoder_file_decodes_as_the_diffusers_folder(tmp_path):
+    """ComfyUI's / A1111's ``taesd_decoder.safetensors`` (madebyollin's layer indices) loads
+    into the same decoder as diffusers' AutoencoderTiny folder; a folder wins over a file."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import save_file
+
+    folder = taesd.make_random("taesd", tmp_path / "hub" / "taesd", seed=3)
+    layers = AutoencoderTiny.from_pretrained(folder).decoder.layers.state_dict()
+    (tmp_path / "vae_approx").mkdir()
+    file = tmp_path / "vae_approx" / "taesd_decoder.safetensors"
+    save_file({f"{int(k.split('.', 1)[0]) + 1}.{k.split('.', 1)[1]}": v
+               for k, v in layers.items()}, file)
+    assert taesd.find(tmp_path, "taesd") == file
+    assert taesd.find(tmp_path, "taesdxl") is None
+    latents = torch.randn(1, 4, 8, 16)
+    from_file = taesd.Decoder("taesd", file).decode(latents, (128, 64))
+    assert from_file.shape == (1, 64, 128, 3) and from_file.dtype == torch.uint8
+    assert from_file.float().std() > 5  # a picture, not a flat field
+    assert torch.equal(from_file, taesd.Decoder("taesd", folder).decode(latents, (128, 64)))
+    shutil.copytree(folder, tmp_path / "vae_approx" / "taesd")
+    assert taesd.find(tmp_path, "taesd") == tmp_path / "vae_approx" / "taesd"
+    wrong = tmp_path / "vae_approx" / "taesdxl_decoder.safetensors"
+    save_file({"1.weight": torch.zeros(8, 4, 3, 3)}, wrong)
+    with pytest.raises(ValueError, match="taesdxl_decoder.safetensors: not a taesdxl decoder"):
+        taesd.load_decoder(wrong, "taesdxl")
+
+
+def test_flux_previews_with_taef1_decode_its_unpacked_16_channels(tmp_path, preview_redis):
+    """taef1 takes Flux's 16 latent channels, unpacked from the pipeline's 2x2 patches as
+    diffusers' FluxPipeline._unpack_latents does: the stored preview is the decode of the
+    unpacked latents, 8x their size."""
+    from diffusers import FluxPipeline
+
+    taesd.make_random("taef1", tmp_path / "vae_approx" / "taef1", seed=4, small=True)
+    previews = Previews(preview_redis, every=1.0, method="taesd", models_dir=tmp_path)
+    hook = previews.hook(["flux-job"], family_named("flux"), 128, 64)
+    latents = torch.randn(1, 16, 8, 16)
+    hook(FluxPipeline._pack_latents(latents, 1, 16, 8, 16), [0])
+    data = wait_for(lambda: preview_redis.get(keys.preview("flux-job")), 30, "the preview")
+    assert PIL.Image.open(io.BytesIO(data)).size == (128, 64)  # latents 16x8, times 8
+    decoder = previews.decoder(family_named("flux"))
+    assert data == encode_jpeg(decoder.decode(latents, (128, 64))[0])
+
+
+def test_without_taesd_weights_previews_are_linear_said_once(tmp_path, preview_redis, caplog):
+    previews = Previews(preview_redis, every=1.0, method="taesd", models_dir=tmp_path)
+    family = family_named("sd15")
+    with caplog.at_level(logging.INFO, logger="renderfarm.worker"):
+        for job_id in ("linear-1", "linear-2"):
+            previews.hook([job_id], family, 128, 64)(torch.randn(1, 4, 8, 16), [0])
+    data = wait_for(lambda: preview_redis.get(keys.preview("linear-2")), 10, "the preview")
+    assert PIL.Image.open(io.BytesIO(data)).size == (16, 8)  # linear: the latent size
+    said = [r.getMessage() for r in caplog.records if "taesd" in r.getMessage()]
+    assert len(said) == 1 and "no taesd weights for sd15 models" in said[0], said
+    assert "linear previews instead" in said[0] and str(tmp_path / "vae_approx") in said[0]
+    with pytest.raises(ValueError, match="preview method must be one of linear, taesd"):
+        Previews(preview_redis, every=1.0, method="vae")
+
+
 # -- a real worker ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def held_farm(tmp_path_factory, models_dir, s3_endpoint):
-    """One worker with test holds and micro-batches of up to 4 images."""
+    """One worker with test holds and micro-batches of up to 4 images, previews by TAESD where
+    its models folder (the session's tiny model, linked) has the weights."""
     from storage.s3 import S3Storage
 
     tmp = tmp_path_factory.mktemp("previews")
+    own_models = tmp / "models"
+    own_models.mkdir()
+    (own_models / "tiny").symlink_to(models_dir / "tiny", target_is_directory=True)
     S3Storage(FAULT_BUCKET, "", endpoint_url=s3_endpoint).ensure_bucket()
     server = EmbeddedRedis(tmp / "redis")
     settings = Settings(redis_url=server.start(), data_dir=tmp / "farm",
                         storage_url=f"s3://{FAULT_BUCKET}/{uuid.uuid4().hex[:8]}",
-                        s3_endpoint_url=s3_endpoint, models_dir=models_dir, lease_seconds=3,
-                        max_batch=4)
+                        s3_endpoint_url=s3_endpoint, models_dir=own_models, lease_seconds=3,
+                        max_batch=4, preview_method="taesd")
     farm = FaultFarm(settings, server, 1,
                      extra_env={testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE}).start()
     yield farm
@@ -255,3 +324,36 @@ def test_chromium_shows_the_preview_in_the_tile_and_on_the_job_page(held_farm):
         held_farm.release(hold)
         server.close()
     held_farm.wait_state(job_id, {JobState.succeeded})
+
+
+def test_a_taesd_preview_when_its_weights_are_in_the_models_folder(held_farm, api):
+    """The same job, held at the same step, before and after random TAESD weights are put in
+    the worker's models folder: linear (16x8, the latent size) before, TAESD's 8x (128x64,
+    the image size) after, a different picture; the worker says each once in its log."""
+    prompt = f"a taesd preview {uuid.uuid4().hex[:6]}"
+    weights = held_farm.settings.models_path / "vae_approx" / "taesd"
+
+    def held_preview() -> bytes:
+        hold = held_farm.hold_step(prompt, 3)
+        job_id = held_farm.client.submit(_job(prompt, 7)).id
+        try:
+            assert held_farm.wait_held()[1] == job_id
+            return wait_for(lambda: _preview(api, job_id), 30, f"a preview of {job_id}")
+        finally:
+            held_farm.release(hold)
+            held_farm.wait_state(job_id, {JobState.succeeded})
+
+    try:
+        linear = PIL.Image.open(io.BytesIO(held_preview()))
+        assert linear.size == (16, 8)
+        taesd.make_random("taesd", weights, seed=5, small=True)
+        image = PIL.Image.open(io.BytesIO(held_preview()))
+        assert image.format == "JPEG" and image.size == (128, 64)
+        small = numpy.asarray(image.convert("RGB").resize((16, 8), PIL.Image.BOX), "float32")
+        flat = numpy.asarray(linear.convert("RGB"), "float32")
+        assert abs(small - flat).mean() > 10  # not the linear picture, scaled up
+        logs = held_farm.logs()
+        assert logs.count("no taesd weights for sd15 models") == 1, logs[-3000:]
+        assert logs.count(f"live previews of sd15 models: taesd from {weights}") == 1
+    finally:
+        shutil.rmtree(weights, ignore_errors=True)

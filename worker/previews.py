@@ -16,6 +16,12 @@ id, no image) to the job's batch event stream, which the batch's Server-Sent Eve
 client is told the moment a new picture is there. ``RENDERFARM_PREVIEW_SECONDS`` sets how often
 (per group of jobs rendered together; the first comes after the first step); 0 turns previews
 off.
+
+``RENDERFARM_PREVIEW_METHOD=taesd`` makes better previews with the family's tiny VAE
+(worker/taesd.py) where its weights are in the models folder: up to 256 pixels a side, 8x the
+(shrunk) latents. The render thread then only copies the job's latents; the decode runs in the
+preview thread, one at a time. A family whose TAESD weights are missing gets the linear
+preview, said once in the log. A1111 calls the two "Approx cheap" and "TAESD".
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import PIL.Image
 import torch
 from redis import Redis
 
 from renderfarm import keys
+from worker import taesd
 
 log = logging.getLogger("renderfarm.worker")
 
@@ -38,6 +46,7 @@ MAX_SIDE = 64  #: longest side of a preview in pixels (never more than one pixel
 TTL = 30  #: seconds a preview lives in Redis after its last write
 EVENTS_KEPT = 10_000  #: a batch stream's cap, as records.py's scripts trim it
 QUALITY = 80  #: JPEG quality
+METHODS = ("linear", "taesd")  #: ``RENDERFARM_PREVIEW_METHOD``
 
 #: ``on_latents(latents, owners)``: the latents of one pipeline call after a step, and for each
 #: row the index (in the group) of the job it belongs to.
@@ -87,19 +96,25 @@ def encode_jpeg(pixels: torch.Tensor) -> bytes:
     return out.getvalue()
 
 
+#: Makes a job's (H, W, 3) uint8 picture, in the preview thread.
+MakePixels = Callable[[], torch.Tensor]
+
+
 class PreviewWriter:
-    """Encodes and stores previews in a background thread. :meth:`put` never blocks: a job's
-    picture replaces its older one not yet written."""
+    """Makes, encodes and stores previews in a background thread. :meth:`put` never blocks: a
+    job's picture replaces its older one not yet written, so at most one picture per job waits
+    and the thread never falls further behind than one round of the running jobs."""
 
     def __init__(self, redis: Redis):
         self.redis = redis
-        self._pending: dict[str, tuple[torch.Tensor, str]] = {}
+        self._pending: dict[str, tuple[torch.Tensor | MakePixels, str]] = {}
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="previews", daemon=True)
         self._thread.start()
 
-    def put(self, job_id: str, pixels: torch.Tensor, batch_id: str = "") -> None:
-        """Queue a job's picture; with ``batch_id``, a marker goes on that batch's stream."""
+    def put(self, job_id: str, pixels: torch.Tensor | MakePixels, batch_id: str = "") -> None:
+        """Queue a job's picture (or what makes it, called in the preview thread); with
+        ``batch_id``, a marker goes on that batch's stream."""
         with self._ready:
             self._pending[job_id] = (pixels, batch_id)
             self._ready.notify()
@@ -111,6 +126,8 @@ class PreviewWriter:
                     self._ready.wait()
                 job_id, (pixels, batch_id) = self._pending.popitem()
             try:
+                if callable(pixels):
+                    pixels = pixels()
                 self.redis.set(keys.preview(job_id), encode_jpeg(pixels), ex=TTL)
                 if batch_id:  # after the picture: a reader of the marker finds it
                     self.redis.xadd(keys.batch_events(batch_id), {"job": job_id, "preview": 1},
@@ -120,22 +137,72 @@ class PreviewWriter:
 
 
 class Previews:
-    """The worker's previews: :meth:`hook` gives the render's ``on_latents`` for a group."""
+    """The worker's previews: :meth:`hook` gives the render's ``on_latents`` for a group.
+    ``method``: ``linear`` (the family's factors) or ``taesd`` (its tiny VAE from
+    ``models_dir``, where its weights are; else linear)."""
 
-    def __init__(self, redis: Redis, every: float):
+    def __init__(self, redis: Redis, every: float, method: str = "linear",
+                 models_dir: Path | None = None):
+        if method not in METHODS:
+            raise ValueError(f"preview method must be one of {', '.join(METHODS)}, "
+                             f"got {method!r}")
         self.every = every
+        self.method = method
+        self.models_dir = models_dir
         self.writer = PreviewWriter(redis) if every > 0 else None
+        self._decoders: dict[tuple[str, Path, int], taesd.Decoder] = {}
+        self._said: dict[str, str] = {}  # family -> the last thing logged about its TAESD
+
+    def _say(self, family: str, message: str, *args) -> None:
+        """Log ``message`` once per family while it stays the same (no line per job)."""
+        text = message % args
+        if self._said.get(family) != text:
+            self._said[family] = text
+            (log.warning if "linear" in text else log.info)(text)
+
+    def decoder(self, family) -> taesd.Decoder | None:
+        """The TAESD decoder ``family``'s jobs get previews from, or None (linear): the method
+        is linear, the family has no TAESD, its weights are missing or failed to load."""
+        if self.method != "taesd" or not family.taesd:
+            return None
+        path = taesd.find(self.models_dir or Path("."), family.taesd)
+        if path is None:
+            self._say(family.name, "live previews: no %s weights for %s models in %s (%s/ or "
+                      "%s_decoder.safetensors): linear previews instead", family.taesd,
+                      family.name, Path(self.models_dir or ".") / taesd.FOLDER, family.taesd,
+                      family.taesd)
+            return None
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        key = (family.taesd, path, stamp)
+        decoder = self._decoders.get(key)
+        if decoder is None:  # new or replaced weights: forget older versions
+            self._decoders = {k: v for k, v in self._decoders.items() if k[0] != family.taesd}
+            decoder = self._decoders[key] = taesd.Decoder(family.taesd, path)
+        if decoder.failed:
+            self._say(family.name, "live previews: %s from %s does not load (%s): linear "
+                      "previews instead", family.taesd, path, decoder.failed)
+            return None
+        self._say(family.name, "live previews of %s models: %s from %s", family.name,
+                  family.taesd, path)
+        return decoder
 
     def hook(self, job_ids: Sequence[str], family, width: int, height: int,
              batch_ids: Sequence[str] = ()) -> OnLatents | None:
         """``on_latents`` for the jobs ``job_ids`` (of batches ``batch_ids``, for the event
         streams) rendered together at ``width`` x ``height`` with a model of ``family``: a
         preview of each job's first image after the first step, then every ``every`` seconds.
-        None when previews are off or the family has no factors."""
+        None when previews are off or the family has neither factors nor a TAESD."""
         writer = self.writer
-        if writer is None or not family.latent_rgb_factors:
+        if writer is None:
             return None
-        size = preview_size(width, height)
+        decoder = self.decoder(family)
+        if decoder is None and not family.latent_rgb_factors:
+            return None
+        size = (taesd.preview_size(width, height) if decoder is not None
+                else preview_size(width, height))
         next_at = 0.0  # the first step is due at once
 
         def on_latents(latents: torch.Tensor, owners: Sequence[int]) -> None:
@@ -149,14 +216,19 @@ class Previews:
                 rows.setdefault(owner, row)  # a job's first image in this call
             try:
                 picked = unpack(latents, width, height)[list(rows.values())]
-                pixels = latents_to_rgb(picked, family.latent_rgb_factors,
-                                        family.latent_rgb_bias, size)
+                if decoder is not None:  # a copy (indexing copies): decoded in the thread
+                    pictures: list = [
+                        lambda x=picked[i : i + 1]: decoder.decode(x, size)[0]
+                        for i in range(len(rows))]
+                else:
+                    pictures = list(latents_to_rgb(picked, family.latent_rgb_factors,
+                                                   family.latent_rgb_bias, size))
             except Exception as exc:  # never fail a job for its preview
                 log.warning("no preview of %s: %s", ", ".join(job_ids), exc)
                 next_at = float("inf")
                 return
-            for owner, image in zip(rows, pixels, strict=True):
-                writer.put(job_ids[owner], image,
+            for owner, picture in zip(rows, pictures, strict=True):
+                writer.put(job_ids[owner], picture,
                            batch_ids[owner] if owner < len(batch_ids) else "")
 
         return on_latents

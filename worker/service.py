@@ -105,7 +105,8 @@ class WorkerService:
         self.records = Records(self.redis)
         self.storage = open_storage(settings)
         self.holds = test_holds(self.redis)  # None unless the test suite turned them on
-        self.previews = Previews(self.redis, settings.preview_seconds)
+        self.previews = Previews(self.redis, settings.preview_seconds, settings.preview_method,
+                                 settings.models_path)
         self.app = celery_app(settings)
         self.profile = apply_settings(detect_profile(profile), settings)
         self.cache = PipelineCache(settings.models_path, self.profile, max_models=max_models)

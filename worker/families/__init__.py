@@ -4,7 +4,7 @@ A family (:class:`Family`) says which diffusers pipelines render it, how its dif
 (``model_index.json``'s ``_class_name``) and single-file checkpoints (tensor names, as
 diffusers' ``single_file_utils.CHECKPOINT_KEY_NAMES``) are recognised, which config it ships for
 single files, its default and allowed sizes, its schedulers, whether it takes a negative
-prompt, its memory per pixel (batch sizing) and its latent-to-RGB preview factors.
+prompt, its memory per pixel (batch sizing), its latent-to-RGB preview factors and its TAESD.
 
 The rest of the code asks :data:`FAMILIES` (``family_named``, ``family_of``, ``job_errors``)
 and never tests a family's name. Adding a family is one module beside ``sd15.py`` holding a
@@ -87,6 +87,9 @@ class Family:
     #: (ComfyUI's ``comfy/latent_formats.py``).
     latent_rgb_factors: tuple[tuple[float, float, float], ...] = ()
     latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: The tiny VAE of its better previews (``RENDERFARM_PREVIEW_METHOD=taesd``,
+    #: worker/taesd.py): ``taesd``, ``taesdxl`` or ``taef1``; empty: none.
+    taesd: str = ""
 
     # -- recognising --------------------------------------------------------------------
     def owns_folder(self, class_name: str) -> bool:

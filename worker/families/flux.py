@@ -73,6 +73,7 @@ FAMILY = Flux(
         r"^(lora_unet_|diffusion_model\.)?(double_blocks|single_blocks)[._]",
     ),
     # ComfyUI latent_formats.Flux (16 latent channels).
+    taesd="taef1",
     latent_rgb_factors=(
         (-0.0346, 0.0244, 0.0681),
         (0.0034, 0.0210, 0.0687),

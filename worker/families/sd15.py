@@ -56,6 +56,7 @@ FAMILY = SD15(
     default_scheduler="euler_a",
     bytes_per_pixel=4096,
     cross_attention_widths=(768,),
+    taesd="taesd",
     latent_rgb_factors=(
         (0.3512, 0.2297, 0.3227),
         (0.3250, 0.4974, 0.2350),

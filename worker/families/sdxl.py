@@ -41,6 +41,7 @@ FAMILY = Family(
         r"^(unet\.|lora_unet_)add_embedding",
     ),
     cross_attention_widths=(2048,),
+    taesd="taesdxl",
     latent_rgb_factors=(
         (0.3651, 0.4232, 0.4341),
         (-0.2533, -0.0042, 0.1068),
