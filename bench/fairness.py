@@ -35,6 +35,7 @@ def run(models_dir: Path, data_dir: Path, big: int, small: int, steps: int,
     from producer import FarmClient
     from renderfarm.farm import EmbeddedFarm
     from renderfarm.settings import Settings
+    from storage import open_storage
 
     settings = Settings(data_dir=data_dir, models_dir=models_dir)
     with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny"]) as farm:
@@ -50,6 +51,8 @@ def run(models_dir: Path, data_dir: Path, big: int, small: int, steps: int,
         big_created = big_batch.status().created_at
         big_done_before = sum(1 for r in big_records
                               if r.timestamps.get("succeeded", float("inf")) <= small_last)
+        calls = pipeline_calls(open_storage(farm.settings), big_records, small_records,
+                               small_last)
         big_batch.cancel()  # the rest of the big batch measures nothing more
     failed = [r.id for r in small_records if r.state.value != "succeeded"]
     if failed:
@@ -61,7 +64,24 @@ def run(models_dir: Path, data_dir: Path, big: int, small: int, steps: int,
         "small_in_job_times": round((small_last - small_created) / job_time, 1),
         "big_jobs_succeeded_before_small_last": big_done_before,
         "mean_job_time_s": round(job_time, 4),
+        "pipeline_calls": calls,
     }
+
+
+def pipeline_calls(storage, big_records, small_records, until: float) -> list[str]:
+    """The worker's pipeline calls (micro-batches) that ended jobs by ``until``, in the order
+    they began rendering, each as a string of its jobs' batches (B big, S small): read from
+    the sidecars' ``rendered_with``."""
+    letter = {r.id: "B" for r in big_records} | {r.id: "S" for r in small_records}
+    ended = [r for r in [*big_records, *small_records]
+             if r.timestamps.get("succeeded", float("inf")) <= until]
+    calls: dict[frozenset, float] = {}
+    for record in ended:
+        sidecar = json.loads(storage.get(f"{record.batch_id}/{record.id}.json"))
+        group = frozenset([record.id, *sidecar.get("rendered_with", [])])
+        calls[group] = min(calls.get(group, float("inf")), record.timestamps["rendering"])
+    return ["".join(sorted(letter.get(i, "?") for i in group))
+            for group, _ in sorted(calls.items(), key=lambda item: item[1])]
 
 
 def main() -> None:

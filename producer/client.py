@@ -415,8 +415,9 @@ def _plot_value_errors(errors: list[FieldError], probes: list) -> list[FieldErro
                 seen.add(key)
                 out.append(FieldError(f"job.{e.field}", e.message, e.value))
             continue
-        out.append(FieldError(f"axes.{axis.name}.values.{i}", f"({axis.field}): {e.field} "
-                              f"{e.message}", e.value))
+        given, note = axis.origin(i)
+        out.append(FieldError(f"axes.{axis.name}.values.{given}", f"({axis.field}{note}): "
+                              f"{e.field} {e.message}", e.value))
     return out
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from renderfarm.errors import FieldError, InvalidJob
+from renderfarm.plotranges import expand, is_range
 
 AXES = ("x", "y", "z")
 #: Fields an axis may vary, and what they take (``lora:<name>`` is the weight of a LoRA).
@@ -60,6 +61,16 @@ class Axis:
     values: list[Any]
     labels: list[str]
     parts: list[str] = field(default_factory=list)  #: a prompt matrix's optional parts
+    #: per value, the index of the value given and, for one of a range (``1-5``), its text
+    origins: list[tuple[int, str]] = field(default_factory=list)
+
+    def origin(self, index: int) -> tuple[int, str]:
+        """Where value ``index`` came from, for errors: the index of the value given, and
+        ``', from the range "1-5"'`` for a value of a range (else "")."""
+        if index >= len(self.origins):
+            return index, ""
+        given, text = self.origins[index]
+        return given, (f', from the range "{text}"' if text else "")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"field": self.field, "values": _jsonable(self.values),
@@ -124,10 +135,10 @@ class Plot:
 
 
 def parse_plot(axes: Any, job: dict[str, Any], max_cells: int) -> Plot:
-    """Check the axes of a plot of ``job`` (their fields, the values' types, S/R and matrix
-    rules, the cell cap) and build it. :class:`InvalidJob` names the axis, the field and the
-    value of each problem. Whether each value suits the farm (a model it has, a step count in
-    bounds) is checked afterwards with the farm's own job validation (``probes``)."""
+    """Check the axes of a plot of ``job`` (their fields, the values' types and ranges, S/R
+    and matrix rules, the cell cap) and build it. :class:`InvalidJob` names the axis, the field
+    and the value of each problem. Whether each value suits the farm (a model it has, a step
+    count in bounds) is checked afterwards with the farm's own job validation (``probes``)."""
     if not isinstance(axes, dict) or not axes:
         raise InvalidJob([FieldError("axes", "must be an object with axes x, y and/or z", axes)])
     errors: list[FieldError] = []
@@ -140,7 +151,7 @@ def parse_plot(axes: Any, job: dict[str, Any], max_cells: int) -> Plot:
         if name not in axes:
             continue
         try:
-            axis = _parse_axis(name, axes[name], job)
+            axis = _parse_axis(name, axes[name], job, max_cells)
         except InvalidJob as exc:
             errors.extend(exc.errors)
             continue
@@ -162,7 +173,7 @@ def parse_plot(axes: Any, job: dict[str, Any], max_cells: int) -> Plot:
     return plot
 
 
-def _parse_axis(name: str, body: Any, job: dict[str, Any]) -> Axis:
+def _parse_axis(name: str, body: Any, job: dict[str, Any], max_cells: int) -> Axis:
     where = f"axes.{name}"
     if not isinstance(body, dict):
         raise InvalidJob([FieldError(where, 'must be an object {"field": ..., "values": [...]}',
@@ -185,10 +196,22 @@ def _parse_axis(name: str, body: Any, job: dict[str, Any]) -> Axis:
     if not isinstance(values, list) or not values:
         raise InvalidJob([FieldError(f"{where}.values", f"must be a non-empty list of {fname} "
                                      "values", values)])
-    errors, coerced = [], []
+    errors, coerced, origins = [], [], []
+    kind = _number_kind(fname)
     for i, value in enumerate(values):
+        if kind is not None and isinstance(value, str) and is_range(value, kind):
+            try:
+                expanded = expand(value, kind, max_cells)
+            except ValueError as exc:
+                errors.append(FieldError(f"{where}.values.{i}", f"({fname}): the range {exc}",
+                                         value))
+                continue
+            coerced.extend(expanded)
+            origins.extend((i, value.strip()) for _ in expanded)
+            continue
         try:
             coerced.append(_coerce(fname, value))
+            origins.append((i, ""))
         except ValueError as exc:
             errors.append(FieldError(f"{where}.values.{i}", f"is not a valid {fname}: {exc}",
                                      value))
@@ -199,7 +222,16 @@ def _parse_axis(name: str, body: Any, job: dict[str, Any]) -> Axis:
     if fname == "prompt_matrix":
         return _matrix_axis(name, coerced, where)
     labels = [f"{fname}: {_label(fname, v)}" for v in coerced]
-    return Axis(name, fname, coerced, labels)
+    return Axis(name, fname, coerced, labels, origins=origins)
+
+
+def _number_kind(fname: str) -> type | None:
+    """int or float for an axis of whole numbers or numbers (which take ranges), else None."""
+    if fname in _INT_FIELDS:
+        return int
+    if fname in _FLOAT_FIELDS or fname.startswith("lora:"):
+        return float
+    return None
 
 
 def varied_fields(fname: str) -> tuple[str, ...]:
@@ -238,9 +270,10 @@ def _coerce(fname: str, value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError("must not be a boolean")
     if fname in _INT_FIELDS:
-        return _number(value, int, "must be a whole number")
+        return _number(value, int, "must be a whole number or a range (1-5, 1-9 (+2), "
+                       "1-10 [4])")
     if fname in _FLOAT_FIELDS or fname.startswith("lora:"):
-        return _number(value, float, "must be a number")
+        return _number(value, float, "must be a number or a range (5-7.5 (+0.5), 0-1 [5])")
     if fname == "size":
         if isinstance(value, str):
             w, sep, h = value.strip().lower().partition("x")

@@ -574,37 +574,50 @@ MAX_INDEX = 2**62
 
 
 # KEYS: running, fair zsets...  ARGV: owner, lease seconds, max_attempts, n, compat|'',
-# scan limit. Claims up to n queued jobs from the fair zsets in order, only those whose
-# 'compat' field equals ARGV[5] when it is given (micro-batch partners). Skips (and drops from
-# the zset) ids that are no longer queued. Partners are only jobs never tried before: a job
-# whose worker was lost runs alone, so a poison job cannot take partners down with it.
-# Returns the ids claimed.
+# scan limit, batch id|'', priority band. Claims up to n queued jobs from the fair zsets in
+# order, only those whose 'compat' field equals ARGV[5] when it is given (micro-batch partners).
+# With a batch id, the first pass takes only that batch's jobs of that band (a pipeline call is
+# one turn of the batch it serves: docs/RELIABILITY.md, "Pause and fair share"), a second pass
+# fills what is left in fair order. Skips (and drops from the zset) ids that are no longer
+# queued. Partners are only jobs never tried before: a job whose worker was lost runs alone,
+# so a poison job cannot take partners down with it. Returns the ids claimed.
 _CLAIM_MORE = _MOVE + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local lease = now + tonumber(ARGV[2])
 local out = {}
 local n = tonumber(ARGV[4])
-for k = 2, #KEYS do
-  local ids = redis.call('ZRANGE', KEYS[k], 0, tonumber(ARGV[6]) - 1)
-  for _, id in ipairs(ids) do
-    if #out >= n then return out end
-    local job = 'rf:job:' .. id
-    local state = redis.call('HGET', job, 'state')
-    if state ~= 'queued' or redis.call('HGET', job, 'cancel') == '1' then
-      redis.call('ZREM', KEYS[k], id)
-    elseif ARGV[5] == '' or (redis.call('HGET', job, 'compat') == ARGV[5]
-        and tonumber(redis.call('HGET', job, 'attempts') or '0') == 0) then
-      local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-      if attempts <= tonumber(ARGV[3]) then
-        local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
-        move(job, B, state, 'started', now)
-        redis.call('HSET', job, 'worker', ARGV[1], 'lease_owner', ARGV[1],
-          'lease_until', lease, 'step', 0)
-        redis.call('ZADD', KEYS[1], lease, id)
-        table.insert(out, id)
-      else
-        redis.call('HINCRBY', job, 'attempts', -1)
+local function take(fair, id)
+  local job = 'rf:job:' .. id
+  local state = redis.call('HGET', job, 'state')
+  if state ~= 'queued' or redis.call('HGET', job, 'cancel') == '1' then
+    redis.call('ZREM', fair, id)
+  elseif ARGV[5] == '' or (redis.call('HGET', job, 'compat') == ARGV[5]
+      and tonumber(redis.call('HGET', job, 'attempts') or '0') == 0) then
+    local attempts = redis.call('HINCRBY', job, 'attempts', 1)
+    if attempts <= tonumber(ARGV[3]) then
+      local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
+      move(job, B, state, 'started', now)
+      redis.call('HSET', job, 'worker', ARGV[1], 'lease_owner', ARGV[1],
+        'lease_until', lease, 'step', 0)
+      redis.call('ZADD', KEYS[1], lease, id)
+      table.insert(out, id)
+    else
+      redis.call('HINCRBY', job, 'attempts', -1)
+    end
+  end
+end
+local passes = {false}
+if ARGV[7] ~= '' then passes = {true, false} end
+for _, own_batch in ipairs(passes) do
+  for k = 2, #KEYS do
+    local ids = redis.call('ZRANGE', KEYS[k], 0, tonumber(ARGV[6]) - 1, 'WITHSCORES')
+    for j = 1, #ids, 2 do
+      if #out >= n then return out end
+      local id = ids[j]
+      if not own_batch or (math.floor(tonumber(ids[j + 1]) / FAIR_BAND) == tonumber(ARGV[8])
+          and redis.call('HGET', 'rf:job:' .. id, 'batch_id') == ARGV[7]) then
+        take(KEYS[k], id)
       end
     end
   end
@@ -915,26 +928,41 @@ class Records:
         n: int,
         compat: str = "",
         scan: int = 200,
+        batch_id: str = "",
+        priority: int = 5,
     ) -> list[str]:
         """Claim up to ``n`` queued jobs straight from the queues' fair sets (best first),
-        only micro-batch partners when ``compat`` is given. Their Celery messages, delivered
-        later, find them claimed and are dropped."""
+        only micro-batch partners when ``compat`` is given. With ``batch_id``, that batch's
+        jobs of ``priority`` come first (the rest of a pipeline call is one turn of the batch
+        it serves), then the others' in fair order. Their Celery messages, delivered later, find
+        them claimed and are dropped."""
         if n <= 0 or not queues:
             return []
         ids = self._claim_more(
             keys=[keys.RUNNING, *[keys.fair(q) for q in queues]],
-            args=[owner, lease_seconds, max_attempts, n, compat, scan],
+            args=[owner, lease_seconds, max_attempts, n, compat, scan, batch_id,
+                  9 - priority],
         )
         return [i.decode() for i in ids]
 
     def best_priority(self, queues: Sequence[str]) -> int:
         """The highest priority among the queues' queued jobs a worker may take (paused
         batches' left out); -1 when none waits."""
+        best = self._head_priorities(queues)
+        return max(best.values()) if best else -1
+
+    def by_priority(self, queues: Sequence[str]) -> list[str]:
+        """The queues with a job a worker may take, best waiting priority first (queues of
+        equal priority in the order given: their turns are counted apart)."""
+        best = self._head_priorities(queues)
+        return sorted((q for q in queues if q in best), key=lambda q: -best[q])
+
+    def _head_priorities(self, queues: Sequence[str]) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
             pipe.zrange(keys.fair(queue), 0, 0, withscores=True)
-        scores = [found[0][1] for found in pipe.execute() if found]
-        return priority_of(min(scores)) if scores else -1
+        return {queue: priority_of(found[0][1])
+                for queue, found in zip(queues, pipe.execute(), strict=True) if found}
 
     def update(
         self,

@@ -30,10 +30,12 @@ def records(module_redis_url) -> Records:
     return Records(redis)
 
 
-def add_batch(records: Records, batch_id: str, n: int, priority: int = 5) -> list[str]:
-    ids = [f"{batch_id}-{k}" for k in range(n)]
+def add_batch(records: Records, batch_id: str, n: int, priority: int = 5,
+              first: int = 0) -> list[str]:
+    """n jobs ``<batch_id>-<k>``, all of one micro-batch compat key."""
+    ids = [f"{batch_id}-{k}" for k in range(first, first + n)]
     request = JobRequest(prompt="x", model="tiny", seed=1, priority=priority)
-    records.add_jobs(batch_id, [(i, request) for i in ids])
+    records.add_jobs(batch_id, [(i, request) for i in ids], compat=["c"] * n)
     return ids
 
 
@@ -59,6 +61,48 @@ def test_turns_go_round_robin_over_batches_priority_first(records):
     assert sorted(rest[:6]) == sorted(small + big[3:6]), rest  # one job of each batch a turn
     assert [i for i in rest if i.startswith("small")] == small  # a batch keeps its own order
     assert set(records.claim_more([QUEUE], "w", 30, 3, n=50)) == set(big[3:]) - set(rest)
+
+
+def call(records: Records, via: str, size: int = 4) -> list[str]:
+    """One pipeline call as a worker makes it: a delivery's turn, then its micro-batch partners
+    (all jobs here are compatible: one compat key)."""
+    claim = records.claim_turn(via, "w", 30, 3)
+    assert claim.ok, claim
+    head = records.job(claim.job_id)
+    return [claim.job_id, *records.claim_more(
+        [QUEUE], "w", 30, 3, n=size - 1, compat=head.compat, batch_id=head.batch_id,
+        priority=head.request.priority)]
+
+
+def test_a_pipeline_call_is_one_turn_of_the_batch_it_serves(records):
+    """A batch that arrives while a call of a big batch renders takes the next call whole (not
+    half of the next two: partners of the turn's batch first), then the calls alternate; the
+    rest of a call is filled from other batches in fair order."""
+    big = add_batch(records, "big", 12)
+    assert call(records, "big-0") == big[:4]
+    small = add_batch(records, "small", 4)  # arrives while that call renders
+    assert call(records, "big-0") == small
+    other = add_batch(records, "other", 2)
+    assert call(records, "big-0") == big[4:8]
+    assert call(records, "big-0") == [*other, *big[8:10]]  # the rest filled in fair order
+
+
+def test_a_call_takes_its_batch_s_jobs_of_lower_priority_only_after_others(records):
+    own = add_batch(records, "a", 3)
+    other = add_batch(records, "b", 2)
+    low = add_batch(records, "a", 1, priority=1, first=3)
+    assert call(records, "a-0") == [*own, other[0]]
+    assert call(records, "a-0") == [other[1], *low]  # a lower priority fills what is left
+
+
+def test_model_affinity_looks_at_its_queues_best_priority_first(records):
+    """A worker's affinity claim takes the first queue's head: the queues of its loaded models
+    are ordered by the priority of what waits there (worker/service.py)."""
+    for batch_id, queue, priority in (("a", "q.a", 5), ("b", "q.b", 8), ("c", "q.c", 5)):
+        request = JobRequest(prompt="x", model="tiny", seed=1, priority=priority)
+        records.add_jobs(batch_id, [(f"{batch_id}-0", request)], queues=[queue])
+    assert records.by_priority(["q.a", "q.none", "q.c", "q.b"]) == ["q.b", "q.a", "q.c"]
+    assert records.claim_more(records.by_priority(["q.a", "q.b"]), "w", 30, 3, n=1) == ["b-0"]
 
 
 def test_batches_of_one_turn_are_served_in_order_of_arrival(records):
@@ -131,18 +175,23 @@ def test_fair_share_and_pause_through_a_worker_restart(make_fault_farm):
     client, records = ff.client, ff.client.records
     queue = f"{ff.settings.queue}.tiny"
 
-    # 1. Fair share: a 40-job batch and a 4-job batch submitted while the one worker is held;
-    # the small batch's jobs all start before the big batch's 12th (FIFO: after its 40th).
-    blocker = ff.hold_step("blocker", 1)
-    client.submit({**SMALL, "prompt": "blocker"})
+    # 1. Fair share: a 4-job batch submitted while the one worker renders its first pipeline
+    # call of a 40-job batch (held there) takes the next call whole: no job of the big batch
+    # starts between the small batch's submit and its last job's start (before pipeline calls
+    # were turns of one batch, the small batch got half of each of the next two calls: 3 big
+    # jobs started in that window; FIFO: all 36 left).
+    hold = ff.hold_step("big", 1)
+    big = client.submit_batch([{**SMALL, "prompt": "big", "seed": k} for k in range(40)])
     ff.wait_held()
-    big = client.submit_batch([{**SMALL, "prompt": f"big {k}"} for k in range(40)])
-    small = client.submit_batch([{**SMALL, "prompt": f"small {k}"} for k in range(4)])
-    ff.release(blocker)
+    small = client.submit_batch([{**SMALL, "prompt": "small", "seed": k} for k in range(4)])
+    submitted = small.status().created_at
+    ff.release(hold)
     small.wait(120)
     last_small = max(t for t, _ in started_order(ff, small.job_ids))
-    big_before = [i for t, i in started_order(ff, big.job_ids) if t < last_small]
-    assert len(big_before) < 11, (len(big_before), started_order(ff, big.job_ids + small.job_ids))
+    big_started = started_order(ff, big.job_ids)
+    in_window = [i for t, i in big_started if submitted < t <= last_small]
+    assert in_window == [], started_order(ff, big.job_ids + small.job_ids)
+    assert sum(1 for t, _ in big_started if t < submitted) >= 1  # the call held meanwhile
     big.cancel()  # the rest of it shows nothing more (and costs the suite minutes)
 
     # 2. Pause: the running job finishes, the queued ones stay queued through a restart of the

@@ -397,9 +397,12 @@ class WorkerService:
                 - request.num_images)
         if room <= 0 or not record.compat.startswith("txt2img:"):
             return []
+        # The call is one turn of the record's batch: its next jobs first, then other batches'
+        # (fair share, docs/RELIABILITY.md).
         ids = self.records.claim_more(
             [record.queue], self.owner, self.settings.lease_seconds,
             self.settings.max_attempts, n=room, compat=record.compat,
+            batch_id=record.batch_id, priority=record.request.priority,
         )
         return self._read_claimed(ids)
 
@@ -425,8 +428,11 @@ class WorkerService:
         others = [q for q in self.queues if q not in queues]
         if others and self.records.best_priority(others) > self.records.best_priority(queues):
             return []
-        ids = self.records.claim_more(queues, self.owner, self.settings.lease_seconds,
-                                      self.settings.max_attempts, n=1)
+        # the best priority among the loaded models' queues first (claim_more takes the first
+        # queue's head)
+        ids = self.records.claim_more(self.records.by_priority(queues), self.owner,
+                                      self.settings.lease_seconds, self.settings.max_attempts,
+                                      n=1)
         [first] = self._read_claimed(ids) or [None]
         if first is None:
             return []
