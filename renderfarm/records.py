@@ -385,13 +385,13 @@ end
 return out
 """
 
-# KEYS: a queue's pending set, its fair set. Puts in the fair set the queued jobs of the pending
-# set it lacks (recorded before fair share existed), unless their batch is paused. Returns how
-# many.
+# KEYS: a queue's pending set, its fair set; ARGV: job ids. Puts in the fair set those of the
+# ids that are in the pending set and not in the fair set (recorded before fair share existed),
+# unless their batch is paused. Returns how many.
 _ADOPT = _FAIR + """
 local n = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if not redis.call('ZSCORE', KEYS[2], id) then
+for _, id in ipairs(ARGV) do
+  if redis.call('ZSCORE', KEYS[1], id) and not redis.call('ZSCORE', KEYS[2], id) then
     local job = 'rf:job:' .. id
     local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
     if redis.call('HGET', job, 'state') == 'queued' and redis.call('HGET', B, 'paused') ~= '1'
@@ -568,6 +568,7 @@ return redis.call('HGETALL', 'rf:counts')
 """
 
 ADD_CHUNK = 500  #: jobs recorded per script call by Records.add_jobs
+ADOPT_CHUNK = 500  #: queued jobs looked at per script call by Records.adopt
 
 # Largest list offset asked of Redis: offset + limit must stay within its 64-bit integers.
 MAX_INDEX = 2**62
@@ -916,8 +917,23 @@ class Records:
     def adopt(self, queues: Sequence[str]) -> int:
         """Put the queued jobs recorded before fair share existed in their queues' fair sets
         (a worker does this at start). Returns how many."""
-        return sum(int(self._adopt(keys=[keys.pending(q), keys.fair(q)], args=[]))
-                   for q in queues)
+        adopted = 0
+        for queue in queues:
+            pending, fair = keys.pending(queue), keys.fair(queue)
+            if self.redis.zcard(pending) == self.redis.zcard(fair):
+                continue  # the usual case: every queued job is in the fair set already
+            # In chunks of ids found by ZSCAN (which returns every member present throughout
+            # the scan): each script call is short, so a queue of a million jobs never stops
+            # Redis serving other clients (leases, claims) while a worker starts.
+            ids: list[bytes] = []
+            for member, _ in self.redis.zscan_iter(pending, count=ADOPT_CHUNK):
+                ids.append(member)
+                if len(ids) == ADOPT_CHUNK:
+                    adopted += int(self._adopt(keys=[pending, fair], args=ids))
+                    ids = []
+            if ids:
+                adopted += int(self._adopt(keys=[pending, fair], args=ids))
+        return adopted
 
     def claim_more(
         self,

@@ -231,3 +231,25 @@ def test_farm_wide_state_counts_never_drift(records):
     assert sum(records.state_counts().values()) == 7
     records.redis.delete(keys.COUNTS)  # lost (a restored Redis): rebuilt from the batches
     assert records.state_counts() == truth()
+
+
+def test_adopt_puts_pre_fair_share_jobs_in_the_fair_set_in_chunks(records, monkeypatch):
+    """Jobs queued before fair share existed (in the pending set, not the fair set) join the
+    fair set when a worker starts; a paused batch's and an ended job do not; chunked calls find
+    them all; a second pass adopts none."""
+    monkeypatch.setattr("renderfarm.records.ADOPT_CHUNK", 4)  # 7 pending: 4 + 3
+    for n in range(5):
+        add(records, f"old{n}", "b-old")
+    add(records, "held", "b-held")
+    add(records, "ended", "b-ended")
+    queue = records.job("old0").queue
+    pending, fair = keys.pending(queue), keys.fair(queue)
+    assert records.pause("b-held") == 1
+    assert records.cancel("ended") == "cancelled"
+    for n in range(5):  # as a record written before fair share: pending only
+        records.redis.zrem(fair, f"old{n}")
+        records.redis.hdel(keys.job(f"old{n}"), "fair")
+    records.redis.zadd(pending, {"ended": 0})  # a stale pending entry of an ended job
+    assert records.adopt([queue]) == 5
+    assert {m.decode() for m in records.redis.zrange(fair, 0, -1)} == {f"old{n}" for n in range(5)}
+    assert records.adopt([queue]) == 0
