@@ -101,6 +101,9 @@ def batch_json(batch: BatchRecord, now: float | None = None) -> dict[str, Any]:
         "bar": progress_bar(batch, _running_steps().get(batch.id, 0.0) if running else 0.0),
         "plot": batch.plot,
         "grids": grids_json(batch),
+        # a plot's grid: waiting, drawn, or redrawing (a cell was retried: grids is [] until
+        # the new grid is stored)
+        "grid_state": batch.grid_state,
         "webhook_url": batch.webhook_url,
         # deliveries of the batch's webhooks (its jobs' and its own) by status
         "webhooks": {s: batch.webhooks.get(s, 0) for s in ("pending", "delivered", "failed")},

@@ -255,7 +255,10 @@ def status(ident: str | None, as_json: bool) -> None:
                 if batch.plot is not None:  # an X/Y/Z plot: where its grids are
                     for grid in batch.grids:
                         click.echo(f"grid: {client.storage.url(grid['key'])}")
-                    if not batch.grids:
+                    if batch.grid_state == "redrawing":
+                        click.echo("grid: being drawn again (a cell was retried; a worker "
+                                   "draws it once every cell has ended)")
+                    elif not batch.grids:
                         click.echo("grid: not drawn yet (a worker draws it once every cell "
                                    "has ended)")
     except JobNotFound as exc:

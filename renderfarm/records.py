@@ -1155,14 +1155,17 @@ def _batch_from_hash(data: dict) -> BatchRecord:
         if k.startswith(b"n:") and int(v) > 0
     }
     hooks = {k.decode()[6:]: int(v) for k, v in data.items() if k.startswith(b"hooks:")}
+    plot = _json_or(_s(data, "plot"), None)
+    grids, grid_state = _grids_of(data) if plot is not None else ([], None)
     return BatchRecord(
         id=_s(data, "id"),
         created_at=float(_s(data, "created_at", "0")),
         total=int(_s(data, "total", "0")),
         counts=counts,
         label=_s(data, "label"),
-        plot=_json_or(_s(data, "plot"), None),
-        grids=_json_or(_s(data, "grids"), []),
+        plot=plot,
+        grids=grids,
+        grid_state=grid_state,
         prompt=_s(data, "prompt"),
         started_at=_float_or_none(data.get(b"t:started")),
         ended_at=_float_or_none(data.get(b"t:ended")),
@@ -1172,6 +1175,15 @@ def _batch_from_hash(data: dict) -> BatchRecord:
         webhooks=hooks,
         paused=_s(data, "paused") == "1",
     )
+
+
+def _grids_of(data: dict) -> tuple[list, str]:
+    """A plot's grids and their state (renderfarm/plotrecords.py): the grids recorded are
+    current only while ``grid_done`` is the ``grid_epoch`` a retry of a cell bumps (in the same
+    step as it re-queues the cell); from then until the new grids are stored, none is listed."""
+    if _s(data, "grid_done") == _s(data, "grid_epoch", "0"):
+        return _json_or(_s(data, "grids"), []), "drawn"
+    return [], ("redrawing" if b"grid_done" in data else "waiting")
 
 
 def _json_or(text: str, default):

@@ -334,7 +334,12 @@ class BatchRecord(BaseModel):
     plot: dict[str, Any] | None = Field(
         None, description="A plot's definition (renderfarm/plots.py): base job, axes, cells.")
     grids: list[dict[str, Any]] = Field(
-        default_factory=list, description="A plot's grid images: [{key, z}], once drawn.")
+        default_factory=list, description="A plot's grid images: [{key, z}], once drawn; "
+        "empty again from a retry of a cell until the new grid is stored.")
+    grid_state: Literal["waiting", "drawn", "redrawing"] | None = Field(
+        None, description="A plot's grid: waiting (not drawn yet), drawn (``grids`` lists "
+        "it), redrawing (a cell was retried after it was drawn: the old grid is no longer "
+        "listed, the new one is drawn once every cell has ended). None for other batches.")
     prompt: str = Field("", description="The first job's prompt.")
     started_at: float | None = Field(None, description="When its first job started.")
     ended_at: float | None = Field(None, description="When a job of it last ended.")

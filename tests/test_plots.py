@@ -162,7 +162,8 @@ def test_a_failed_cell_is_marked_and_a_retry_rebuilds_the_grid(client):
                                  layout["left"]:layout["left"] + 64], np.asarray(noise(0)))
 
     assert client.retry([ids[3]]) == [ids[3]]
-    assert batch.status().grids == [grid]  # the old grid stays listed until redrawn
+    status = batch.status()  # the old grid is no longer listed: it is being redrawn
+    assert (status.grids, status.grid_state) == ([], "redrawing")
     assert builder.build(batch.id) is None  # the retried cell is queued again
     end_cell(client, ids[3], noise(3))
     [again] = builder.build(batch.id)
@@ -171,7 +172,7 @@ def test_a_failed_cell_is_marked_and_a_retry_rebuilds_the_grid(client):
     assert info["grid"]["epoch"] == 1
     pixels = np.asarray(Image.open(io.BytesIO(client.storage.get(again["key"]))).convert("RGB"))
     assert np.array_equal(pixels[y0:y0 + 64, x0:x0 + 64], np.asarray(noise(3)))
-    assert batch.status().grids == [again]
+    assert (batch.status().grids, batch.status().grid_state) == ([again], "drawn")
     assert client.redis.sismember("rf:plots", batch.id) == 0
 
 

@@ -97,3 +97,41 @@ def test_cells_ended_without_a_worker_get_their_grid_from_the_sweep(farm, farm_s
     [grid] = wait_for_grids(batch, timeout=30)
     info = read_png_info(elsewhere.storage.get(grid["key"]))["renderfarm"]
     assert [c["state"] for c in info["cells"]] == ["cancelled", "cancelled"]
+
+
+def test_after_a_retry_no_grid_is_listed_until_the_new_one_is_stored(farm, farm_settings,
+                                                                     client, holds):
+    """The session's worker draws a plot's grid of two cancelled cells; the batch is retried
+    through the API: from that moment until the worker has stored the new grid, the API, the
+    batch page and the record list no grid (the old one shows cells that are being redone)."""
+    from dashboard import create_app
+
+    web = create_app({"TESTING": True, "SETTINGS": farm_settings}).test_client()
+    prompt = "a grid drawn twice"
+    job = {**JOB, "prompt": prompt}
+    held = holds.hold_step(prompt, 1)
+    batch = client.submit_plot(job, {"x": {"field": "steps", "values": [2, 3]}})  # 2 calls
+    holds.wait_held()
+    batch.cancel()  # the held cell stops at its next step, the queued one at once
+    holds.release(held)
+    assert batch.wait(timeout=60).counts == {JobState.cancelled: 2}
+    [old] = wait_for_grids(batch)
+    assert batch.status().grid_state == "drawn"
+
+    held = holds.hold_step(prompt, 1)
+    assert web.post(f"/api/v1/batches/{batch.id}/retry").status_code == 200
+    listed = web.get(f"/api/v1/batches/{batch.id}").get_json()["batch"]
+    assert (listed["grids"], listed["grid_state"]) == ([], "redrawing")
+    holds.wait_held()  # a retried cell renders, held: the new grid cannot be drawn yet
+    page = web.get(f"/batches/{batch.id}").get_data(as_text=True)
+    assert "A cell was retried: the grid is drawn again when every cell has ended." in page
+    assert 'alt="grid ' not in page
+    assert batch.status().grids == []
+    holds.release(held)
+    assert batch.wait(timeout=60).counts == {JobState.succeeded: 2}
+    [new] = wait_for_grids(batch)
+    assert new["key"] == old["key"]  # drawn again over the old one
+    info = read_png_info(client.storage.get(new["key"]))["renderfarm"]
+    assert [c["state"] for c in info["cells"]] == ["succeeded", "succeeded"]
+    listed = web.get(f"/api/v1/batches/{batch.id}").get_json()["batch"]
+    assert listed["grid_state"] == "drawn" and [g["key"] for g in listed["grids"]] == [new["key"]]

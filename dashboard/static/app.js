@@ -169,10 +169,23 @@ document.addEventListener("submit", (event) => {
   if (message && !window.confirm(message)) event.preventDefault();
 });
 
-// A plot's grid images (GET /api/v1/batches/<id>: "grids"), once a worker has drawn them.
-function showGrids(grids) {
+const GRID_WAITING = {
+  waiting: "The grid is drawn when every cell has ended.",
+  redrawing: "A cell was retried: the grid is drawn again when every cell has ended.",
+};
+
+// A plot's grid images (GET /api/v1/batches/<id>: "grids"), once a worker has drawn them;
+// after a retry of a cell, none (grid_state "redrawing") until the new grid is stored.
+function showGrids(grids, state) {
   const box = document.getElementById("plot-grids");
-  if (!box || !grids.length) return;
+  if (!box) return;
+  if (!grids.length) {
+    const hint = document.getElementById("grid-waiting");
+    if (hint && hint.dataset.gridState === state) return;
+    box.replaceChildren(el("p", { class: "hint", id: "grid-waiting", "data-grid-state": state },
+      GRID_WAITING[state] || GRID_WAITING.waiting));
+    return;
+  }
   const shown = [...box.querySelectorAll("img")].map((i) => i.getAttribute("src"));
   if (shown.join() === grids.map((g) => g.url).join()) return;
   box.replaceChildren(...grids.map((g) => el("a", { href: g.url },
@@ -193,7 +206,7 @@ function batchPage() {
       const tile = tiles.get(job.id);
       if (tile) updateTile(tile, job);
     }
-    if (b.plot) showGrids(b.grids);
+    if (b.plot) showGrids(b.grids, b.grid_state);
     if (b.finished && !(b.plot && !b.grids.length)) {  // a plot: until its grid is drawn
       if (lastRound) return false;  // one more round picks up the last results' URLs
       lastRound = true;
