@@ -207,3 +207,36 @@ def test_upload_jsonl_and_watch_the_step_bar_move_then_upload_csv(running_farm, 
         "() => document.getElementById('batch-done').textContent.startsWith('2/2')",
         timeout=120_000)
     assert page.locator(".tile .seed").all_text_contents() == ["seed 41", "seed 42"]
+
+
+def test_a_plot_from_the_submit_page_shows_its_grid_on_the_batch_page(running_farm,
+                                                                      browser_page):
+    """The submit page's X axis (a range, 2 cells of 2 steps at 64x64): the batch page shows
+    the cells, then, with no reload, the grid once the worker has drawn it."""
+    base, _farm = running_farm
+    page = browser_page
+    page.goto(f"{base}/submit")
+    page.fill("#prompts", "a plot in chromium")
+    page.select_option("#size", "64x64")
+    page.fill("#steps", "2")
+    page.select_option("#scheduler", "euler")
+    page.fill("#x_field", "seed")
+    page.fill("#x_values", "7-8")
+    page.click("button[type=submit].primary")
+
+    page.wait_for_url(f"{base}/batches/*")
+    assert page.locator(".tile").count() == 2
+    assert page.locator("#plot-grids").count() == 1
+    page.evaluate("window.__same_document = true")
+    page.wait_for_function(
+        "() => { const g = document.querySelector('#plot-grids img.plot-grid');"
+        " return g && g.complete && g.naturalWidth > 0; }", timeout=180_000)
+    assert page.evaluate("window.__same_document") is True
+    grid = page.locator("#plot-grids img.plot-grid")
+    assert grid.count() == 1
+    batch_id = page.url.rsplit("/", 1)[-1]
+    assert grid.get_attribute("alt") == f"grid {batch_id}/grid.png"
+    width, height = grid.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert (width, height > 64) == (2 * 64, True)  # two cells side by side under their labels
+    assert page.locator(".tile .state").all_text_contents() == ["succeeded"] * 2
+    page.screenshot(path=str(ARTIFACTS / "dashboard-plot.png"), full_page=True)
