@@ -212,7 +212,7 @@ def webhooks() -> None:
     import threading
 
     from producer import FarmClient
-    from renderfarm.webhooks import WebhookSender
+    from renderfarm.webhooks import start_sender
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = _settings()
@@ -221,10 +221,14 @@ def webhooks() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     click.echo("delivering webhooks (Ctrl-C stops)", err=True)
+    threads = start_sender(settings, FarmClient(settings), stop)
     try:
-        WebhookSender(settings, FarmClient(settings)).run(stop)
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
-        pass
+        stop.set()
+    for thread in threads:
+        thread.join(2 * settings.webhook_timeout + 5)
 
 
 @main.command()

@@ -158,6 +158,11 @@ class Settings(BaseSettings):
         5.0, gt=0, le=60, description="Seconds one webhook attempt may take to connect and to "
         "get its answer. Redirects are not followed (a 3xx is a failed attempt).",
     )
+    webhook_senders: int = Field(
+        4, ge=1, le=64, description="Webhook deliveries one process (each worker, `renderfarm "
+        "webhooks`) sends at once, one thread each: a receiver that answers slowly holds one of "
+        "them, the others go on delivering to everyone else.",
+    )
 
     @field_validator("webhook_secret")
     @classmethod

@@ -11,13 +11,14 @@ entry in the due set (``rf:hooks:due``, id -> next try) are written by the same 
 ends the job (renderfarm/records.py ``move``), so an event is never lost between a job's end
 and its delivery, and no process holds it in memory.
 
-Who delivers: every worker, in a thread of its own beside its lease thread (workers are what a
+Who delivers: every worker, in threads of its own beside its lease thread (workers are what a
 farm always runs; the dashboard is optional), and ``renderfarm webhooks`` for a farm that wants
-a deliverer of its own. Each try is claimed atomically (:data:`_CLAIM`: the attempt count goes
-up and the delivery is pushed past the try's timeout in the due set), so only one process sends
-a given attempt; a process that dies mid-try leaves the delivery due again once that claim runs
-out. An answer is recorded only by the holder of the latest attempt. Delivery is at least once:
-a receiver de-duplicates on ``webhook-id``.
+a deliverer of its own; ``RENDERFARM_WEBHOOK_SENDERS`` threads per process, so one slow receiver
+holds up one of them, not every delivery. Each try is claimed atomically (:data:`_CLAIM`: the
+attempt count goes up and the delivery is pushed past the try's timeout in the due set), so
+only one sender sends a given attempt; a process that dies mid-try leaves the delivery due again
+once that claim runs out. An answer is recorded only by the holder of the latest attempt.
+Delivery is at least once: a receiver de-duplicates on ``webhook-id``.
 
 Retries: any answer but a 2xx (3xx included: redirects are not followed), a timeout or an
 unreachable receiver is a failed try; the next follows ``RENDERFARM_WEBHOOK_RETRY_SCHEDULE``
@@ -298,9 +299,16 @@ class WebhookSender:
 
 
 def start_sender(settings: Settings, client: FarmClient, stop: threading.Event,
-                 name: str | None = None) -> threading.Thread:
-    """Deliver webhooks in a daemon thread until ``stop`` is set (each worker runs one)."""
-    sender = WebhookSender(settings, client, name)
-    thread = threading.Thread(target=sender.run, args=(stop,), name="webhooks", daemon=True)
-    thread.start()
-    return thread
+                 name: str | None = None) -> list[threading.Thread]:
+    """Deliver webhooks in ``RENDERFARM_WEBHOOK_SENDERS`` daemon threads until ``stop`` is set
+    (each worker runs them; ``renderfarm webhooks`` too). Each thread claims one try at a time,
+    as separate processes do, so a slow receiver holds one thread and no other delivery."""
+    name = name or f"hooks-{uuid.uuid4().hex[:8]}"
+    threads = []
+    for k in range(settings.webhook_senders):
+        sender = WebhookSender(settings, client, f"{name}/{k}")
+        thread = threading.Thread(target=sender.run, args=(stop,), name=f"webhooks-{k}",
+                                  daemon=True)
+        thread.start()
+        threads.append(thread)
+    return threads

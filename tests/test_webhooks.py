@@ -24,6 +24,7 @@ from renderfarm.records import Records
 from renderfarm.schema import ImageResult, JobRequest
 from renderfarm.webhooks import WebhookSender, batch_deliveries
 from tests.conftest import WEBHOOK_SECRET
+from tests.fault_fixtures import wait_for
 from tests.webhook_receiver import Receiver, body
 
 
@@ -305,6 +306,40 @@ def test_redirects_not_followed_and_slow_receivers_time_out(redis, hook_settings
         hanging.hang.set()
         for receiver in (target, redirecting, hanging):
             receiver.close()
+
+
+def test_a_slow_receiver_holds_one_sender_thread_not_every_delivery(redis, hook_settings):
+    """RENDERFARM_WEBHOOK_SENDERS threads per process: while one receiver hangs on its try
+    (due first), another receiver's delivery goes out; with one thread it would wait for the
+    hanging try's timeout and the hanging delivery would already say "timed out"."""
+    from producer import FarmClient
+    from renderfarm.webhooks import start_sender
+
+    hanging, fast = Receiver(WEBHOOK_SECRET), Receiver(WEBHOOK_SECRET)
+    hanging.hang = threading.Event()
+    stop = threading.Event()
+    try:
+        settings = hook_settings.model_copy(update={"webhook_timeout": 20, "webhook_senders": 2})
+        records = Records(redis)
+        records.add_jobs("wh9", [("wh9-slow", job("a", webhook_url=hanging.url)),
+                                 ("wh9-fast", job("b", webhook_url=fast.url))])
+        records.cancel("wh9-slow")  # due first: a single sender would take it first
+        records.cancel("wh9-fast")
+        threads = start_sender(settings, FarmClient(settings), stop, "pool")
+        assert len(threads) == 2
+        hanging.wait_for(lambda got: len(got) == 1)
+        fast.wait_for(lambda got: len(got) == 1)
+        def by_job() -> dict:
+            return {d["job_id"]: d for d in batch_deliveries(redis, "wh9")}
+
+        wait_for(lambda: by_job()["wh9-fast"]["status"] == "delivered", 10, "fast delivered")
+        assert by_job()["wh9-slow"]["status"] == "pending"
+        assert not by_job()["wh9-slow"]["last_answer"]  # its try is still open
+    finally:
+        stop.set()
+        hanging.hang.set()
+        hanging.close()
+        fast.close()
 
 
 def test_api_refuses_bad_webhook_urls_naming_the_field(hook_settings):
