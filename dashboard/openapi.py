@@ -37,7 +37,9 @@ class PlotAxis(BaseModel):
     field: str = Field(description="seed, steps, guidance_scale, scheduler, model, width, "
                        "height, size, lora:<name>, prompt_sr or prompt_matrix.")
     values: list[Any] = Field(description="The values, in order (prompt_sr: the first is the "
-                              "text searched; prompt_matrix: the optional parts, or none).")
+                              "text searched; prompt_matrix: the optional parts, or none). "
+                              "Number fields also take A1111's ranges as strings: '1-5', "
+                              "'1-10 (+2)', '10-1 (-3)', '1-10 [5]', '5-7.5 (+0.5)'.")
 
 
 class PlotAxes(BaseModel):

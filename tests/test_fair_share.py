@@ -1,9 +1,10 @@
 """Pause/resume and fair share (issue 13, section 3).
 
 The record scripts first, against a Redis database of the module's own (no worker): the order
-in which turns take jobs, pause, resume and cancel. Then one farm of one real worker with test
-holds (worker/testhooks.py): the order in which it starts two batches submitted while it is
-held, and a paused batch through a worker restart. Orders come from the records' timestamps
+in which turns take jobs, a pipeline call as one turn of its batch, pause, resume and cancel.
+Then one farm of one real worker with test holds (worker/testhooks.py): a small batch submitted
+while the worker is held in its first call of a big one takes the next call whole, and a
+paused batch through a worker restart. Orders come from the records' timestamps
 (Redis' clock, one clock), never from timing.
 """
 
