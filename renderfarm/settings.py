@@ -141,7 +141,9 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="Key that signs webhooks (Standard Webhooks: 'whsec_' + base64 of "
         "24-64 random bytes). Needed by the processes that deliver them (workers, `renderfarm "
-        "webhooks`); a deliverer without it sends nothing and leaves deliveries waiting.",
+        "webhooks`); a deliverer without it sends nothing and leaves deliveries waiting. To "
+        "rotate, give the new key and the old one separated by a space: every delivery then "
+        "carries a signature by each, so receivers verify with either while they change over.",
     )
     webhook_allow_private: bool = Field(
         False, description="Allow webhook targets that resolve to loopback, private, link-local, "
@@ -172,15 +174,21 @@ class Settings(BaseSettings):
         import base64
         import binascii
 
-        raw = value.get_secret_value()
-        if not raw.startswith("whsec_"):
-            raise ValueError("must be 'whsec_' followed by base64 (Standard Webhooks' form)")
-        try:
-            key = base64.b64decode(raw[len("whsec_"):], validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("must be 'whsec_' followed by valid base64") from None
-        if len(key) < 16:
-            raise ValueError("must hold at least 16 bytes of key after 'whsec_'")
+        keys = value.get_secret_value().split()
+        if not keys or len(keys) > 4:
+            raise ValueError("must be one to four 'whsec_' keys separated by spaces (the first "
+                             "signs, all sign while rotating)")
+        for n, raw in enumerate(keys, 1):
+            which = f"key {n} " if len(keys) > 1 else ""
+            if not raw.startswith("whsec_"):
+                raise ValueError(f"{which}must be 'whsec_' followed by base64 (Standard "
+                                 "Webhooks' form)")
+            try:
+                key = base64.b64decode(raw[len("whsec_"):], validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{which}must be 'whsec_' followed by valid base64") from None
+            if len(key) < 16:
+                raise ValueError(f"{which}must hold at least 16 bytes of key after 'whsec_'")
         return value
 
     @property

@@ -147,13 +147,14 @@ def batch_deliveries(redis: Redis, batch_id: str, limit: int = 20) -> list[dict[
 def signature_headers(secret: str, msg_id: str, body: str, timestamp: int | None = None
                       ) -> dict[str, str]:
     """Standard Webhooks' three headers for ``body``, signed with the ``whsec_`` secret by the
-    reference library (``standardwebhooks``)."""
+    reference library (``standardwebhooks``). A secret of several keys separated by spaces
+    (a rotation) gives one signature per key, space-separated as the specification says, so a
+    receiver holding any one of them verifies the delivery."""
     from standardwebhooks.webhooks import Webhook
 
     timestamp = int(time.time()) if timestamp is None else timestamp
-    signed = Webhook(secret).sign(
-        msg_id, datetime.fromtimestamp(timestamp, tz=timezone.utc), body
-    )
+    at = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    signed = " ".join(Webhook(key).sign(msg_id, at, body) for key in secret.split())
     return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
             "webhook-signature": signed}
 

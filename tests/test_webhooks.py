@@ -357,6 +357,38 @@ def test_api_refuses_bad_webhook_urls_naming_the_field(hook_settings):
         assert says in error["message"]
 
 
+def test_rotating_the_secret_signs_with_both_keys(redis, hook_settings):
+    """RENDERFARM_WEBHOOK_SECRET="NEW OLD": a receiver still on the old key and one on the new
+    key both verify (the reference verifier), and one on neither refuses."""
+    import base64
+
+    from pydantic import SecretStr
+
+    from producer import FarmClient
+
+    new_key = "whsec_" + base64.b64encode(b"n" * 32).decode()
+    stranger = "whsec_" + base64.b64encode(b"s" * 32).decode()
+    on_old, on_new, on_neither = (Receiver(k) for k in (WEBHOOK_SECRET, new_key, stranger))
+    try:
+        settings = hook_settings.model_copy(
+            update={"webhook_secret": SecretStr(f"{new_key} {WEBHOOK_SECRET}")})
+        records = Records(redis)
+        records.add_jobs("wh10", [(f"wh10-{n}", job(str(n), webhook_url=r.url))
+                                  for n, r in enumerate((on_old, on_new, on_neither))])
+        for n in range(3):
+            records.cancel(f"wh10-{n}")
+        WebhookSender(settings, FarmClient(settings), "rotating").run_once()
+        for receiver in (on_old, on_new, on_neither):
+            receiver.wait_for(lambda got: len(got) == 1)
+        assert on_old.received[0].payload["type"] == "job.cancelled"
+        assert on_new.received[0].payload["type"] == "job.cancelled"
+        assert on_neither.received[0].payload is None  # neither signature is its key's
+        assert on_old.received[0].headers["webhook-signature"].count("v1,") == 2
+    finally:
+        for receiver in (on_old, on_new, on_neither):
+            receiver.close()
+
+
 def test_webhook_secret_must_be_whsec_base64():
     from pydantic import ValidationError
 
@@ -368,3 +400,5 @@ def test_webhook_secret_must_be_whsec_base64():
         assert "webhook_secret" in str(raised.value)
     assert Settings(webhook_secret=WEBHOOK_SECRET).webhook_secret.get_secret_value() == (
         WEBHOOK_SECRET)
+    with pytest.raises(ValidationError, match="key 2 must be 'whsec_'"):
+        Settings(webhook_secret=f"{WEBHOOK_SECRET} MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
