@@ -360,9 +360,12 @@ return n
 # KEYS: batch, its job list. Resumes the batch: its queued jobs rejoin their fair sets at the
 # current turn (not ahead of the batches that waited meanwhile) and go into the outbox, in one
 # step: their messages are sent again by the caller (Records.resume's caller), or by the outbox
-# sweep if it dies first. Returns the ids to send; -1: no such batch.
+# sweep if it dies first. Returns the ids to send ([] when the batch is not paused: nothing to
+# do); -1: no such batch.
 _RESUME = _FAIR + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+-- not paused (a second resume, a double click): its jobs are in line with their messages
+if redis.call('HGET', KEYS[1], 'paused') ~= '1' then return {} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HDEL', KEYS[1], 'paused')
@@ -518,10 +521,17 @@ return 'requeued'
 """
 
 # A failed or cancelled job goes back to queued, attempts reset, its last timeline kept as
-# history.
+# history, at its batch's next turn of its queue (fair share).
 _RETRY = _TERMINAL + _MOVE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'failed' and state ~= 'cancelled' then return 'no' end
+-- its batch's next turn, as a resume's: not the turn it took when submitted (long past), which
+-- would put a retried batch ahead of every batch that waited meanwhile
+local queue = redis.call('HGET', KEYS[1], 'queue')
+if queue then
+  local band = math.floor(tonumber(redis.call('HGET', KEYS[1], 'score') or '0') / FAIR_BAND)
+  redis.call('HSET', KEYS[1], 'fair', fair_place(B, queue, band))
+end
 new_attempt(KEYS[1])
 move(KEYS[1], B, state, 'queued', clock())
 -- a plot's cell: its grid is drawn again once the cells have ended (renderfarm/plotrecords.py)
