@@ -417,7 +417,7 @@ def batch_events(batch_id: str):
     from dashboard.events import stream
 
     last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-    return stream(client(), batch_id, last_id)
+    return stream(client(), batch_id, last_id, request.args.get("job"))
 
 
 @bp.post("/batches/<batch_id>/cancel")

@@ -11,8 +11,12 @@ stream misses nothing and orders everything. Each SSE event's ``id`` is its stre
 - ``step``: a rendering job reached step ``step`` of ``steps``;
 - ``preview``: a rendering job has a new live preview (worker/previews.py): ``job_id``,
   ``image`` (a ``data:image/jpeg;base64,...`` URL, or null when it has expired since: a client
-  replaying old events) and ``url`` (``GET /api/v1/jobs/<id>/preview``);
+  replaying old events) and ``url`` (``GET /api/v1/jobs/<id>/preview``); after the
+  ``snapshot``, one for each job that has a preview at that moment;
 - ``end``: the batch has ended (every job terminal); the stream then closes.
+
+``?job=<job id>`` keeps the ``job``, ``step`` and ``preview`` events of that one job of the batch
+(the dashboard's job page; ``snapshot`` and ``end`` still come).
 
 A client that reconnects with ``Last-Event-ID`` (browsers' ``EventSource`` do by themselves; or
 ``?last_event_id=``) gets every event after that one. The stream keeps a batch's latest ~10,000
@@ -41,13 +45,16 @@ READ_COUNT = 500
 EVENTS_KEPT = 10_000  #: the stream's cap (MAXLEN ~ in renderfarm/records.py's ``event``)
 
 
-def stream(c: FarmClient, batch_id: str, last_id: str | None) -> Response:
+def stream(c: FarmClient, batch_id: str, last_id: str | None,
+           job_id: str | None = None) -> Response:
     c.records.batch(batch_id)  # JobNotFound (404) for an unknown batch, before streaming
     if last_id is not None and not EVENT_ID.match(last_id):
         raise InvalidJob([FieldError("Last-Event-ID", "must be an event id such as "
                                      "'1700000000000-0'", last_id)])
+    if job_id is not None and c.records.job(job_id).batch_id != batch_id:  # or JobNotFound
+        raise InvalidJob([FieldError("job", f"is not a job of batch {batch_id}", job_id)])
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_with_context(_events(c, batch_id, last_id)),
+    return Response(stream_with_context(_events(c, batch_id, last_id, job_id)),
                     mimetype="text/event-stream", headers=headers)
 
 
@@ -69,9 +76,10 @@ def _trimmed(c: FarmClient, key: str, last_id: str) -> bool:
     return bool(oldest) and _parse(oldest[0][0].decode()) > _parse(last_id)
 
 
-def _events(c: FarmClient, batch_id: str, last_id: str | None) -> Iterator[str]:
+def _events(c: FarmClient, batch_id: str, last_id: str | None,
+            job_id: str | None) -> Iterator[str]:
     try:
-        yield from _follow(c, batch_id, last_id)
+        yield from _follow(c, batch_id, last_id, job_id)
     except (GeneratorExit, OSError):  # the client went away
         raise
     except Exception:
@@ -79,7 +87,8 @@ def _events(c: FarmClient, batch_id: str, last_id: str | None) -> Iterator[str]:
         yield "event: error\ndata: {\"error\": \"the event stream failed; reconnect\"}\n\n"
 
 
-def _follow(c: FarmClient, batch_id: str, last_id: str | None) -> Iterator[str]:
+def _follow(c: FarmClient, batch_id: str, last_id: str | None,
+            job_id: str | None) -> Iterator[str]:
     from dashboard.api import batch_json
 
     key = keys.batch_events(batch_id)
@@ -87,7 +96,11 @@ def _follow(c: FarmClient, batch_id: str, last_id: str | None) -> Iterator[str]:
     if last_id is None or _trimmed(c, key, last_id):
         newest = c.redis.xrevrange(key, count=1)
         last_id = newest[0][0].decode() if newest else "0-0"
-        yield _sse("snapshot", batch_json(c.records.batch(batch_id)), last_id)
+        snapshot = batch_json(c.records.batch(batch_id))
+        yield _sse("snapshot", snapshot, last_id)
+        if not snapshot["finished"]:  # the pictures running jobs have now, before any news
+            for data in _current_previews(c, batch_id, job_id):
+                yield _sse("preview", data, last_id)
     while True:
         # Counts first: the moves that ended the batch wrote their events with the counts,
         # so once the counts say "ended", every event is in the stream to be read below.
@@ -95,25 +108,49 @@ def _follow(c: FarmClient, batch_id: str, last_id: str | None) -> Iterator[str]:
         read = c.redis.xread({key: last_id}, count=READ_COUNT,
                              block=None if batch.finished else BLOCK_MS)
         entries = read[0][1] if read else []
+        sent = False
         for entry_id, fields in entries:
             last_id = entry_id.decode()
-            event, data = _describe(c, {k.decode(): v.decode() for k, v in fields.items()})
+            decoded = {k.decode(): v.decode() for k, v in fields.items()}
+            if job_id is not None and decoded.get("job") != job_id:
+                continue  # another job's: not read further (no picture fetched)
+            event, data = _describe(c, decoded)
             yield _sse(event, data, last_id)
+            sent = True
         if batch.finished and not entries:
             yield _sse("end", batch_json(batch), last_id)
             return
-        if not entries:
+        if not sent:
             yield ": keep-alive\n\n"
+
+
+def _current_previews(c: FarmClient, batch_id: str,
+                      job_id: str | None) -> Iterator[dict[str, Any]]:
+    """``preview`` events of the batch's jobs (or of job ``job_id``) that have a live preview
+    now: a client that connects mid-render sees it at once, not after the next one. Read
+    :data:`READ_COUNT` jobs at a time."""
+    offset = 0
+    while True:
+        ids = [job_id] if job_id else c.records.batch_job_ids(batch_id, offset, READ_COUNT)
+        pictures = c.redis.mget([keys.preview(i) for i in ids]) if ids else []
+        for one, picture in zip(ids, pictures, strict=True):
+            if picture:
+                yield _preview(one, picture)
+        if job_id or len(ids) < READ_COUNT:
+            return
+        offset += READ_COUNT
+
+
+def _preview(job_id: str, picture: bytes | None) -> dict[str, Any]:
+    image = ("data:image/jpeg;base64," + base64.b64encode(picture).decode()
+             if picture else None)
+    return {"job_id": job_id, "image": image, "url": f"/api/v1/jobs/{job_id}/preview"}
 
 
 def _describe(c: FarmClient, fields: dict[str, str]) -> tuple[str, dict[str, Any]]:
     job_id = fields.get("job", "")
     if "preview" in fields:
-        picture = c.redis.get(keys.preview(job_id))
-        image = ("data:image/jpeg;base64," + base64.b64encode(picture).decode()
-                 if picture else None)
-        return "preview", {"job_id": job_id, "image": image,
-                           "url": f"/api/v1/jobs/{job_id}/preview"}
+        return "preview", _preview(job_id, c.redis.get(keys.preview(job_id)))
     if "step" in fields:
         return "step", {"job_id": job_id, "step": int(fields["step"]),
                         "steps": int(fields["steps"] or 0)}

@@ -131,9 +131,12 @@ def _events_op() -> dict[str, Any]:
     resume = {"name": "Last-Event-ID", "in": "header", "required": False,
               "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
               "description": "Resume after this event (EventSource sends it on reconnect)"}
-    op = _op("Server-Sent Events of the batch: snapshot, job (state changes), step, end; "
-             "resumable with Last-Event-ID; the stream ends when the batch ends", _OBJ,
-             params=[_id("batch_id"), resume], errors=(400, 404))
+    job = {"name": "job", "in": "query", "required": False, "schema": {"type": "string"},
+           "description": "Only this job's job, step and preview events (a job of the batch)"}
+    op = _op("Server-Sent Events of the batch: snapshot, job (state changes), step, preview "
+             "(a rendering job's live preview, the picture attached), end; resumable with "
+             "Last-Event-ID; the stream ends when the batch ends", _OBJ,
+             params=[_id("batch_id"), resume, job], errors=(400, 404))
     op["responses"]["200"] = {"description": "An event stream",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}
     return op

@@ -233,26 +233,57 @@ def test_each_job_of_a_micro_batch_gets_its_own_preview(held_farm, api):
         previews = [wait_for(lambda i=i: _preview(api, i), 30, f"a preview of {i}")
                     for i in batch.job_ids]
         assert previews[0] != previews[1]
+        # The job page's stream: that job's events only; on connecting, its preview now.
+        first, second = batch.job_ids
+        live = api.get(f"/api/v1/batches/{batch.id}/events?job={second}", buffered=False)
+        try:
+            events = _sse_events(live, "preview")
+        finally:
+            live.close()
+        assert [e for e, _ in events][0] == "snapshot"
+        assert {d.get("job_id") for e, d in events[1:]} == {second}, events
+        assert base64.b64decode(events[-1][1]["image"].partition(",")[2]) == previews[1]
+        replay = api.get(f"/api/v1/batches/{batch.id}/events?job={second}", buffered=False,
+                         headers={"Last-Event-ID": "0-0"})  # every event since the submit
+        try:
+            events = _sse_events(replay, "preview")
+        finally:
+            replay.close()
+        assert {e for e, _ in events} == {"job", "step", "preview"}, events
+        assert {d["job_id"] for _, d in events} == {second}, events
+        other = held_farm.client.submit(_job(f"another batch {tag}", 12))  # waits its turn
+        wrong = api.get(f"/api/v1/batches/{batch.id}/events?job={other.id}")
+        assert wrong.status_code == 400
+        assert wrong.get_json()["errors"][0]["field"] == "job"
+        assert api.get(f"/api/v1/batches/{batch.id}/events?job=nope").status_code == 404
     finally:
         held_farm.release(*holds)
-    for job_id in batch.job_ids:
+    for job_id in [*batch.job_ids, other.id]:
         held_farm.wait_state(job_id, {JobState.succeeded})
 
 
-def _sse_until(response, event: str, timeout: float = 60) -> dict:
-    """Read a served SSE body until the first ``event``; its data. The body sends a keep-alive
-    at least every 5 s, so the deadline is checked that often."""
+def _sse_events(response, event: str, timeout: float = 60) -> list[tuple[str, dict]]:
+    """Read a served SSE body until the first ``event``: the (event, data) pairs up to it. The
+    body sends a keep-alive at least every 5 s, so the deadline is checked that often."""
     deadline = time.monotonic() + timeout
     text = ""
     for chunk in response.response:
         text += chunk.decode() if isinstance(chunk, bytes) else chunk
+        events = []
         for block in text.split("\n\n")[:-1]:
             lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            if "event" in lines:
+                events.append((lines["event"], json.loads(lines["data"])))
             if lines.get("event") == event:
-                return json.loads(lines["data"])
+                return events
         if time.monotonic() > deadline:
             break
     raise AssertionError(f"no {event} event in the stream: {text[-2000:]}")
+
+
+def _sse_until(response, event: str, timeout: float = 60) -> dict:
+    """The data of the first ``event`` of a served SSE body."""
+    return _sse_events(response, event, timeout)[-1][1]
 
 
 def test_a_preview_is_pushed_on_the_batch_event_stream(held_farm, api):
@@ -283,8 +314,10 @@ CHROMIUM = "/usr/bin/chromium"
 
 def test_chromium_shows_the_preview_in_the_tile_and_on_the_job_page(held_farm):
     """A real headless Chromium on the served dashboard: the tile of a job held mid-render
-    (and its job page) show its live preview image, loaded. The browser starts before the job
-    is held: a held job's preview lives 30 s after its last write."""
+    (and its job page) show its live preview, pushed on the batch's event stream (a data: URL;
+    neither page asks GET /api/v1/jobs/<id>/preview); once released, the job's image replaces
+    the preview in its tile. The browser starts before the job is held: a held job's preview
+    lives 30 s after its last write."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
@@ -296,32 +329,48 @@ def test_chromium_shows_the_preview_in_the_tile_and_on_the_job_page(held_farm):
     base = f"http://127.0.0.1:{server.effective_port}"
     prompt = f"a preview in chromium {uuid.uuid4().hex[:6]}"
     hold = held_farm.hold_step(prompt, 3)
+    released = False
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                         args=["--no-sandbox", "--disable-gpu"])
             try:
-                page = browser.new_page()
+                asked: list[str] = []
                 errors: list[str] = []
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.goto(f"{base}/batches")
+                pages = [browser.new_page(), browser.new_page()]
+                for page in pages:
+                    page.on("request", lambda r: asked.append(r.url))
+                    page.on("pageerror", lambda exc: errors.append(str(exc)))
+                tiles, job_page = pages
+                tiles.goto(f"{base}/batches")
                 batch = held_farm.client.submit_batch([_job(prompt, 4)])
                 [job_id] = batch.job_ids
                 assert held_farm.wait_held()[1] == job_id
-                page.goto(f"{base}/batches/{batch.id}")
-                shown = ("(sel) => { const i = document.querySelector(sel); "
-                         "return i && i.complete ? i.naturalWidth : 0; }")
-                tile = f'.tile[data-id="{job_id}"] img.preview'
-                page.wait_for_function(f"() => ({shown})({json.dumps(tile)}) === 16",
-                                       timeout=30_000)  # 128x64 -> a 16x8 preview
-                page.goto(f"{base}/jobs/{job_id}")
-                page.wait_for_function(f"() => ({shown})('#job-images img.preview') === 16",
-                                       timeout=30_000)
+                tiles.goto(f"{base}/batches/{batch.id}")
+                job_page.goto(f"{base}/jobs/{job_id}")
+                pushed = ("(sel) => { const i = document.querySelector(sel); return i && "
+                          "i.complete && i.src.startsWith('data:image/jpeg;base64,') ? "
+                          "i.naturalWidth : 0; }")
+                tile = f'.tile[data-id="{job_id}"]'
+                tiles.wait_for_function(f"() => ({pushed})({json.dumps(tile + ' img.preview')})"
+                                        " === 16", timeout=30_000)  # 128x64 -> 16x8
+                job_page.wait_for_function(f"() => ({pushed})('#job-images img.preview') === 16",
+                                           timeout=30_000)
+                held_farm.release(hold)
+                released = True
+                final = (f"() => {{ const t = document.querySelector({json.dumps(tile)}); "
+                         "const i = t.querySelector('.thumb img:not(.preview)'); "
+                         "return !t.querySelector('img.preview') && i && i.complete && "
+                         "i.naturalWidth === 128; }")
+                tiles.wait_for_function(final, timeout=60_000)
+                polled = [u for u in asked if "/preview" in u and "/api/v1/jobs/" in u]
+                assert not polled, polled
                 assert not errors, errors
             finally:
                 browser.close()
     finally:
-        held_farm.release(hold)
+        if not released:
+            held_farm.release(hold)
         server.close()
     held_farm.wait_state(job_id, {JobState.succeeded})
 

@@ -1,5 +1,6 @@
 // renderfarm dashboard: small live updates. Each page polls the JSON API (never faster than
-// every 2 s, and only after the previous answer came back) and updates its own part of the DOM.
+// every 2 s, and only after the previous answer came back) and updates its own part of the DOM;
+// live previews come pushed on the batch's event stream (the batch and job pages).
 // Text goes in with textContent only, never innerHTML.
 "use strict";
 
@@ -107,44 +108,74 @@ function stepText(job) {
   return job.state === "rendering" ? `step ${job.step}/${job.steps_total}` : "";
 }
 
-// The live preview of a rendering job (GET /api/v1/jobs/<id>/preview, a small JPEG from its
-// latents) in `box`, replacing the striped placeholder once one loads; removed when the job
-// is not rendering or has none. Loaded off-DOM first, so a 404 never shows a broken image.
-function showPreview(box, job) {
-  const current = box.querySelector("img.preview");
-  if (job.state !== "rendering") {
-    if (current) current.remove();
-    return;
-  }
+// A job's live preview (a small JPEG from its latents) in `box`, replacing the striped
+// placeholder once it loads. Loaded off-DOM first, so a missing one never shows a broken image.
+function setPreview(box, src, alt) {
   const img = new Image();
   img.className = "preview";
-  img.alt = `preview, step ${job.step}`;
+  img.alt = alt;
   img.onload = () => {
     const old = box.querySelector("img.preview");
     if (old) old.replaceWith(img); else box.prepend(img);
     box.classList.add("has-preview");
   };
-  img.onerror = () => {
-    const old = box.querySelector("img.preview");
-    if (old) old.remove();
-    box.classList.remove("has-preview");
-  };
-  img.src = `/api/v1/jobs/${encodeURIComponent(job.id)}/preview?step=${job.step}`;
+  img.onerror = () => dropPreview(box);
+  img.src = src;
 }
 
-function updateTile(tile, job) {
+function dropPreview(box) {
+  const old = box.querySelector("img.preview");
+  if (old) old.remove();
+  box.classList.remove("has-preview");
+}
+
+// Previews by polling (GET /api/v1/jobs/<id>/preview), where there is no event stream: one
+// per poll while the job renders, removed when it is not rendering.
+function showPreview(box, job) {
+  if (job.state !== "rendering") dropPreview(box);
+  else setPreview(box, `/api/v1/jobs/${encodeURIComponent(job.id)}/preview?step=${job.step}`, `preview, step ${job.step}`);
+}
+
+// Previews pushed on the batch's event stream (GET /api/v1/batches/<id>/events, "preview"
+// events carry the picture; with `job`, that job's events only): no request per picture.
+// onPreview(data) gets each picture, onJob(data) each state change. Null where the browser
+// has no EventSource: the page then polls for previews. The stream closes when the batch ends.
+function previewStream(batch, job, onPreview, onJob) {
+  if (!window.EventSource) return null;
+  let url = `/api/v1/batches/${encodeURIComponent(batch)}/events`;
+  if (job) url += `?job=${encodeURIComponent(job)}`;
+  const source = new EventSource(url);
+  source.addEventListener("preview", (e) => {
+    const data = JSON.parse(e.data);
+    if (data.image) onPreview(data);  // null: expired since (a replayed event)
+  });
+  source.addEventListener("job", (e) => onJob(JSON.parse(e.data)));
+  source.addEventListener("end", () => source.close());
+  return source;
+}
+
+// With a stream, a preview stays until the job's images replace it, or it goes back to the
+// queue (a lost worker); a poll answer older than the stream's news never removes it.
+const KEEPS_PREVIEW = new Set(["started", "rendering", "uploading"]);
+
+function showResults(thumb, results) {
+  thumb.replaceChildren(...results.map((r) => el("img", { src: r.url, alt: `seed ${r.seed}` })));
+  // several images (num_images > 1): a mosaic in the one tile, as batch.html draws it
+  const n = results.length;
+  for (const c of [...thumb.classList]) if (c === "mosaic" || c.startsWith("cols-")) thumb.classList.remove(c);
+  if (n > 1) thumb.classList.add("mosaic", `cols-${n <= 4 ? 2 : n <= 9 ? 3 : 4}`);
+}
+
+function updateTile(tile, job, streamed) {
   tile.dataset.state = job.state;
   tile.className = `tile s-${job.state}`;
   tile.querySelector(".state").textContent = job.state;
   tile.querySelector(".step").textContent = stepText(job);
   const thumb = tile.querySelector(".thumb");
-  showPreview(thumb, job);
+  if (!streamed) showPreview(thumb, job);
+  else if (!KEEPS_PREVIEW.has(job.state)) dropPreview(thumb);
   if (job.results.length && thumb.querySelectorAll("img:not(.preview)").length !== job.results.length) {
-    thumb.replaceChildren(...job.results.map((r) => el("img", { src: r.url, alt: `seed ${r.seed}` })));
-    // several images (num_images > 1): a mosaic in the one tile, as batch.html draws it
-    const n = job.results.length;
-    for (const c of [...thumb.classList]) if (c === "mosaic" || c.startsWith("cols-")) thumb.classList.remove(c);
-    if (n > 1) thumb.classList.add("mosaic", `cols-${n <= 4 ? 2 : n <= 9 ? 3 : 4}`);
+    showResults(thumb, job.results);
   }
 }
 
@@ -196,6 +227,23 @@ function batchPage() {
   const { batch, offset, limit } = body.dataset;
   const tiles = new Map([...document.querySelectorAll(".tile")].map((t) => [t.dataset.id, t]));
   let lastRound = false;
+  // Previews come on the batch's event stream; the poll keeps the rest of the page current.
+  const stream = body.dataset.finished === "true" ? null : previewStream(batch, null, (p) => {
+    const tile = tiles.get(p.job_id);
+    if (tile && !TERMINAL.has(tile.dataset.state)) {
+      setPreview(tile.querySelector(".thumb"), p.image, "preview");
+    }
+  }, (change) => {
+    const tile = tiles.get(change.job_id);
+    if (!tile || !TERMINAL.has(change.state)) return;
+    tile.dataset.state = change.state;
+    tile.className = `tile s-${change.state}`;
+    tile.querySelector(".state").textContent = change.state;
+    tile.querySelector(".step").textContent = "";
+    const thumb = tile.querySelector(".thumb");
+    dropPreview(thumb);
+    if (change.results && change.results.length) showResults(thumb, change.results);
+  });
   poll(`/api/v1/batches/${encodeURIComponent(batch)}?offset=${offset}&limit=${limit}`, (data) => {
     const b = data.batch;
     statebar(b, document.getElementById("batch-progress"));
@@ -204,7 +252,7 @@ function batchPage() {
     document.getElementById("batch-counts").replaceChildren(pills(b.counts));
     for (const job of data.jobs) {
       const tile = tiles.get(job.id);
-      if (tile) updateTile(tile, job);
+      if (tile) updateTile(tile, job, stream !== null);
     }
     if (b.plot) showGrids(b.grids, b.grid_state);
     if (b.finished && !(b.plot && !b.grids.length)) {  // a plot: until its grid is drawn
@@ -218,20 +266,28 @@ function batchPage() {
 function jobPage() {
   const id = body.dataset.job;
   if (TERMINAL.has(body.dataset.state)) return;
+  const images = document.getElementById("job-images");
+  // Its previews come on its batch's event stream, this job's events only.
+  const stream = images ? previewStream(body.dataset.batch, id, (p) => {
+    setPreview(images, p.image, "preview");
+  }, (change) => {
+    if (TERMINAL.has(change.state)) window.location.replace(window.location.href);
+  }) : null;
   poll(`/api/v1/jobs/${encodeURIComponent(id)}`, (job) => {
     const state = document.getElementById("job-state");
     state.textContent = job.state;
     state.className = `pill s-${job.state}`;
     document.getElementById("job-step").textContent = stepText(job);
     document.getElementById("job-worker").textContent = job.worker || "–";
-    const images = document.getElementById("job-images");
-    if (images) showPreview(images, job);
+    if (images && !stream) showPreview(images, job);
+    else if (images && !KEEPS_PREVIEW.has(job.state)) dropPreview(images);
     document.getElementById("job-attempts").textContent = job.attempts;
     for (const k of ["waited", "loaded", "rendered", "uploaded"]) {
       document.getElementById(`t-${k}`).textContent = secs(job.timings[k]);
     }
     if (TERMINAL.has(job.state)) {
       // The image, the embedded parameters text and the buttons come with the finished page.
+      if (stream) stream.close();
       window.location.replace(window.location.href);
       return false;
     }
