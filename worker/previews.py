@@ -109,6 +109,7 @@ class PreviewWriter:
         self.redis = redis
         self._pending: dict[str, tuple[torch.Tensor | MakePixels, str]] = {}
         self._ready = threading.Condition()
+        self._busy = False  # a picture is being made or written
         self._thread = threading.Thread(target=self._loop, name="previews", daemon=True)
         self._thread.start()
 
@@ -119,12 +120,26 @@ class PreviewWriter:
             self._pending[job_id] = (pixels, batch_id)
             self._ready.notify()
 
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued picture is written (benchmarks); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._ready.wait(left)
+        return True
+
     def _loop(self) -> None:
         while True:
             with self._ready:
+                self._busy = False
+                self._ready.notify_all()
                 while not self._pending:
                     self._ready.wait()
                 job_id, (pixels, batch_id) = self._pending.popitem()
+                self._busy = True
             try:
                 if callable(pixels):
                     pixels = pixels()

@@ -123,31 +123,30 @@ class Decoder:
     def __init__(self, name: str, path: Path):
         self.name, self.path = name, path
         self.failed: str | None = None  #: why it could not be loaded, once it could not
-        self._module: torch.nn.Module | None = None
+        self._modules: dict[torch.device, torch.nn.Module] = {}  # one copy per device
         self._lock = threading.Lock()
 
-    @property
-    def in_channels(self) -> int:
-        return self.module().layers[0].in_channels
-
-    def module(self) -> torch.nn.Module:
+    def module(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The decoder on ``device`` (float32), loaded on first use."""
+        device = torch.device(device)
         with self._lock:
             if self.failed:
                 raise RuntimeError(self.failed)
-            if self._module is None:
+            if device not in self._modules:
                 try:
-                    self._module = load_decoder(self.path, self.name)
+                    self._modules[device] = load_decoder(self.path, self.name).to(device)
                 except Exception as exc:
                     self.failed = f"{type(exc).__name__}: {exc}"
                     raise
-                log.info("live previews: %s loaded from %s", self.name, self.path)
-            return self._module
+                log.info("live previews: %s loaded from %s on %s", self.name, self.path, device)
+            return self._modules[device]
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, C, h, w) latents -> (B, H, W, 3) uint8 on the CPU: shrunk to the latent size of
-        ``size`` = (W, H) // 8 first (area average), decoded, mapped from [-1, 1] to 0..255."""
-        module = self.module()
-        x = latents.detach().float().cpu()
+        """(B, C, h, w) latents -> (B, H, W, 3) uint8 on the CPU, decoded on the latents'
+        device: shrunk to the latent size of ``size`` = (W, H) // 8 first (area average),
+        decoded, mapped from [-1, 1] to 0..255."""
+        module = self.module(latents.device)
+        x = latents.detach().float()
         if x.shape[1] != module.layers[0].in_channels:
             raise ValueError(f"latents have {x.shape[1]} channels, {self.name} takes "
                              f"{module.layers[0].in_channels}")
@@ -157,7 +156,7 @@ class Decoder:
         with torch.inference_mode():
             images = module(x)
         rgb = images.permute(0, 2, 3, 1)
-        return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 
 def make_random(name: str, directory: Path, seed: int = 0, small: bool = False) -> Path:
