@@ -12,6 +12,8 @@ cancelled while queued, or failed by the reaper, ends without a worker to notice
 one Lua script: it grants a plot's grid only when no cell is queued or running, and only once
 per epoch, so two workers ending the last two cells at once draw it once. A claim is held for
 ``GRID_CLAIM_SECONDS``: a worker that dies while drawing leaves it to the next sweep after that.
+One that is only slow (still drawing when its claim runs out) and the worker that took the claim
+over both store the same grid; it is recorded once, with one ``batch.completed``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ return {'ok', epoch}
 # gets the grid's URL and finds the grid stored (again after a retry's grid).
 _FINISH = HOOK_LUA + """
 if (redis.call('HGET', KEYS[1], 'grid_epoch') or '0') ~= ARGV[2] then return 0 end
+-- drawn for this epoch already (a worker whose claim ran out while it drew, and the worker
+-- that took it over): recorded once, one batch.completed
+if redis.call('HGET', KEYS[1], 'grid_done') == ARGV[2] then return 1 end
 redis.call('HSET', KEYS[1], 'grids', ARGV[3], 'grid_done', ARGV[2])
 redis.call('HDEL', KEYS[1], 'grid_claim', 'grid_claim_until')
 redis.call('SREM', 'rf:plots', ARGV[1])
