@@ -42,13 +42,15 @@ log = logging.getLogger("renderfarm.dashboard")
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 BLOCK_MS = 5000  #: how long one read waits for news; a keep-alive comment goes out after each
 READ_COUNT = 500
+MAX_ID_PART = 2**64 - 1  #: Redis stream ids are two unsigned 64-bit numbers
 EVENTS_KEPT = 10_000  #: the stream's cap (MAXLEN ~ in renderfarm/records.py's ``event``)
 
 
 def stream(c: FarmClient, batch_id: str, last_id: str | None,
            job_id: str | None = None) -> Response:
     c.records.batch(batch_id)  # JobNotFound (404) for an unknown batch, before streaming
-    if last_id is not None and not EVENT_ID.match(last_id):
+    if last_id is not None and not (EVENT_ID.match(last_id)
+                                    and max(_parse(last_id)) <= MAX_ID_PART):
         raise InvalidJob([FieldError("Last-Event-ID", "must be an event id such as "
                                      "'1700000000000-0'", last_id)])
     if job_id is not None and c.records.job(job_id).batch_id != batch_id:  # or JobNotFound

@@ -82,6 +82,13 @@ def test_events_refuse_unknown_batches_and_bad_ids(dashboard_url, client):
     bad = requests.get(f"{dashboard_url}/api/v1/batches/{batch_id}/events",
                        headers={"Last-Event-ID": "yesterday"}, timeout=10)
     assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "Last-Event-ID"
+    # digits, but past Redis' 64-bit ids: refused as well, not a stream that fails at once
+    # (its error event carries no id, so a browser would reconnect with the same id forever)
+    for huge in ("99999999999999999999-0", "0-18446744073709551616"):
+        bad = requests.get(f"{dashboard_url}/api/v1/batches/{batch_id}/events",
+                           headers={"Last-Event-ID": huge}, timeout=10)
+        assert bad.status_code == 400, (huge, bad.text[:200])
+        assert bad.json()["errors"][0]["field"] == "Last-Event-ID"
     handle.wait(timeout=120)
 
 
