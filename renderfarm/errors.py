@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class RenderFarmError(Exception):
     """Base class of the farm's errors."""
@@ -70,6 +72,8 @@ def _short_repr(value: object) -> str:
 
 
 def _jsonable(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": JSON has no NaN (browsers' JSON.parse refuses it)
     if value is None or isinstance(value, (str, int, float, bool)):
         if isinstance(value, str) and len(value) > 200:
             return value[:200] + "…"

@@ -108,3 +108,27 @@ def test_euler_on_a_flux_model_is_flux_flow_matching_euler(make_dash_app, dash_s
     [job_id] = [j.decode() for j in dash_farm.redis.zrange(keys.JOBS, 0, -1)]
     record = dash_farm.job(job_id).status()
     assert (record.request.model, record.request.scheduler) == ("flux-dev", "flow_match_euler")
+
+
+def test_a_refused_nan_or_infinity_is_answered_in_strict_json(dash_client, queue_depth):
+    """Python's JSON reader takes NaN and Infinity (JavaScript's does not): a body that uses
+    them is refused, and the refusal, which echoes the value, must still be JSON a browser's
+    JSON.parse reads (the value as the string "nan" / "inf", not a bare NaN)."""
+    import json
+
+    def strict(text: str):
+        def refuse(name: str):
+            raise ValueError(f"not JSON: {name}")
+        return json.loads(text, parse_constant=refuse)
+
+    job = '{"prompt": "a fox", "model": "tiny", "steps": 2, "width": 64, "height": 64, '
+    for url, body, field in (
+        ("/sdapi/v1/txt2img", '{"prompt": "a fox", "steps": 2, "cfg_scale": NaN}', "cfg_scale"),
+        ("/api/v1/batches", '{"jobs": [' + job + '"guidance_scale": Infinity}]}',
+         "guidance_scale"),
+    ):
+        answer = dash_client.post(url, data=body, content_type="application/json")
+        assert answer.status_code in (400, 422), answer.get_data(as_text=True)
+        errors = strict(answer.get_data(as_text=True))["errors"]
+        assert field in errors[0]["field"] and errors[0]["value"] in ("nan", "inf"), errors
+    assert queue_depth() == 0
