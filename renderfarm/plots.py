@@ -196,9 +196,17 @@ def _parse_axis(name: str, body: Any, job: dict[str, Any], max_cells: int) -> Ax
     if not isinstance(values, list) or not values:
         raise InvalidJob([FieldError(f"{where}.values", f"must be a non-empty list of {fname} "
                                      "values", values)])
+    # Counted as read: an axis of more values than the cap makes more cells than the cap, and
+    # many small ranges would otherwise be expanded (hundreds of millions of values) first.
+    too_many = [FieldError(f"{where}.values", f"({fname}) give more than {max_cells} values "
+                           f"(RENDERFARM_MAX_PLOT_CELLS: cells of the whole plot)", len(values))]
+    if len(values) > max_cells:
+        raise InvalidJob(too_many)
     errors, coerced, origins = [], [], []
     kind = _number_kind(fname)
     for i, value in enumerate(values):
+        if len(coerced) > max_cells:
+            raise InvalidJob(too_many)
         if kind is not None and isinstance(value, str) and is_range(value, kind):
             try:
                 expanded = expand(value, kind, max_cells)
@@ -215,6 +223,8 @@ def _parse_axis(name: str, body: Any, job: dict[str, Any], max_cells: int) -> Ax
         except ValueError as exc:
             errors.append(FieldError(f"{where}.values.{i}", f"is not a valid {fname}: {exc}",
                                      value))
+    if len(coerced) > max_cells:
+        raise InvalidJob(too_many)
     if errors:
         raise InvalidJob(errors)
     if fname == "prompt_sr":
