@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -73,6 +74,13 @@ local function fair_place_of(job)
   local place = redis.call('HGET', job, 'fair')
   if place then return tonumber(place) end
   return math.floor(tonumber(redis.call('HGET', job, 'score') or '0') / FAIR_BAND) * FAIR_BAND
+end
+-- Whether a queued job waits for its paused batch's resume: its batch is paused, and no resume
+-- under way has put it back in line yet (Records.resume marks each job it places).
+local function held(job, batch)
+  if redis.call('HGET', batch, 'paused') ~= '1' then return false end
+  local resuming = redis.call('HGET', batch, 'resuming')
+  return not resuming or redis.call('HGET', job, 'resumed') ~= resuming
 end
 -- A job of the queue was claimed: the clock of its band moves up to its turn.
 local function served(job, queue)
@@ -153,7 +161,9 @@ local function move(job, batch, from, to, t)
       local id = redis.call('HGET', job, 'id')
       if to == 'queued' then
         redis.call('ZADD', 'rf:pending:' .. queue, redis.call('HGET', job, 'score') or 0, id)
-        if redis.call('HGET', batch, 'paused') ~= '1' then  -- a paused batch's wait for resume
+        local resuming = redis.call('HGET', batch, 'resuming')
+        if resuming then redis.call('HSET', job, 'resumed', resuming) end  -- back in line
+        if not held(job, batch) then  -- a paused batch's jobs wait for its resume
           redis.call('ZADD', 'rf:fair:' .. queue, fair_place_of(job), id)
         end
         redis.call('ZADD', 'rf:outbox', t, id)
@@ -270,7 +280,7 @@ local now = clock()
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
 if terminal(state) then return {'terminal', state} end
-if state == 'queued' and redis.call('HGET', B, 'paused') == '1' then return {'paused', ''} end
+if state == 'queued' and held(KEYS[1], B) then return {'paused', ''} end
 if state ~= 'queued' then
   local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
   if lease > now then
@@ -316,7 +326,7 @@ if queue then
     local job = 'rf:job:' .. id
     local state = redis.call('HGET', job, 'state')
     local JB = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
-    if state ~= 'queued' or redis.call('HGET', JB, 'paused') == '1' then
+    if state ~= 'queued' or held(job, JB) then
       redis.call('ZREM', fair, id)
     elseif redis.call('HGET', job, 'cancel') == '1' then
       move(job, JB, state, 'cancelled', t)
@@ -339,14 +349,27 @@ if queue then
 end
 """ + _CLAIM_JOB
 
-# KEYS: batch, its job list. Pauses the batch: its queued jobs leave their queues' fair sets
-# (they stay queued, in the pending sets); jobs queued later in it (a retry, a re-queue) wait
-# there too. Returns how many jobs it holds; -1: no such batch.
+# KEYS: batch, its job list; ARGV: offset, count. Pauses the batch (the call at offset 0), then
+# takes the queued jobs of its job list's [offset, offset + count) out of their queues' fair
+# sets (they stay queued, in the pending sets); jobs queued later in it (a retry, a re-queue)
+# wait there too. One call per PAUSE_CHUNK jobs (Records.pause): no script holds Redis for a
+# whole big batch. Jobs of a paused batch still in a fair set (the chunks after are to come, or
+# their caller died) are skipped and dropped by every claim. A later chunk of a batch resumed
+# meanwhile (or being resumed) does nothing. Returns {queued jobs held, ids looked at};
+# {-1, 0}: no such batch.
 _PAUSE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-redis.call('HSET', KEYS[1], 'paused', '1')
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+if ARGV[1] == '0' then
+  redis.call('HSET', KEYS[1], 'paused', '1')
+  redis.call('HDEL', KEYS[1], 'resuming')  -- a resume under way stops; its jobs are held again
+elseif redis.call('HGET', KEYS[1], 'paused') ~= '1'
+    or redis.call('HEXISTS', KEYS[1], 'resuming') == 1 then
+  return {0, 0}  -- resumed since (a resume under way puts jobs back in line: leave them)
+end
 local n = 0
-for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+local ids = redis.call('LRANGE', KEYS[2], tonumber(ARGV[1]),
+  tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1)
+for _, id in ipairs(ids) do
   local job = 'rf:job:' .. id
   if redis.call('HGET', job, 'state') == 'queued' then
     local queue = redis.call('HGET', job, 'queue')
@@ -354,36 +377,53 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
     n = n + 1
   end
 end
-return n
+return {n, #ids}
 """
 
-# KEYS: batch, its job list. Resumes the batch: its queued jobs rejoin their fair sets at the
-# current turn (not ahead of the batches that waited meanwhile) and go into the outbox, in one
-# step: their messages are sent again by the caller (Records.resume's caller), or by the outbox
-# sweep if it dies first. Returns the ids to send ([] when the batch is not paused: nothing to
-# do); -1: no such batch.
+# KEYS: batch, its job list; ARGV: offset, count, token. Resumes the batch a chunk of its job
+# list at a time (Records.resume: one call per RESUME_CHUNK jobs, so no script holds Redis for a
+# whole big batch). The call at offset 0 starts the resume: the caller's token is recorded as
+# the batch's 'resuming'. Each queued job of [offset, offset + count) is marked 'resumed' with
+# the token (from then on no claim holds it back: held()), takes its place at the current turn
+# (not ahead of the batches that waited meanwhile) in its fair set and goes into the outbox.
+# The last call (fewer ids than count) unpauses the batch. Meanwhile the batch stays paused: a
+# resume whose caller dies part-way has put its first jobs back in line, and the next resume
+# does the rest. A job queued again in it meanwhile (a retry, a re-queue) is marked by move().
+# A later call whose token is not the batch's (a pause, which drops 'resuming', or another
+# resume came in between) does nothing. The caller sends the messages of the ids returned, or
+# the outbox sweep does if it dies first. Returns {done (1|0), ids to send...}; {-1}: no such
+# batch; {1} when the batch is not paused (a second resume, a double click: nothing to do).
 _RESUME = _FAIR + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
--- not paused (a second resume, a double click): its jobs are in line with their messages
-if redis.call('HGET', KEYS[1], 'paused') ~= '1' then return {} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+if ARGV[1] == '0' then
+  if redis.call('HGET', KEYS[1], 'paused') ~= '1' then return {1} end
+  redis.call('HSET', KEYS[1], 'resuming', ARGV[3])
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(field, 1, 2) == 'r:' then redis.call('HDEL', KEYS[1], field) end
+  end
+elseif redis.call('HGET', KEYS[1], 'resuming') ~= ARGV[3] then
+  return {1}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HDEL', KEYS[1], 'paused')
-for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(field, 1, 2) == 'r:' then redis.call('HDEL', KEYS[1], field) end
-end
-local out = {}
-for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+local out = {0}
+local ids = redis.call('LRANGE', KEYS[2], tonumber(ARGV[1]),
+  tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1)
+for _, id in ipairs(ids) do
   local job = 'rf:job:' .. id
   local queue = redis.call('HGET', job, 'queue')
   if queue and redis.call('HGET', job, 'state') == 'queued' then
     local band = math.floor(tonumber(redis.call('HGET', job, 'score') or '0') / FAIR_BAND)
     local place = fair_place(KEYS[1], queue, band)
-    redis.call('HSET', job, 'fair', place)
+    redis.call('HSET', job, 'fair', place, 'resumed', ARGV[3])
     redis.call('ZADD', 'rf:fair:' .. queue, place, id)
     redis.call('ZADD', 'rf:outbox', now, id)
     table.insert(out, id)
   end
+end
+if #ids < tonumber(ARGV[2]) then  -- the last chunk
+  redis.call('HDEL', KEYS[1], 'paused', 'resuming')
+  out[1] = 1
 end
 return out
 """
@@ -579,6 +619,8 @@ return redis.call('HGETALL', 'rf:counts')
 
 ADD_CHUNK = 500  #: jobs recorded per script call by Records.add_jobs
 ADOPT_CHUNK = 500  #: queued jobs looked at per script call by Records.adopt
+PAUSE_CHUNK = 500  #: jobs of a batch looked at per script call by Records.pause
+RESUME_CHUNK = 500  #: jobs of a batch looked at per script call by Records.resume
 
 # Largest list offset asked of Redis: offset + limit must stay within its 64-bit integers.
 MAX_INDEX = 2**62
@@ -601,13 +643,14 @@ local n = tonumber(ARGV[4])
 local function take(fair, id)
   local job = 'rf:job:' .. id
   local state = redis.call('HGET', job, 'state')
-  if state ~= 'queued' or redis.call('HGET', job, 'cancel') == '1' then
+  local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
+  if state ~= 'queued' or redis.call('HGET', job, 'cancel') == '1'
+      or held(job, B) then  -- (a pause's chunks to come)
     redis.call('ZREM', fair, id)
   elseif ARGV[5] == '' or (redis.call('HGET', job, 'compat') == ARGV[5]
       and tonumber(redis.call('HGET', job, 'attempts') or '0') == 0) then
     local attempts = redis.call('HINCRBY', job, 'attempts', 1)
     if attempts <= tonumber(ARGV[3]) then
-      local B = 'rf:batch:' .. (redis.call('HGET', job, 'batch_id') or '_')
       move(job, B, state, 'started', now)
       redis.call('HSET', job, 'worker', ARGV[1], 'lease_owner', ARGV[1],
         'lease_until', lease, 'step', 0)
@@ -910,19 +953,31 @@ class Records:
     def pause(self, batch_id: str) -> int:
         """Pause a batch: its queued jobs stay queued and no worker takes them until
         :meth:`resume`; running ones finish. Returns how many queued jobs it holds."""
-        held = self._pause(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)], args=[])
-        if held < 0:
-            raise JobNotFound(batch_id)
-        return int(held)
+        held, offset = 0, 0
+        while True:  # a chunk per call (_PAUSE): Redis serves other clients in between
+            n, seen = self._pause(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)],
+                                  args=[offset, PAUSE_CHUNK])
+            if n < 0:
+                raise JobNotFound(batch_id)
+            held += n
+            if seen < PAUSE_CHUNK:
+                return held
+            offset += PAUSE_CHUNK
 
     def resume(self, batch_id: str) -> list[str]:
         """Resume a paused batch: its queued jobs rejoin the queues at the current turn. Returns
         their ids, whose messages the caller must send (:func:`producer.enqueue.
         publish_records`); they are in the outbox meanwhile, so none is lost if it cannot."""
-        out = self._resume(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)], args=[])
-        if isinstance(out, int):
-            raise JobNotFound(batch_id)
-        return [i.decode() for i in out]
+        token, offset, ids = uuid.uuid4().hex, 0, []
+        while True:  # a chunk per call (_RESUME): Redis serves other clients in between
+            done, *out = self._resume(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)],
+                                      args=[offset, RESUME_CHUNK, token])
+            if done < 0:
+                raise JobNotFound(batch_id)
+            ids += [i.decode() for i in out]
+            if done:
+                return ids
+            offset += RESUME_CHUNK
 
     def adopt(self, queues: Sequence[str]) -> int:
         """Put the queued jobs recorded before fair share existed in their queues' fair sets

@@ -8,6 +8,7 @@ import pytest
 from redis import Redis
 
 from renderfarm import keys
+from renderfarm.errors import JobNotFound
 from renderfarm.records import Records
 from renderfarm.schema import JobRequest
 
@@ -68,3 +69,85 @@ def test_a_second_resume_sends_nothing_again(records):
     assert records.resume("p") == []
     assert records.redis.zrange(keys.fair(QUEUE), 0, -1, withscores=True) == places
     assert records.redis.zcard(keys.OUTBOX) == 0
+
+
+def script_calls(records: Records) -> int:
+    stats = records.redis.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+def test_a_big_batch_is_paused_a_chunk_at_a_time(records):
+    """Pausing a batch is one script per PAUSE_CHUNK of its jobs, not one over all of them (a
+    100,000-job batch held Redis 1.4 s in one script; past ~5 s every other client, workers
+    renewing leases among them, is answered BUSY). A pause whose caller died after its first
+    chunk already holds every job: claims skip the ones still in the fair set."""
+    from renderfarm.records import PAUSE_CHUNK
+
+    n = 2 * PAUSE_CHUNK + 3
+    ids = add_batch(records, "big", n)
+    other = add_batch(records, "other", 2)
+    with pytest.raises(JobNotFound):  # loads the script: its first call is not counted twice
+        records.pause("none")
+    before = script_calls(records)
+    assert records.pause("big") == n
+    assert script_calls(records) - before == 3
+    assert records.redis.zcard(keys.fair(QUEUE)) == 2
+    assert records.resume("big") == ids
+    # the pause's first chunk only (its caller died): the rest is still in the fair set
+    records._pause(keys=[keys.batch("big"), keys.batch_jobs("big")], args=[0, PAUSE_CHUNK])
+    assert records.claim_more([QUEUE], "w", 30, 3, n=n) == other
+    assert records.claim_turn(ids[-1], "w", 30, 3).status == "paused"
+
+
+def resume_chunk(records: Records, batch_id: str, offset: int, token: str):
+    """One call of the resume script, as Records.resume makes them."""
+    from renderfarm.records import RESUME_CHUNK
+
+    return records._resume(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)],
+                           args=[offset, RESUME_CHUNK, token])
+
+
+def test_a_big_batch_is_resumed_a_chunk_at_a_time_and_nothing_is_stranded(records):
+    """Resuming is one script per RESUME_CHUNK of the batch's jobs (a 100,000-job batch held
+    Redis 6 s in one script: every other client was answered BUSY). The batch stays paused
+    until the last chunk: a resume whose caller died part-way has put its first jobs back in
+    line, the rest wait, and the next resume does it all; a job queued again while a resume is
+    under way (a retry of one its chunks passed) is in line when it ends; a pause during a
+    resume holds every job again."""
+    from renderfarm.records import RESUME_CHUNK
+
+    n = 2 * RESUME_CHUNK + 3
+    ids = add_batch(records, "big", n)
+    assert take(records, 1, ids[0]) == [ids[0]] and records.fail(ids[0], "w", "boom") == "ok"
+    records.pause("big")
+    records.sent(ids)
+    with pytest.raises(JobNotFound):  # loads the script: its first call is not counted twice
+        records.resume("none")
+    # a resume whose caller died after its first chunk: still paused, its first jobs in line
+    resume_chunk(records, "big", 0, "dead")
+    assert records.batch("big").paused
+    assert fair_ids(records) == set(ids[1:RESUME_CHUNK])
+    assert records.claim_turn(ids[-1], "w", 30, 3).job_id == ids[1]
+    assert records.claim_turn(ids[-1], "w", 30, 3).job_id == ids[2]
+    before = script_calls(records)
+    assert records.resume("big") == ids[3:]
+    assert script_calls(records) - before == 3
+    assert not records.batch("big").paused and fair_ids(records) == set(ids[3:])
+    # a retry during a resume, of a job its chunks have passed already
+    records.pause("big")
+    assert not fair_ids(records)
+    resume_chunk(records, "big", 0, "live")
+    assert records.retry(ids[0])
+    assert ids[0] in fair_ids(records)  # back in line with the chunk it belongs to
+    resume_chunk(records, "big", RESUME_CHUNK, "live")
+    # a pause comes in: everything is held again, the resume's last chunk does nothing
+    records.pause("big")
+    resume_chunk(records, "big", 2 * RESUME_CHUNK, "live")
+    assert records.batch("big").paused and not fair_ids(records)
+    assert records.claim_more([QUEUE], "w", 30, 3, n=5) == []
+    assert records.resume("big") == [ids[0], *ids[3:]]
+    assert fair_ids(records) == {ids[0], *ids[3:]}
+
+
+def fair_ids(records: Records) -> set[str]:
+    return {i.decode() for i in records.redis.zrange(keys.fair(QUEUE), 0, -1)}
