@@ -141,6 +141,29 @@ def test_flux_previews_with_taef1_decode_its_unpacked_16_channels(tmp_path, prev
     assert data == encode_jpeg(decoder.decode(latents, (128, 64))[0])
 
 
+def test_taesd_previews_are_spaced_to_keep_their_decodes_under_2_percent(tmp_path,
+                                                                         preview_redis):
+    """A group's next TAESD preview comes no sooner than its decode time / 2 %: with a decode
+    measured at an hour, the preview after the next is skipped (previews due every 1 us)."""
+    taesd.make_random("taesd", tmp_path / "vae_approx" / "taesd", seed=6, small=True)
+    previews = Previews(preview_redis, every=1e-6, method="taesd", models_dir=tmp_path)
+    family = family_named("sd15")
+    hook = previews.hook(["spaced"], family, 64, 64)
+    decoder = previews.decoder(family)
+    a, b, c = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    hook(a, [0])
+    assert previews.writer.flush(30)
+    decoder.seconds = 3600.0  # as if a decode took an hour
+    hook(b, [0])  # due (spaced by the decode time known at the call before): written
+    assert previews.writer.flush(30)
+    hook(c, [0])  # not due for 3600 / 0.02 s: skipped
+    assert previews.writer.flush(30)
+    stored = preview_redis.get(keys.preview("spaced"))
+    assert stored == encode_jpeg(decoder.decode(b, (64, 64))[0])
+    assert stored != encode_jpeg(decoder.decode(c, (64, 64))[0])
+
+
 def test_without_taesd_weights_previews_are_linear_said_once(tmp_path, preview_redis, caplog):
     previews = Previews(preview_redis, every=1.0, method="taesd", models_dir=tmp_path)
     family = family_named("sd15")

@@ -20,8 +20,9 @@ off.
 ``RENDERFARM_PREVIEW_METHOD=taesd`` makes better previews with the family's tiny VAE
 (worker/taesd.py) where its weights are in the models folder: up to 256 pixels a side, 8x the
 (shrunk) latents. The render thread then only copies the job's latents; the decode runs in the
-preview thread, one at a time. A family whose TAESD weights are missing gets the linear
-preview, said once in the log. A1111 calls the two "Approx cheap" and "TAESD".
+preview thread, one at a time, and a group's previews come no more often than keeps their
+decodes under :data:`TAESD_SHARE` of the time. A family whose TAESD weights are missing gets
+the linear preview, said once in the log. A1111 calls the two "Approx cheap" and "TAESD".
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ TTL = 30  #: seconds a preview lives in Redis after its last write
 EVENTS_KEPT = 10_000  #: a batch stream's cap, as records.py's scripts trim it
 QUALITY = 80  #: JPEG quality
 METHODS = ("linear", "taesd")  #: ``RENDERFARM_PREVIEW_METHOD``
+#: Most of the time a group's TAESD decodes may take: its next preview comes no sooner than
+#: its decodes' time (as last measured) / TAESD_SHARE (the issue's 2 % cost target).
+TAESD_SHARE = 0.02
 
 #: ``on_latents(latents, owners)``: the latents of one pipeline call after a step, and for each
 #: row the index (in the group) of the job it belongs to.
@@ -225,10 +229,13 @@ class Previews:
             t = time.monotonic()
             if t < next_at:
                 return
-            next_at = t + self.every
             rows: dict[int, int] = {}
             for row, owner in enumerate(owners):
                 rows.setdefault(owner, row)  # a job's first image in this call
+            spacing = self.every
+            if decoder is not None:
+                spacing = max(spacing, decoder.seconds * len(rows) / TAESD_SHARE)
+            next_at = t + spacing
             try:
                 picked = unpack(latents, width, height)[list(rows.values())]
                 if decoder is not None:  # a copy (indexing copies): decoded in the thread

@@ -21,14 +21,17 @@ dropped in later are used by the next job without a restart.
 
 The cost is bounded: the latents are first shrunk (area average) to at most
 :data:`MAX_LATENT_SIDE` a side, so a preview is at most :data:`MAX_SIDE` pixels a side whatever
-the job's size, and decodes run one at a time in the preview thread, never on the render thread
-(worker/previews.py).
+the job's size; decodes run one at a time in the preview thread, never on the render thread;
+and a group's previews are spaced out so that their decodes take at most 2 % of the time
+(worker/previews.py ``TAESD_SHARE``): every ``RENDERFARM_PREVIEW_SECONDS`` on a GPU (a decode
+takes milliseconds), about one a minute or two on a CPU (seconds each).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -124,6 +127,9 @@ class Decoder:
         self.name, self.path = name, path
         self.failed: str | None = None  #: why it could not be loaded, once it could not
         self._modules: dict[torch.device, torch.nn.Module] = {}  # one copy per device
+        #: Seconds one picture's decode takes (a moving average; 0 before the first): what
+        #: spaces the previews out (worker/previews.py ``TAESD_SHARE``).
+        self.seconds = 0.0
         self._lock = threading.Lock()
 
     def module(self, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -153,10 +159,14 @@ class Decoder:
         target = (size[1] // 8, size[0] // 8)
         if tuple(x.shape[2:]) != target:
             x = torch.nn.functional.interpolate(x, size=target, mode="area")
+        started = time.perf_counter()
         with torch.inference_mode():
             images = module(x)
         rgb = images.permute(0, 2, 3, 1)
-        return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        out = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        took = (time.perf_counter() - started) / max(1, len(x))
+        self.seconds = took if not self.seconds else 0.7 * self.seconds + 0.3 * took
+        return out
 
 
 def make_random(name: str, directory: Path, seed: int = 0, small: bool = False) -> Path:
