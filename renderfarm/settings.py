@@ -89,9 +89,9 @@ class Settings(BaseSettings):
     preview_method: Literal["linear", "taesd"] = Field(
         "linear", description="How live previews are made. linear: the family's latent-to-RGB "
         "factors (A1111's 'Approx cheap'; at most 64 px a side). taesd: the family's tiny VAE "
-        "(taesd, taesdxl, taef1) from <models dir>/vae_approx/ (up to 256 px a side, a decode "
-        "per preview); a family whose weights are missing gets linear previews, said once in "
-        "the worker's log.",
+        "(taesd, taesdxl, taef1) from <models dir>/vae_approx/ (up to 256 px a side; spaced so "
+        "decoding takes at most 2 % of the time); a family whose weights are missing gets "
+        "linear previews, said once in the worker's log.",
     )
     max_plot_cells: int = Field(
         100, ge=1, le=10_000, description="Most cells (jobs) one X/Y/Z plot or prompt matrix "
