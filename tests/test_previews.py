@@ -272,7 +272,8 @@ def test_each_job_of_a_micro_batch_gets_its_own_preview(held_farm, api):
             events = _sse_events(replay, "preview")
         finally:
             replay.close()
-        assert {e for e, _ in events} == {"job", "step", "preview"}, events
+        kinds = {e for e, _ in events}  # its first preview may come before its first step
+        assert {"job", "preview"} <= kinds <= {"job", "step", "preview"}, events
         assert {d["job_id"] for _, d in events} == {second}, events
         other = held_farm.client.submit(_job(f"another batch {tag}", 12))  # waits its turn
         wrong = api.get(f"/api/v1/batches/{batch.id}/events?job={other.id}")
