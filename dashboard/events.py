@@ -40,7 +40,10 @@ from renderfarm.errors import FieldError, InvalidJob
 
 log = logging.getLogger("renderfarm.dashboard")
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-BLOCK_MS = 5000  #: how long one read waits for news; a keep-alive comment goes out after each
+#: How long one read waits for news; a keep-alive comment goes out after each. Well under the
+#: Redis client's socket timeout (5 s by default since redis-py 8), or a quiet batch's blocked
+#: read times out and its stream fails.
+BLOCK_MS = 2000
 READ_COUNT = 500
 MAX_ID_PART = 2**64 - 1  #: Redis stream ids are two unsigned 64-bit numbers
 EVENTS_KEPT = 10_000  #: the stream's cap (MAXLEN ~ in renderfarm/records.py's ``event``)

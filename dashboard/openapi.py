@@ -129,8 +129,9 @@ def _op(summary: str, ok: dict[str, Any], *, params: list | None = None, body: d
 
 def _events_op() -> dict[str, Any]:
     resume = {"name": "Last-Event-ID", "in": "header", "required": False,
-              "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
-              "description": "Resume after this event (EventSource sends it on reconnect)"}
+              "schema": {"type": "string", "pattern": r"^(\d{1,20}-\d{1,20})?$"},
+              "description": "Resume after this event (EventSource sends it on reconnect); "
+                             "empty: as if not sent (a snapshot first)"}
     job = {"name": "job", "in": "query", "required": False, "schema": {"type": "string"},
            "description": "Only this job's job, step and preview events (a job of the batch)"}
     op = _op("Server-Sent Events of the batch: snapshot, job (state changes), step, preview "

@@ -73,6 +73,29 @@ def test_events_follow_a_batch_to_its_end_and_resume(dashboard_url, client):
     assert first[0]["data"]["counts"]["succeeded"] == 2 and first[0]["id"] == ids[-1]
 
 
+def test_a_quiet_batchs_stream_stays_open_with_keep_alives(dashboard_url, client, holds):
+    """While nothing happens to a batch (its job held at a step), the stream sends keep-alive
+    comments, never an error: a blocked read longer than the Redis client's socket timeout
+    failed the stream of every quiet batch (found by the fuzzer of test_hostile.py)."""
+    hold = holds.hold_step("a quiet kite", 1)
+    handle = client.submit({"prompt": "a quiet kite", "model": "tiny", "width": 64,
+                            "height": 64, "steps": 3})
+    assert holds.wait_held() == ("step", handle.id, 1)
+    batch_id = handle.status().batch_id
+    url = f"{dashboard_url}/api/v1/batches/{batch_id}/events"
+    comments = []
+    with requests.get(url, stream=True, timeout=60) as quiet:
+        for line in quiet.iter_lines(decode_unicode=True):
+            assert not line.startswith("event: error"), line
+            if line.startswith(":"):
+                comments.append(line)
+                if len(comments) == 2:  # two blocked reads in a row, each ended in time
+                    break
+    assert comments == [": keep-alive"] * 2
+    holds.release(hold)
+    assert handle.wait(timeout=60).state.value == "succeeded"
+
+
 def test_events_refuse_unknown_batches_and_bad_ids(dashboard_url, client):
     assert requests.get(f"{dashboard_url}/api/v1/batches/nope/events",
                         timeout=10).status_code == 404

@@ -198,7 +198,7 @@ def test_shared_init_image_decoded_once_per_api_request(idle_client, count_decod
 # -- the dashboard's API ----------------------------------------------------------------------
 dashboard = pytest.importorskip("dashboard")
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 TOKEN = "hostile-test-token"
 #: examples per API operation: 40 in the suite (150 per operation found nothing on
@@ -226,25 +226,66 @@ def api_schema(fuzz_app):
     return schemathesis.openapi.from_wsgi("/api/v1/openapi.json", fuzz_app)
 
 
+def _has_input_to_get_wrong(operation) -> bool:
+    """A body, a query or a header: something a negative case can make invalid (a path
+    parameter is any string, so an operation with nothing else has no invalid input)."""
+    return bool(operation.body) or any(p.location.value != "path"
+                                       for p in operation.iter_parameters())
+
+
 def test_api_fuzzed_no_5xx_no_traceback(api_schema):
-    """Every operation of /api/v1/openapi.json, with cases schemathesis generates from it."""
-    from hypothesis import given
+    """Every operation of /api/v1/openapi.json with cases schemathesis generates from it: valid
+    ones, and invalid ones (negative mode) where the operation has input to get wrong, which
+    must be refused (schemathesis' ``negative_data_rejection``: a 4xx, except where the invalid
+    part is one an API may ignore, such as an unknown query parameter)."""
+    from schemathesis import GenerationMode
+    from schemathesis.checks import negative_data_rejection
 
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 10
+    runs = [(op, GenerationMode.POSITIVE, []) for op in operations]
+    runs += [(op, GenerationMode.NEGATIVE, [negative_data_rejection]) for op in operations
+             if _has_input_to_get_wrong(op)]
+    assert len(runs) >= len(operations) + 4
 
-    for operation in operations:
+    for operation, mode, checks in runs:
+        _fuzz(operation, mode, checks)
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def check(case) -> None:
-            response = case.call()
-            where = (case.method, case.formatted_path, response.text[:300])
-            assert response.status_code < 500, where
-            assert not TRACEBACK.search(response.text), where
 
-        check()
+def _fuzz(operation, mode, checks) -> None:
+    from hypothesis import given
+
+    @given(case=operation.as_strategy(mode))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None)
+    def check(case) -> None:
+        response = case.call()
+        where = (case.method, case.formatted_path, response.text[:300])
+        assert response.status_code < 500, where
+        assert not TRACEBACK.search(response.text), where
+        if checks:
+            case.validate_response(response, checks=checks)
+
+    check()
+
+
+# Failures the fuzzer found, kept as regular tests
+def test_an_empty_last_event_id_is_as_if_not_sent_and_the_document_says_so(fuzz_app):
+    """The document refused an empty Last-Event-ID that the server accepts (as no id: the
+    stream starts with a snapshot)."""
+    http = fuzz_app.test_client()
+    made = http.post("/api/v1/batches", json={"jobs": [{**JOB, "prompt": "never rendered"}]})
+    batch_id = made.get_json()["batch"]["id"]
+    spec = http.get("/api/v1/openapi.json").get_json()
+    [header] = [p for p in spec["paths"]["/batches/{batch_id}/events"]["get"]["parameters"]
+                if p["name"] == "Last-Event-ID"]
+    assert re.match(header["schema"]["pattern"], "")
+    assert not re.match(header["schema"]["pattern"], "yesterday")
+    with http.get(f"/api/v1/batches/{batch_id}/events", headers={"Last-Event-ID": ""},
+                  buffered=False) as response:
+        assert response.status_code == 200
+        chunks = iter(response.response)
+        assert next(chunks).startswith(b"retry:")
+        assert b"event: snapshot" in next(chunks)
 
 
 def test_body_over_limit_is_413(fuzz_app):
