@@ -15,9 +15,10 @@ demo: $(VENV)/.worker
 	$(VENV)/bin/renderfarm demo
 
 # The suite runs in 2 processes (pytest-xdist), a test file on one process (--dist loadfile):
-# each process has its own redis-server, S3 endpoint and farm (tests/conftest.py).
-# `make test PYTEST_ARGS=-n0` runs it in one process.
-PYTEST_ARGS ?= -n auto --maxprocesses=2 --dist loadfile
+# each process has its own redis-server, S3 endpoint and farm (tests/conftest.py). Files are
+# handed out in the order collected (--no-loadscope-reorder): the slowest first
+# (SLOWEST_FILES in tests/conftest.py). `make test PYTEST_ARGS=-n0` runs it in one process.
+PYTEST_ARGS ?= -n auto --maxprocesses=2 --dist loadfile --no-loadscope-reorder
 test: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS)
 

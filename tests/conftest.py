@@ -24,6 +24,40 @@ BUCKET = "renders"
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # Standard Webhooks' docs' example
 
 
+#: The test files that take longest (farms and worker processes of their own, compiles, a
+#: browser), longest first: seconds each on an idle 2-core VM, from `make test --durations=0`
+#: (2026-11-28). `make test` hands whole files to its 2 processes (``--dist loadfile``) in the
+#: order collected (``--no-loadscope-reorder``), so these start first and the files handed out
+#: last are short: neither process sits idle at the end while the other runs a long file.
+#: (xdist's own order, most tests first, put these last.) A new slow file goes in this list.
+SLOWEST_FILES = [
+    "test_faults.py", "test_routing.py", "test_compile.py", "test_celery_tools.py",
+    "test_family_farm.py", "test_browser_ux.py", "test_cli.py", "test_previews.py",
+    "test_e2e.py", "test_outages.py", "test_webhooks.py", "test_browser.py",
+    "test_lost_work_farm.py", "test_hostile.py", "test_oom.py", "test_a1111.py",
+    "test_fair_share.py", "test_fair_attacks.py", "test_stops.py", "test_up_stop.py",
+    "test_multihost.py", "test_worker_lost_page.py", "test_lora_render.py", "test_families.py",
+    "test_bad_records.py", "test_pipelines.py", "test_batching.py", "test_single_file.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of SLOWEST_FILES first, in its order; then the others, most tests first (as
+    xdist would order them); each file's tests in their own order. Deterministic, so every
+    xdist process collects the same order."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+
+    def key(indexed: tuple[int, pytest.Item]) -> tuple[int, int, str, int]:
+        index, item = indexed
+        name = item.path.name
+        return rank.get(name, len(rank)), -counts[name], name, index
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> EmbeddedRedis:
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))

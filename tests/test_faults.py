@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from producer.enqueue import publish
 from renderfarm.schema import JobState
-from tests.fault_fixtures import SLOW, SMALL, wait_for
+from tests.fault_fixtures import SMALL, wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
 
 
 def test_sigkill_mid_render_runs_again_once(make_fault_farm):
-    ff = make_fault_farm(workers=2)
+    ff = make_fault_farm(workers=1)
     hold = ff.hold_step("killed once", 2)
-    job = ff.client.submit({**SLOW, "prompt": "killed once"})
+    job = ff.client.submit({**SMALL, "prompt": "killed once"})
     assert ff.wait_held() == ("step", job.id, 2)
     first = job.status()
     assert first.state is JobState.rendering and first.step == 2
@@ -48,7 +48,7 @@ def test_sigkill_mid_micro_batch_runs_each_of_its_jobs_again_once(make_fault_far
     partners); the worker is killed mid-call. Each job comes back and runs once more, alone."""
     ff = make_fault_farm(workers=1)
     hold = ff.hold_step("batched", 2)
-    batch = ff.client.submit_batch([{**SLOW, "prompt": "batched", "seed": i}
+    batch = ff.client.submit_batch([{**SMALL, "prompt": "batched", "seed": i}
                                     for i in range(3)])
     ids = [r.id for r in batch.records()]
 
@@ -75,7 +75,7 @@ def test_render_longer_than_visibility_timeout_runs_once(make_fault_farm):
     ff = make_fault_farm(workers=2, visibility_timeout=2,
                          env={"RENDERFARM_VISIBILITY_TIMEOUT": "2"})
     hold = ff.hold_step("long", 2)
-    job = ff.client.submit({**SLOW, "prompt": "long"})
+    job = ff.client.submit({**SMALL, "prompt": "long"})
     ff.wait_held()
     rendering = job.status()
     idle = 1 - ff.index_of(ff.pid_of(rendering))
@@ -112,7 +112,8 @@ def test_poison_job_fails_after_max_attempts_and_others_flow(make_fault_farm):
     # Every attempt of the poison job stops at step 2, where the test kills its worker.
     ff = make_fault_farm(workers=2, max_attempts=3)
     ff.hold_step("poison", 2)
-    poison = ff.client.submit({**SLOW, "prompt": "poison"})
+    # other steps than the innocent jobs': never in a micro-batch with them
+    poison = ff.client.submit({**SMALL, "prompt": "poison", "steps": 6})
     others = ff.client.submit_batch([{**SMALL, "prompt": f"innocent {i}"} for i in range(3)])
     for attempt in (1, 2, 3):
         assert ff.wait_held() == ("step", poison.id, 2)

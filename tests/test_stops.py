@@ -12,7 +12,7 @@ import signal
 
 from renderfarm import keys
 from renderfarm.schema import JobState
-from tests.fault_fixtures import SLOW, SMALL, wait_for
+from tests.fault_fixtures import SMALL, wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
 
@@ -22,7 +22,7 @@ def test_cancel_running_job_writes_nothing_and_worker_goes_on(make_fault_farm):
     # the cancel is recorded, then let go: it must stop at step 3 or 4 of its 12.
     ff = make_fault_farm(workers=1)
     hold = ff.hold_step("cancelled mid-render", 3)
-    running = ff.client.submit({**SLOW, "prompt": "cancelled mid-render"})
+    running = ff.client.submit({**SMALL, "prompt": "cancelled mid-render", "steps": 12})
     queued = ff.client.submit({**SMALL, "prompt": "cancelled in the queue"})
     after = ff.client.submit({**SMALL, "prompt": "runs after the cancel", "steps": 5})
     assert queued.cancel() == "cancelled"
@@ -49,12 +49,11 @@ def test_warm_shutdown_finishes_running_job(make_fault_farm):
     # The job is held mid-render until the worker has begun its warm shutdown.
     ff = make_fault_farm(workers=2)
     hold = ff.hold_step("finishes on SIGTERM", 2)
-    running = ff.client.submit({**SLOW, "prompt": "finishes on SIGTERM"})
+    running = ff.client.submit({**SMALL, "prompt": "finishes on SIGTERM", "steps": 3})
     ff.wait_held()
     first = running.status()
     behind = ff.client.submit_batch(
-        [{**SMALL, "prompt": f"behind {i}", "width": 128, "height": 128, "steps": 4 + i}
-         for i in range(6)])
+        [{**SMALL, "prompt": f"behind {i}", "steps": 4 + i} for i in range(6)])
     stopping = ff.index_of(ff.pid_of(first))
     proc = ff.kill(stopping, signal.SIGTERM)
     wait_for(lambda: "Warm shutdown" in ff.log(stopping), 30, "warm shutdown begun")

@@ -241,10 +241,15 @@ class WorkerService:
         return "requeued"
 
     def drain(self, timeout: float = 600.0) -> None:
-        """Wait for the background uploads to finish (warm shutdown)."""
+        """Wait for the background uploads to finish (warm shutdown), then for the lease thread
+        to release the last leases and take the worker off the list of live workers: the
+        process exits right after (renderfarm/cli.py ``worker``), without the interpreter's
+        teardown, which gave that thread time."""
         deadline = time.monotonic() + timeout
         while self._uploads.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self._thread is not None and self._stop.is_set():
+            self._thread.join(max(0.0, min(10.0, deadline - time.monotonic())))
 
     def _background(self) -> None:
         next_reap = next_beat = next_prune = next_sweep = 0.0
