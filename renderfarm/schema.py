@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -184,6 +185,25 @@ class JobRequest(BaseModel):
         if not tagged or not prompt.strip() or not isinstance(loras, list):
             return data
         return {**data, "prompt": prompt, "loras": [*loras, *tagged]}
+
+    #: The A1111 sampler name the job gave as ``scheduler`` (``"Euler"``), if it gave one: on
+    #: some families it means another scheduler than on SD (Flux: its flow-matching Euler),
+    #: and the family is known only where the job meets its model
+    #: (:func:`worker.families.with_family_defaults`).
+    _sampler_name: str | None = PrivateAttr(default=None)
+
+    @property
+    def sampler_name(self) -> str | None:
+        return self._sampler_name
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_sampler_name(cls, data: Any, handler: Any) -> Any:
+        request = handler(data)
+        given = data.get("scheduler") if isinstance(data, dict) else None
+        if isinstance(given, str) and given not in SCHEDULERS:
+            request._sampler_name = given
+        return request
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -455,11 +475,16 @@ def updated(model: M, **fields: Any) -> M:
 
 def parse_job(data: dict | JobRequest, index: int | None = None) -> JobRequest:
     """Validate one job; raise :class:`InvalidJob` naming each bad field and its value."""
+    sampler_name = None
     if isinstance(data, JobRequest):
+        sampler_name = data.sampler_name
         data = data.model_dump(exclude_unset=True)
     if not isinstance(data, dict):
         raise InvalidJob([FieldError("job", "must be an object", data, index)])
     try:
-        return JobRequest.model_validate(data)
+        request = JobRequest.model_validate(data)
     except ValidationError as exc:
         raise InvalidJob(field_errors(exc, index)) from None
+    if sampler_name is not None:
+        request._sampler_name = sampler_name
+    return request

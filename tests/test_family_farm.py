@@ -5,6 +5,8 @@ fields a model's family has no use for, with families learnt from the workers' h
 from __future__ import annotations
 
 import io
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +47,8 @@ def family_models(tmp_path_factory, models_dir):
     make_lora(root / "tiny-sdxl", loras / "xl_unet.safetensors", "peft", seed=3,
               text_encoders=False)
     make_lora(root / "tiny-flux", loras / "fx_ink.safetensors", "peft", seed=4)
+    write_flux_kohya_lora(loras / "fx_ink.safetensors", loras / "fx_kohya.safetensors",
+                          loras / "fx_double.safetensors")
     make_lora(models_dir / "tiny", loras / "sd_ink.safetensors", "peft", seed=5)
     make_lora(root / "tiny-sdxl", loras / f"{UNICODE_NAME}.safetensors", "peft", seed=6)
     save_file({"conv.weight": torch.randn(8, 4, 3, 3), "conv.bias": torch.randn(8)},
@@ -52,6 +56,49 @@ def family_models(tmp_path_factory, models_dir):
     whole = (loras / "xl_ink.safetensors").read_bytes()
     (loras / "cut_short.safetensors").write_bytes(whole[:len(whole) // 2])
     return root
+
+
+#: kohya's sd-scripts names of a Flux double block's layers -> diffusers' names of the layers
+#: (a fused qkv projection -> its three), as diffusers' _convert_kohya_flux_lora_to_diffusers
+#: reads them. A single block's fused ``linear1`` (q, k, v and the MLP) is left out: diffusers
+#: splits it at FLUX.1's own widths (3072, 3072, 3072, 12288), which a tiny Flux has not.
+KOHYA_FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+}
+
+
+def write_flux_kohya_lora(peft: Path, kohya: Path, double_only: Path) -> None:
+    """Write the diffusers-format Flux LoRA ``peft``'s double-block layers in kohya's naming
+    (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, alpha = rank), to ``kohya``,
+    and the same layers in diffusers' format to ``double_only``. A fused qkv gets the three
+    downs stacked and the three ups on the diagonal of its up: diffusers splits such a
+    block-diagonal LoRA back into the three exactly (its "sparse" case), so both files give
+    the same model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    given = load_file(str(peft))
+    out: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    blocks = sorted({int(k.split(".")[2]) for k in given
+                     if k.startswith("transformer.transformer_blocks.")})
+    for i in blocks:
+        for name, layers in KOHYA_FLUX_DOUBLE.items():
+            prefix = f"transformer.transformer_blocks.{i}."
+            downs = [given[f"{prefix}{layer}.lora_A.weight"] for layer in layers]
+            ups = [given[f"{prefix}{layer}.lora_B.weight"] for layer in layers]
+            for layer in layers:
+                for part in ("lora_A", "lora_B"):
+                    kept[f"{prefix}{layer}.{part}.weight"] = given[f"{prefix}{layer}.{part}.weight"]
+            key = f"lora_unet_double_blocks_{i}_{name}"
+            out[f"{key}.lora_down.weight"] = torch.cat(downs).contiguous()
+            out[f"{key}.lora_up.weight"] = torch.block_diag(*ups).contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(sum(d.shape[0] for d in downs)))
+    save_file(out, str(kohya))
+    save_file(kept, str(double_only))
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +186,8 @@ def test_sdxl_without_a_size_gets_1024(fclient):
      ["flux", "no negative prompt", "blurry"]),
     ({"model": "tiny-flux", "scheduler": "euler_a"}, "scheduler",
      ["flux", "allowed: flow_match_euler", "euler_a"]),
+    ({"model": "tiny-flux", "scheduler": "Euler a"}, "scheduler",
+     ["flux", "allowed: flow_match_euler (A1111 names: Euler)", "'Euler a'"]),
     ({"model": "tiny-flux", "width": 72}, "width", ["multiple of 16", "flux", "72"]),
     ({"model": "tiny-sdxl", "scheduler": "flow_match_euler"}, "scheduler",
      ["sdxl", "dpmpp_2m_karras", "flow_match_euler"]),
@@ -153,6 +202,30 @@ def test_a_field_the_family_has_no_use_for_is_refused_at_submit(fclient, fields,
     for word in words:
         assert word in text, text
     assert fclient.redis.dbsize() == before  # nothing recorded or enqueued
+
+
+def test_the_native_api_reads_a1111_sampler_names_as_the_a1111_api_does(family_farm, fclient):
+    """'Euler' on Flux is its flow-matching Euler, as on the A1111 routes (one mapping:
+    renderfarm/samplers.from_a1111 with the model's family); on SDXL it is Euler."""
+    from dashboard import create_app
+    from storage.png import parse_parameters
+
+    requests = fclient.validate([{**BASE, "model": "tiny-flux", "scheduler": "Euler"},
+                                 {**BASE, "model": "tiny-flux", "scheduler": "k_euler"},
+                                 {**BASE, "model": "tiny-sdxl", "scheduler": "Euler"}])
+    assert [r.scheduler for r in requests] == ["flow_match_euler", "flow_match_euler", "euler"]
+
+    app = create_app({"TESTING": True, "SETTINGS": fclient.settings})
+    answer = app.test_client().post("/api/v1/batches", json={"jobs": [
+        {**BASE, "model": "tiny-flux", "scheduler": "Euler", "seed": 3}]})
+    assert answer.status_code == 201, answer.get_json()
+    [job_id] = answer.get_json()["job_ids"]
+    record = fclient.job(job_id).wait(timeout=120)
+    assert record.state.value == "succeeded", record.error
+    assert record.request.scheduler == "flow_match_euler"
+    info = read_png_info(fclient.storage.get(record.results[0].key))
+    params = parse_parameters(info["parameters"])
+    assert (params["Sampler"], params["Schedule type"]) == ("Euler", "Simple")
 
 
 def test_models_api_shows_families(family_farm, fclient):
@@ -214,11 +287,52 @@ def test_workers_advertise_each_loras_family_from_the_family_layer(fclient):
     loras = fclient.loras()
     unusable = {name: family for name, family in loras.items() if family.startswith(UNUSABLE)}
     assert {n: f for n, f in loras.items() if n not in unusable} == {
-        "fx_ink": "flux", "sd_ink": "sd15", "xl_ink": "sdxl", "xl_kohya": "sdxl",
+        "fx_ink": "flux", "fx_kohya": "flux", "fx_double": "flux", "sd_ink": "sd15",
+        "xl_ink": "sdxl", "xl_kohya": "sdxl",
         "xl_unet": "sdxl", UNICODE_NAME: "sdxl"}
     assert set(unusable) == {"cut_short", "not_a_lora"}
     assert "truncated" in unusable["cut_short"]
     assert "not a LoRA" in unusable["not_a_lora"]
+
+
+@pytest.mark.parametrize("model, a, b", [("tiny-sdxl", "xl_ink", "xl_kohya"),
+                                         ("tiny-flux", "fx_ink", "fx_kohya")])
+def test_switching_lora_sets_on_sdxl_and_flux_never_reloads_the_model(fclient, model, a, b):
+    """Jobs alternating LoRA A, LoRA B and none on one worker: the base model is never loaded
+    again, each LoRA file is read once (the worker's heartbeat counts both), and a set renders
+    the same pixels each time it comes back."""
+    from tests.test_lora import beat_after
+
+    before = beat_after(fclient, time.time())
+    warm = set(before.loaded_loras.get(model, []))
+    sets = [[{"name": a}], [{"name": b, "weight": 0.5}], [], [{"name": a}],
+            [{"name": b, "weight": 0.5}], []]
+    records = [fclient.submit({**BASE, "model": model, "seed": 5, "loras": loras})
+               .wait(timeout=120) for loras in sets]  # one at a time: each job switches
+    assert [r.state.value for r in records] == ["succeeded"] * 6, [r.error for r in records]
+    after = beat_after(fclient, time.time())
+    assert after.loads == before.loads  # the base model was never reloaded
+    assert after.lora_loads - before.lora_loads == len({a, b} - warm)
+    assert set(after.loaded_loras[model]) >= {a, b}
+    images = [pixels(fclient, r.results[0].key) for r in records]
+    for first, again in ((0, 3), (1, 4), (2, 5)):
+        assert np.array_equal(images[first], images[again])
+    assert len({image.tobytes() for image in images[:3]}) == 3
+
+
+def test_a_kohya_flux_lora_renders_as_its_diffusers_twin(fclient):
+    """A Flux LoRA in kohya's sd-scripts naming (fused qkv of the double blocks), written from
+    a diffusers-format one: it changes the picture, and exactly as the diffusers-format LoRA
+    of the same layers does."""
+    job = {**BASE, "model": "tiny-flux", "seed": 13}
+    batch = fclient.submit_batch([job, {**job, "loras": [{"name": "fx_double", "weight": 0.9}]},
+                                  {**job, "prompt": f"{BASE['prompt']} <lora:fx_kohya:0.9>"}])
+    batch.wait(timeout=240)
+    records = batch.records()
+    assert [r.state.value for r in records] == ["succeeded"] * 3, [r.error for r in records]
+    plain, diffusers_format, kohya = (pixels(fclient, r.results[0].key) for r in records)
+    assert np.abs(diffusers_format - plain).max() > 20
+    assert np.abs(kohya - diffusers_format).max() <= 1
 
 
 def _lora_batch(fclient, model: str, name: str, extra: dict | None = None):

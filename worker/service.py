@@ -464,9 +464,17 @@ class WorkerService:
                 except GivenBack:
                     return {r.id: self._give_back(r) for r in group}
                 except Exception as exc:  # one bad partner must not fail the others
-                    log.info("batch of %d split after %s; rendering one by one",
-                             len(group), type(exc).__name__)
+                    if _out_of_memory(exc):  # each job alone needs less: the smaller retry
+                        log.warning("batch of %d (jobs %s) ran out of device memory; "
+                                    "rendering them one by one", len(group), " ".join(ids))
+                    else:
+                        log.info("batch of %d split after %s; rendering one by one",
+                                 len(group), type(exc).__name__)
             if rendered is None:
+                if len(group) > 1:
+                    # Out of the except block: free the failed call's tensors (its traceback's
+                    # frames hold them) before the first job alone needs the room.
+                    gc.collect()
                 for record in group:
                     outcomes[record.id] = self._run_one(record)
                 return outcomes

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from renderfarm.errors import FieldError
+from renderfarm.samplers import A1111_SAMPLERS, from_a1111
 
 if TYPE_CHECKING:
     from renderfarm.schema import JobRequest
@@ -274,6 +275,13 @@ def with_family_defaults(request: JobRequest, family: Family) -> JobRequest:
         update["width"], update["height"] = family.default_size
     if "scheduler" not in unset:
         update["scheduler"] = family.default_scheduler
+    elif request.sampler_name is not None:
+        # An A1111 sampler name means what it means on this family (samplers.from_a1111, as
+        # the A1111 API reads it: 'Euler' on Flux is its flow-matching Euler).
+        try:
+            update["scheduler"] = from_a1111(request.sampler_name, None, family.name)
+        except ValueError:
+            pass  # job_errors names it with what the family allows
     if "guidance_scale" not in unset:
         update["guidance_scale"] = family.default_guidance
     update = {k: v for k, v in update.items() if getattr(request, k) != v}
@@ -286,9 +294,14 @@ def job_errors(request: JobRequest, family: Family, index: int | None = None) ->
     errors = []
     kind = f"{family.name} ({family.label}) models"
     if request.scheduler not in family.schedulers:
+        allowed = ", ".join(family.schedulers)
+        if request.sampler_name is not None:  # the job gave an A1111 name: say the family's
+            names = dict.fromkeys(A1111_SAMPLERS[s][0] for s in family.schedulers
+                                  if s in A1111_SAMPLERS)
+            allowed += f" (A1111 names: {', '.join(names)})"
         errors.append(FieldError(
-            "scheduler", f"is not a scheduler of {kind}; allowed: "
-            f"{', '.join(family.schedulers)}", request.scheduler, index))
+            "scheduler", f"is not a scheduler of {kind}; allowed: {allowed}",
+            request.sampler_name or request.scheduler, index))
     for name in ("width", "height"):
         value = getattr(request, name)
         if not family.min_side <= value <= family.max_side or value % family.size_multiple:
