@@ -99,6 +99,16 @@ def write_flux_kohya_lora(peft: Path, kohya: Path, double_only: Path) -> None:
             out[f"{key}.alpha"] = torch.tensor(float(sum(d.shape[0] for d in downs)))
     save_file(out, str(kohya))
     save_file(kept, str(double_only))
+    # The same layers in the original (BFL) names, as ComfyUI and ai-toolkit write them.
+    renames = (("lora_unet_double_blocks_", "double_blocks."), ("_img_attn_", ".img_attn."),
+               ("_txt_attn_", ".txt_attn."), (".lora_down.", ".lora_A."), (".lora_up.", ".lora_B."))
+    bfl = {}
+    for key, value in out.items():
+        if not key.endswith(".alpha"):
+            for old, new in renames:
+                key = key.replace(old, new)
+            bfl[key] = value
+    save_file(bfl, str(kohya.with_name("fx_bfl.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +297,8 @@ def test_workers_advertise_each_loras_family_from_the_family_layer(fclient):
     loras = fclient.loras()
     unusable = {name: family for name, family in loras.items() if family.startswith(UNUSABLE)}
     assert {n: f for n, f in loras.items() if n not in unusable} == {
-        "fx_ink": "flux", "fx_kohya": "flux", "fx_double": "flux", "sd_ink": "sd15",
+        "fx_ink": "flux", "fx_kohya": "flux", "fx_double": "flux", "fx_bfl": "flux",
+        "sd_ink": "sd15",
         "xl_ink": "sdxl", "xl_kohya": "sdxl",
         "xl_unet": "sdxl", UNICODE_NAME: "sdxl"}
     assert set(unusable) == {"cut_short", "not_a_lora"}
@@ -307,7 +318,7 @@ def test_switching_lora_sets_on_sdxl_and_flux_never_reloads_the_model(fclient, m
     warm = set(before.loaded_loras.get(model, []))
     sets = [[{"name": a}], [{"name": b, "weight": 0.5}], [], [{"name": a}],
             [{"name": b, "weight": 0.5}], []]
-    records = [fclient.submit({**BASE, "model": model, "seed": 5, "loras": loras})
+    records = [fclient.submit({**BASE, "model": model, "seed": 5, "steps": 1, "loras": loras})
                .wait(timeout=120) for loras in sets]  # one at a time: each job switches
     assert [r.state.value for r in records] == ["succeeded"] * 6, [r.error for r in records]
     after = beat_after(fclient, time.time())
@@ -333,6 +344,20 @@ def test_a_kohya_flux_lora_renders_as_its_diffusers_twin(fclient):
     plain, diffusers_format, kohya = (pixels(fclient, r.results[0].key) for r in records)
     assert np.abs(diffusers_format - plain).max() > 20
     assert np.abs(kohya - diffusers_format).max() <= 1
+
+
+def test_a_flux_lora_in_the_original_names_fails_its_job_saying_why(fclient):
+    """A Flux LoRA in the original (BFL) layer names: the family layer knows it for Flux's,
+    but diffusers reads those names only as a full-size FLUX.1 control LoRA and places none of
+    its layers in the model: the job fails saying so (not diffusers' "adapter not present"),
+    and the next job renders."""
+    from renderfarm.schema import JobState
+
+    job = {**BASE, "model": "tiny-flux", "seed": 2}
+    bad = fclient.submit({**job, "loras": [{"name": "fx_bfl"}]}).wait(timeout=120)
+    assert bad.state is JobState.failed
+    assert "fx_bfl.safetensors: diffusers placed none of its layers" in bad.error, bad.error
+    assert fclient.submit(job).wait(timeout=120).state is JobState.succeeded
 
 
 def _lora_batch(fclient, model: str, name: str, extra: dict | None = None):

@@ -143,6 +143,14 @@ def _load(pipe: Any, path: Path, adapter: str) -> None:
     own in ``lora_state_dict``; a name it cannot place is only logged)."""
     if not hasattr(pipe, "unet"):  # a transformer model (Flux): diffusers' own loader
         pipe.load_lora_weights(str(path), adapter_name=adapter)
+        # A name diffusers cannot place is only logged ("No LoRA keys associated to ..."): no
+        # adapter is made, and the job would fail later in set_adapters, saying only that.
+        if not any(adapter in names for names in pipe.get_list_adapters().values()):
+            raise LoraMismatch(
+                f"{path.name}: diffusers placed none of its layers in the model (it reads "
+                "Flux LoRAs in its own transformer.* names and kohya's lora_unet_double_blocks_"
+                "* / lora_transformer_* names; the original double_blocks.* names only as a "
+                "full-size FLUX.1 control LoRA)")
         return
     # With the UNet's config, as diffusers' own load_lora_weights passes it: kohya's SDXL
     # LoRAs name the UNet's blocks the original (SGM) way, mapped to diffusers' names by it.
