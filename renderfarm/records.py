@@ -219,6 +219,9 @@ end
 local t = clock()
 local batch_id, ttl = ARGV[1], tonumber(ARGV[3])
 local bkey = 'rf:batch:' .. batch_id
+if redis.call('HGET', bkey, 'pruning') == '1' then  -- its jobs are being deleted (_PRUNE)
+  return redis.error_reply('batch ' .. batch_id .. ' is being pruned: submit to another batch')
+end
 local out, fresh, queues, first = {}, {}, {}, nil
 for i = 5, #ARGV, 7 do
   local id, idem, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -565,6 +568,7 @@ return 'requeued'
 _RETRY = _TERMINAL + _MOVE + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'failed' and state ~= 'cancelled' then return 'no' end
+if redis.call('HGET', B, 'pruning') == '1' then return 'no' end  -- being deleted
 -- its batch's next turn, as a resume's: not the turn it took when submitted (long past), which
 -- would put a retried batch ahead of every batch that waited meanwhile
 local queue = redis.call('HGET', KEYS[1], 'queue')
@@ -621,6 +625,7 @@ ADD_CHUNK = 500  #: jobs recorded per script call by Records.add_jobs
 ADOPT_CHUNK = 500  #: queued jobs looked at per script call by Records.adopt
 PAUSE_CHUNK = 500  #: jobs of a batch looked at per script call by Records.pause
 RESUME_CHUNK = 500  #: jobs of a batch looked at per script call by Records.resume
+PRUNE_CHUNK = 500  #: jobs of a batch deleted per script call by Records.prune
 
 # Largest list offset asked of Redis: offset + limit must stay within its 64-bit integers.
 MAX_INDEX = 2**62
@@ -695,29 +700,33 @@ return 1
 """
 
 
-# KEYS: batch, batch's job list, rf:batches, rf:jobs.  ARGV: batch id, cutoff time.
+# KEYS: batch, batch's job list, rf:batches, rf:jobs.  ARGV: batch id, cutoff time, count.
 # Deletes a batch created before the cutoff whose every job has ended: the job records, their
-# idempotency keys (where those still point at the job), the batch. Atomic against a retry or
-# an extension of the batch. Returns the jobs deleted; -1: a job has not ended; -2: too new.
+# idempotency keys (where those still point at the job), the batch. Its first call checks the
+# batch and marks it 'pruning' (from then on no retry or extension of it is taken: the check
+# holds to the end) and takes its jobs out of the farm's counts; each call deletes up to count
+# jobs from the end of its job list (Records.prune: one call per PRUNE_CHUNK jobs, so no script
+# holds Redis for a whole big batch); the call that empties the list deletes the batch. A prune
+# whose caller died part-way is finished by the next (the batch stays listed until then).
+# Returns {done (1|0), jobs deleted}; {-1}: a job has not ended; {-2}: too new.
 _PRUNE = """
-local created = redis.call('HGET', KEYS[1], 'created_at')
-if not created or tonumber(created) > tonumber(ARGV[2]) then return -2 end
-for _, s in ipairs({'queued', 'started', 'rendering', 'uploading'}) do
-  if tonumber(redis.call('HGET', KEYS[1], 'n:' .. s) or '0') > 0 then return -1 end
-end
-if tonumber(redis.call('HGET', KEYS[1], 'hooks:pending') or '0') > 0 then return -1 end
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  local n = tonumber(fields[i + 1]) or 0
-  if string.sub(fields[i], 1, 2) == 'n:' and n ~= 0 then  -- (-0 would print as '-0')
-    redis.call('HINCRBY', 'rf:counts', string.sub(fields[i], 3), 0 - n)
+if redis.call('HGET', KEYS[1], 'pruning') ~= '1' then
+  local created = redis.call('HGET', KEYS[1], 'created_at')
+  if not created or tonumber(created) > tonumber(ARGV[2]) then return {-2} end
+  for _, s in ipairs({'queued', 'started', 'rendering', 'uploading'}) do
+    if tonumber(redis.call('HGET', KEYS[1], 'n:' .. s) or '0') > 0 then return {-1} end
   end
+  if tonumber(redis.call('HGET', KEYS[1], 'hooks:pending') or '0') > 0 then return {-1} end
+  local fields = redis.call('HGETALL', KEYS[1])
+  for i = 1, #fields, 2 do
+    local n = tonumber(fields[i + 1]) or 0
+    if string.sub(fields[i], 1, 2) == 'n:' and n ~= 0 then  -- (-0 would print as '-0')
+      redis.call('HINCRBY', 'rf:counts', string.sub(fields[i], 3), 0 - n)
+    end
+  end
+  redis.call('HSET', KEYS[1], 'pruning', '1')
 end
-for _, hook in ipairs(redis.call('LRANGE', KEYS[1] .. ':hooks', 0, -1)) do
-  redis.call('DEL', 'rf:hook:' .. hook)
-  redis.call('ZREM', 'rf:hooks:due', hook)
-end
-local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+local ids = redis.call('LRANGE', KEYS[2], 0 - tonumber(ARGV[3]), -1)
 for _, id in ipairs(ids) do
   local job = 'rf:job:' .. id
   local idem = redis.call('HGET', job, 'idem')
@@ -728,9 +737,15 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[4], id)
   redis.call('ZREM', 'rf:outbox', id)
 end
+redis.call('LTRIM', KEYS[2], 0, -1 - #ids)
+if redis.call('LLEN', KEYS[2]) > 0 then return {0, #ids} end
+for _, hook in ipairs(redis.call('LRANGE', KEYS[1] .. ':hooks', 0, -1)) do
+  redis.call('DEL', 'rf:hook:' .. hook)
+  redis.call('ZREM', 'rf:hooks:due', hook)
+end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[1] .. ':events', KEYS[1] .. ':hooks')
 redis.call('ZREM', KEYS[3], ARGV[1])
-return #ids
+return {1, #ids}
 """
 
 
@@ -1129,15 +1144,27 @@ class Records:
                 else:
                     kept += 1
                 continue
-            deleted = self._prune(
-                keys=[keys.batch(batch_id), keys.batch_jobs(batch_id), keys.BATCHES, keys.JOBS],
-                args=[batch_id, cutoff],
-            )
+            deleted = self._prune_batch(batch_id, cutoff)
             if deleted >= 0:
                 batches, jobs = batches + 1, jobs + deleted
             elif deleted == -1:
                 kept += 1
         return Pruned(batches, jobs, kept)
+
+    def _prune_batch(self, batch_id: str, cutoff: float) -> int:
+        """Delete one batch (_PRUNE), a chunk of its jobs per call: Redis serves other clients
+        in between. Returns the jobs deleted, or _PRUNE's -1 / -2."""
+        deleted = 0
+        while True:
+            done, *n = self._prune(
+                keys=[keys.batch(batch_id), keys.batch_jobs(batch_id), keys.BATCHES, keys.JOBS],
+                args=[batch_id, cutoff, PRUNE_CHUNK],
+            )
+            if done < 0:
+                return int(done)
+            deleted += int(n[0])
+            if done:
+                return deleted
 
     def expired_leases(self, limit: int = 100) -> list[str]:
         ids = self.redis.zrangebyscore(keys.RUNNING, "-inf", self.clock(), start=0, num=limit)
