@@ -1,6 +1,7 @@
-"""Fair share under attack: the record scripts' answers to a retry and to a resume of a batch
-that is not paused (real Redis, a database of this module's own; no worker: the order in which
-turns take jobs is the scripts' alone)."""
+"""Fair share under attack: the record scripts' answers to a retry, to a resume of a batch that
+is not paused, and pause, resume and prune of big batches a chunk at a time (a real
+redis-server of this module's own; no worker: the order in which turns take jobs is the
+scripts' alone)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,21 @@ from renderfarm.schema import JobRequest, JobState
 QUEUE = "renderfarm"  # Records.add_jobs' default queue
 
 
+@pytest.fixture(scope="module")
+def own_redis_url(tmp_path_factory):
+    """A redis-server of this module's own: the script calls counted (INFO commandstats) are
+    the server's, and the session's is shared with workers running scripts of their own."""
+    from renderfarm.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("fair-attacks-redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture
-def records(module_redis_url) -> Records:
-    redis = Redis.from_url(module_redis_url)
+def records(own_redis_url) -> Records:
+    redis = Redis.from_url(own_redis_url)
     redis.flushdb()
     return Records(redis)
 
