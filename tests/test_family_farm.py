@@ -112,16 +112,12 @@ def write_flux_kohya_lora(peft: Path, kohya: Path, double_only: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def family_farm(farm_settings, family_models, tmp_path_factory):
+def family_farm(farm_settings, module_redis_url, family_models, tmp_path_factory):
     """One worker with tiny-sdxl and tiny-flux, on a Redis database of its own (the session
     farm's models and heartbeats stay out of it), storing to the session's S3 bucket."""
-    from renderfarm.connection import connect
-
-    url = farm_settings.redis_url.rsplit("/", 1)[0] + "/9"
     settings = farm_settings.model_copy(update={
-        "redis_url": url, "models_dir": family_models,
+        "redis_url": module_redis_url, "models_dir": family_models,
         "data_dir": tmp_path_factory.mktemp("family-farm")})
-    connect(settings).flushdb()
     with EmbeddedFarm(settings, workers=1, profile="cpu",
                       preload=["tiny-sdxl", "tiny-flux"]) as running:
         yield running
