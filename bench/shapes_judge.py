@@ -7,8 +7,10 @@ Prompts: ``--n`` scenes of renderfarm.shapes.random_scene(Random(``--seed``)), e
 full caption (shape, colour, background; size, position and count where the scene has them);
 picture i uses seed i. The model (the shipped renderfarm/data/shapes, or a diffusers folder
 written by tools/train_shapes.py: ``--model``) runs in a
-plain diffusers StableDiffusionPipeline with its own scheduler (Euler ancestral, the farm's
-default), ``--steps`` steps, guidance ``--guidance``, 64x64, ``--batch`` prompts per call
+plain diffusers StableDiffusionPipeline with the scheduler ``--scheduler`` (a farm scheduler name,
+made from the model's own scheduler config as a worker makes it), ``--steps`` steps, guidance
+``--guidance`` (defaults: the model's, renderfarm.shapes.SCHEDULER and GUIDANCE), 64x64,
+``--batch`` prompts per call
 (a seeded generator per picture: the same pictures at any batch size). renderfarm.shapes_judge
 reads each picture. Prints one JSON object: the share right of shape colour, background colour,
 both, shape, count and position (position over the prompts that name one), and the time.
@@ -49,7 +51,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2024, help="seed of the prompts")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="default: renderfarm.shapes.GUIDANCE")
+    parser.add_argument("--scheduler", default=None,
+                        help="a farm scheduler name (euler, euler_a, dpmpp_2m, ...); default: "
+                        "renderfarm.shapes.SCHEDULER")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", type=Path, default=None, help="write the pictures here")
@@ -61,12 +67,16 @@ def main() -> None:
     from renderfarm import shapes
     from renderfarm.shapes_judge import check, judge
     from worker.modelgen import SHAPES_DIR
+    from worker.pipelines import set_scheduler
 
+    args.guidance = shapes.GUIDANCE if args.guidance is None else args.guidance
+    args.scheduler = args.scheduler or shapes.SCHEDULER
     torch.set_num_threads(args.threads)
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model or SHAPES_DIR, dtype=torch.float32, safety_checker=None,
         requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, args.scheduler)
     rng = random.Random(args.seed)
     scenes = [shapes.random_scene(rng) for _ in range(args.n)]
     prompts = [shapes.caption(s) for s in scenes]
@@ -96,7 +106,8 @@ def main() -> None:
         sheet(images).save(args.save / "sheet.png")
         (args.save / "misses.txt").write_text("\n".join(misses) + "\n")
     print(json.dumps({
-        "prompts": args.n, "steps": args.steps, "guidance": args.guidance,
+        "prompts": args.n, "scheduler": args.scheduler, "steps": args.steps,
+        "guidance": args.guidance,
         "right": {k: round(right[k] / asked[k], 3) for k in asked},
         "asked": dict(asked),
         "seconds": round(seconds, 1),

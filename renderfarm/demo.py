@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 
 from renderfarm.settings import Settings
-from renderfarm.shapes import Scene, caption
+from renderfarm.shapes import GUIDANCE, SCHEDULER, Scene, caption
 
 MODEL = "shapes"
 FALLBACK = "tiny"  # random weights: noise (when the shapes weights are not installed)
@@ -35,6 +35,8 @@ SCENES = [
 PROMPTS = [caption(scene) for scene in SCENES]
 IMG2IMG_PROMPT = "a red square on a blue background"
 IMG2IMG_STRENGTH = 0.5
+# The shapes model's sampling settings (renderfarm.shapes: low guidance, plain Euler).
+SAMPLING = {"steps": 20, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER}
 
 console = Console()
 
@@ -62,7 +64,7 @@ def run_demo(settings: Settings, workers: int = 1) -> int:
     console.print("starting the embedded farm (its own Redis, local storage) ...")
     with EmbeddedFarm(settings, workers=workers, preload=[model]) as farm:
         client = FarmClient(farm.settings)
-        jobs = [{"prompt": p, "model": model, "width": SIZE, "height": SIZE, "steps": 20,
+        jobs = [{"prompt": p, "model": model, "width": SIZE, "height": SIZE, **SAMPLING,
                  "seed": 1000 + i} for i, p in enumerate(PROMPTS)]
         batch = client.submit_batch(jobs, label="demo txt2img")
         console.print(f"batch {batch.id}: {len(jobs)} txt2img jobs queued")
@@ -74,7 +76,7 @@ def run_demo(settings: Settings, workers: int = 1) -> int:
             img2img = client.submit({
                 "mode": "img2img", "prompt": IMG2IMG_PROMPT, "model": model,
                 "init_image": encode_init_image(client.storage.get(first.results[0].key)),
-                "strength": IMG2IMG_STRENGTH, "width": SIZE, "height": SIZE, "steps": 20,
+                "strength": IMG2IMG_STRENGTH, "width": SIZE, "height": SIZE, **SAMPLING,
                 "seed": 7,
             })
             console.print(f"img2img job {img2img.id} from {first.results[0].key}")
