@@ -38,7 +38,7 @@ POSITIONS = {
 COUNTS = {1: "a", 2: "two", 3: "three"}
 # How the shapes model is meant to be sampled (the demo, the benchmark and the tests use these):
 # classifier-free guidance well below SD's usual 7-7.5, where this small model's colours
-# overshoot (background right in 41 % at 12, 65 % at 7.5, 93 % at 3, 99 % at 2: see
+# overshoot (Euler ancestral: background right in 41 % at 12, 65 % at 7.5, 99 % at 2: see
 # docs/BENCHMARKS.md), and DPM++ 2M, whose colours come out cleaner than Euler ancestral's.
 GUIDANCE = 2.0
 SCHEDULER = "dpmpp_2m"
