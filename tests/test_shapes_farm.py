@@ -64,7 +64,7 @@ MICRO_BATCH = [
 def test_a_micro_batch_gives_each_job_its_own_prompts_picture(client):
     batch = client.submit_batch([{**JOB, "prompt": shapes.caption(scene), "seed": seed}
                                  for scene, seed in MICRO_BATCH])
-    batch.wait(timeout=180)
+    batch.wait(timeout=300)
     records = batch.records()
     ids = [r.id for r in records]
     partners = {}
@@ -89,14 +89,14 @@ def test_img2img_at_low_strength_keeps_the_init_images_colours(client):
            "init_image": encode_init_image(buffer.getvalue())}
     low = client.submit({**job, "strength": 0.25})
     full = client.submit({**job, "strength": 1.0})
-    kept = judge(picture(client, low.wait(timeout=120)))
-    redrawn = judge(picture(client, full.wait(timeout=120)))
+    kept = judge(picture(client, low.wait(timeout=300)))
+    redrawn = judge(picture(client, full.wait(timeout=300)))
     assert (kept.color, kept.background) == ("red", "blue"), kept
     # The same job at full strength draws its prompt: the prompt did reach the pipeline.
     assert (redrawn.color, redrawn.background) == ("yellow", "green"), redrawn
 
 
-NEGATIVE_SEEDS = list(range(20, 28))
+NEGATIVE_SEEDS = list(range(20, 26))
 
 
 def test_a_negative_prompt_moves_away_from_what_it_names(client):
@@ -108,8 +108,8 @@ def test_a_negative_prompt_moves_away_from_what_it_names(client):
     negative = client.submit_batch([
         {**base, "seed": s, "negative_prompt": "a large yellow circle on a green background"}
         for s in NEGATIVE_SEEDS])
-    plain.wait(timeout=180)
-    negative.wait(timeout=180)
+    plain.wait(timeout=300)
+    negative.wait(timeout=300)
     without = [judge(picture(client, r)).background for r in plain.records()]
     with_negative = [judge(picture(client, r)).background for r in negative.records()]
     assert without.count("green") >= 2, without
