@@ -160,6 +160,7 @@ def test_taesd_previews_are_spaced_to_keep_their_decodes_under_2_percent(tmp_pat
     hook(c, [0])  # not due for 3600 / 0.02 s: skipped
     assert previews.writer.flush(30)
     stored = preview_redis.get(keys.preview("spaced"))
+    assert preview_redis.ttl(keys.preview("spaced")) > 3600  # lives until the next is due
     assert stored == encode_jpeg(decoder.decode(b, (64, 64))[0])
     assert stored != encode_jpeg(decoder.decode(c, (64, 64))[0])
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from worker import taesd
 log = logging.getLogger("renderfarm.worker")
 
 MAX_SIDE = 64  #: longest side of a preview in pixels (never more than one pixel per latent)
-TTL = 30  #: seconds a preview lives in Redis after its last write
+TTL = 30  #: seconds a preview lives in Redis after its last write (or its next one's due time)
 EVENTS_KEPT = 10_000  #: a batch stream's cap, as records.py's scripts trim it
 QUALITY = 80  #: JPEG quality
 METHODS = ("linear", "taesd")  #: ``RENDERFARM_PREVIEW_METHOD``
@@ -111,17 +112,18 @@ class PreviewWriter:
 
     def __init__(self, redis: Redis):
         self.redis = redis
-        self._pending: dict[str, tuple[torch.Tensor | MakePixels, str]] = {}
+        self._pending: dict[str, tuple[torch.Tensor | MakePixels, str, int]] = {}
         self._ready = threading.Condition()
         self._busy = False  # a picture is being made or written
         self._thread = threading.Thread(target=self._loop, name="previews", daemon=True)
         self._thread.start()
 
-    def put(self, job_id: str, pixels: torch.Tensor | MakePixels, batch_id: str = "") -> None:
+    def put(self, job_id: str, pixels: torch.Tensor | MakePixels, batch_id: str = "",
+            ttl: int = TTL) -> None:
         """Queue a job's picture (or what makes it, called in the preview thread); with
         ``batch_id``, a marker goes on that batch's stream."""
         with self._ready:
-            self._pending[job_id] = (pixels, batch_id)
+            self._pending[job_id] = (pixels, batch_id, ttl)
             self._ready.notify()
 
     def flush(self, timeout: float) -> bool:
@@ -142,12 +144,12 @@ class PreviewWriter:
                 self._ready.notify_all()
                 while not self._pending:
                     self._ready.wait()
-                job_id, (pixels, batch_id) = self._pending.popitem()
+                job_id, (pixels, batch_id, ttl) = self._pending.popitem()
                 self._busy = True
             try:
                 if callable(pixels):
                     pixels = pixels()
-                self.redis.set(keys.preview(job_id), encode_jpeg(pixels), ex=TTL)
+                self.redis.set(keys.preview(job_id), encode_jpeg(pixels), ex=ttl)
                 if batch_id:  # after the picture: a reader of the marker finds it
                     self.redis.xadd(keys.batch_events(batch_id), {"job": job_id, "preview": 1},
                                     maxlen=EVENTS_KEPT, approximate=True)
@@ -249,8 +251,11 @@ class Previews:
                 log.warning("no preview of %s: %s", ", ".join(job_ids), exc)
                 next_at = float("inf")
                 return
+            # Previews spaced TTL or more apart (TAESD's on a CPU) live TTL past the next one's
+            # due time, so a running job keeps one between them.
+            ttl = TTL if spacing < TTL else TTL + math.ceil(spacing)
             for owner, picture in zip(rows, pictures, strict=True):
                 writer.put(job_ids[owner], picture,
-                           batch_ids[owner] if owner < len(batch_ids) else "")
+                           batch_ids[owner] if owner < len(batch_ids) else "", ttl)
 
         return on_latents
