@@ -118,8 +118,10 @@ def family_farm(farm_settings, module_redis_url, family_models, tmp_path_factory
     settings = farm_settings.model_copy(update={
         "redis_url": module_redis_url, "models_dir": family_models,
         "data_dir": tmp_path_factory.mktemp("family-farm")})
-    with EmbeddedFarm(settings, workers=1, profile="cpu",
-                      preload=["tiny-sdxl", "tiny-flux"]) as running:
+    # One torch thread: the suite runs two test processes on two cores, and two OpenMP
+    # threads per worker on a busy CPU made its renders many times slower, not faster.
+    with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["tiny-sdxl", "tiny-flux"],
+                      extra_env={"OMP_NUM_THREADS": "1"}) as running:
         yield running
 
 
