@@ -150,7 +150,9 @@ def farm(farm_settings):
     from renderfarm.farm import EmbeddedFarm
     from worker import testhooks
 
-    env = {testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE}
+    # One torch thread: two test processes share the two cores, and two OpenMP threads per
+    # worker on a busy CPU render many times slower, not faster (test_family_farm: 440 s -> 88 s).
+    env = {testhooks.ENABLE_ENV: testhooks.ENABLE_VALUE, "OMP_NUM_THREADS": "1"}
     with EmbeddedFarm(farm_settings, workers=1, profile="cpu", preload=["tiny"],
                       extra_env=env) as running:
         yield running
