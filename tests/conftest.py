@@ -25,10 +25,11 @@ WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # Standard Webhooks' 
 
 
 #: The test files that take longest (farms and worker processes of their own, compiles, a
-#: browser), longest first: seconds each on an idle 2-core VM, from `make test --durations=0`
-#: (2026-11-28). `make test` hands whole files to its 2 processes (``--dist loadfile``) in the
-#: order collected (``--no-loadscope-reorder``), so these start first and the files handed out
-#: last are short: neither process sits idle at the end while the other runs a long file.
+#: browser), roughly longest first, as ranked by the per-test durations of the suite's runs on
+#: the 2-core VM (2026-11-28). `make test` hands whole files to its 2 processes (``--dist
+#: loadfile``) in the order collected (``--no-loadscope-reorder``), so these start first and the
+#: files handed out last are short: neither process sits idle at the end while the other runs a
+#: long file.
 #: (xdist's own order, most tests first, put these last.) A new slow file goes in this list.
 SLOWEST_FILES = [
     "test_faults.py", "test_routing.py", "test_compile.py", "test_celery_tools.py",
