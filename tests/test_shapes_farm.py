@@ -42,7 +42,10 @@ def client(module_redis_url, tmp_path_factory):
     make_model("shapes", data / "models" / "shapes")
     settings = Settings(redis_url=module_redis_url, data_dir=data, models_dir=data / "models",
                         storage_url=(data / "images").as_uri(), lease_seconds=5)
-    with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["shapes"]):
+    # One torch thread, as the session farm's worker (tests/conftest.py): two test processes
+    # share the two cores.
+    with EmbeddedFarm(settings, workers=1, profile="cpu", preload=["shapes"],
+                      extra_env={"OMP_NUM_THREADS": "1"}):
         yield FarmClient(settings)
 
 
