@@ -31,16 +31,19 @@ from renderfarm.schema import JobRequest
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--all", action="store_true",
+                        help="pass over the queue whatever its length (the farm skips queues "
+                        "of more than producer.enqueue.DROP_DEAD_MAX messages)")
     args = parser.parse_args()
     server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="rf-bench-")))
     server.start()
     try:
-        print(json.dumps(run(server.url.split("?")[0], args.messages), indent=2))
+        print(json.dumps(run(server.url.split("?")[0], args.messages, args.all), indent=2))
     finally:
         server.stop()
 
 
-def run(url: str, n: int) -> dict:
+def run(url: str, n: int, everything: bool = False) -> dict:
     redis = Redis.from_url(url, socket_timeout=None)
     records = Records(redis)
     request = JobRequest(prompt="x", model="tiny", seed=1)
@@ -57,7 +60,7 @@ def run(url: str, n: int) -> dict:
     redis.config_set("slowlog-log-slower-than", 50_000)
     redis.slowlog_reset()
     started = time.monotonic()
-    dropped = drop_dead_messages(redis, ["renderfarm"])
+    dropped = drop_dead_messages(redis, ["renderfarm"], most=n if everything else None)
     seconds = time.monotonic() - started
     slow = redis.slowlog_get(1000)
     return {"messages": n, "dropped": dropped, "seconds": round(seconds, 2),

@@ -118,6 +118,36 @@ def test_cancelled_batch_takes_its_messages_off_the_queue(own_farm):
     assert keep.cancel() and depth(client.redis, queue) == 0
 
 
+def test_dropping_dead_messages_keeps_the_live_ones_in_order_across_chunks(own_farm):
+    """drop_dead_messages reads a queue a chunk at a time and replaces it with the kept copy:
+    with chunks of 7 over 40 messages, the 20 live ones stay, in their order, and nothing else
+    (no scratch list is left behind)."""
+    import json
+
+    from producer.enqueue import drop_dead_messages
+    from renderfarm.records import Records
+
+    client, _ = own_farm
+    redis, records, queue = client.redis, Records(client.redis), "dropq"
+    request = JobRequest(prompt="x", model="tiny", seed=1)
+    ids = [f"m{k}" for k in range(40)]
+    records.add_jobs("drop", [(i, request) for i in ids], queues=[queue] * len(ids))
+    messages = [json.dumps({"body": "x", "headers": {"id": i}}) for i in ids]
+    redis.rpush(queue, *messages)
+    for i in ids[1::2]:
+        records.cancel(i)
+    assert drop_dead_messages(redis, [queue], chunk=7) == 20
+    assert redis.lrange(queue, 0, -1) == [m.encode() for m in messages[0::2]]
+    assert not [k for k in redis.scan_iter(f"{queue}*") if k != queue.encode()
+                and redis.type(k) == b"list" and b"rf-kept" in k]
+    assert drop_dead_messages(redis, [queue], chunk=7) == 0  # nothing dead: queue untouched
+    assert redis.llen(queue) == 20
+    records.cancel(ids[0])  # one dead message, in a queue longer than the pass is allowed
+    assert drop_dead_messages(redis, [queue], chunk=7, most=19) == 0
+    assert redis.llen(queue) == 20
+    assert drop_dead_messages(redis, [queue], chunk=7, most=20) == 1
+
+
 # -- 9. a retry starts a new timeline ------------------------------------------------------
 def test_retry_and_reap_start_a_new_attempt_with_history(own_farm):
     from dashboard.api import timings
