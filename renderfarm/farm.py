@@ -64,8 +64,10 @@ class EmbeddedFarm:
     # -- workers ----------------------------------------------------------------------------
     def worker_env(self) -> dict[str, str]:
         """The workers' environment: this farm's settings (every one of them) over ours."""
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.n_workers))
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        # The cores shared out between the workers, unless OMP_NUM_THREADS says otherwise here.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(
+            max(1, (os.cpu_count() or 1) // max(1, self.n_workers)))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
         for name in type(self.settings).model_fields:
             value = getattr(self.settings, name)
             if isinstance(value, SecretStr):  # str() would give '**********'
