@@ -68,11 +68,15 @@ def events(tools_farm):
     thread.join(5)
 
 
+def _cli(farm: EmbeddedFarm, *args: str) -> dict:
+    """subprocess arguments for ``celery -A renderfarm <args>`` against ``farm``."""
+    return {"args": [sys.executable, "-m", "celery", "-A", "renderfarm", *args],
+            "env": {**farm.worker_env(), "PYTHONPATH": os.pathsep.join(sys.path)},
+            "cwd": farm.settings.data_path, "text": True}
+
+
 def celery_cli(farm: EmbeddedFarm, *args: str, timeout: float = 120) -> str:
-    env = {**farm.worker_env(), "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "celery", "-A", "renderfarm", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout,
-                          cwd=farm.settings.data_path)
+    done = subprocess.run(**_cli(farm, *args), capture_output=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -97,21 +101,37 @@ def task_state(events: State, task_id: str, timeout: float = 60) -> str:
 def test_ping_answered_between_jobs_of_a_batch(tools_farm):
     """The worker keeps taking the batch's jobs (model affinity) yet answers a ping between
     them: the reply comes while the batch still runs (before, a task held on to the model's
-    jobs for up to 120 s and a ping waited for all five)."""
+    jobs for up to 120 s and a ping waited for all five). The first job is held in its render
+    until the ping's broadcast is on Redis (seen by a subscriber of the control channel, as the
+    worker sees it), so the ping meets the batch with four jobs left whatever the speed of the
+    machine or of the CLI's start."""
     client = FarmClient(tools_farm.settings)
-    # different sizes: no micro-batch joins them, each is one render
-    batch = client.submit_batch([{**SMALL, "steps": 6, "height": 64 + 8 * k, "prompt": f"p{k}"}
-                                 for k in range(5)])
-    first = batch.jobs()[0]
-    wait_for(lambda: first.status().state is JobState.rendering,
-                       120, "first job rendering")
-    hostname = f"w0-{os.getpid()}@"  # EmbeddedFarm names its workers w<index>-<its pid>
-    out = celery_cli(tools_farm, "inspect", "ping", "--timeout", "300",
-                     "-d", _node(hostname))
-    assert "pong" in out, out
-    counts = batch.status().counts
-    assert counts.get(JobState.succeeded, 0) < 5, "the ping waited for the whole batch"
-    assert batch.wait(timeout=300).counts.get(JobState.succeeded) == 5
+    holds = HoldControl(client.redis)
+    holds.hold_step("p0", 1)
+    control = client.redis.pubsub(ignore_subscribe_messages=True)
+    control.psubscribe("*celery.pidbox*")  # kombu's Redis fanout: PUBLISH on this channel
+    ping = None
+    try:
+        # different sizes: no micro-batch joins them, each is one render
+        batch = client.submit_batch([{**SMALL, "steps": 6, "height": 64 + 8 * k,
+                                      "prompt": f"p{k}"} for k in range(5)])
+        holds.wait_held(120)
+        hostname = f"w0-{os.getpid()}@"  # EmbeddedFarm names its workers w<index>-<its pid>
+        ping = subprocess.Popen(**_cli(tools_farm, "inspect", "ping", "--timeout", "300",
+                                       "-d", _node(hostname)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: control.get_message(timeout=0.2), 120, "the ping's broadcast")
+        holds.release_all()
+        out, err = ping.communicate(timeout=300)
+        assert ping.returncode == 0 and "pong" in out, out + err
+        counts = batch.status().counts
+        assert counts.get(JobState.succeeded, 0) < 5, "the ping waited for the whole batch"
+        assert batch.wait(timeout=300).counts.get(JobState.succeeded) == 5
+    finally:
+        holds.release_all()
+        control.close()
+        if ping is not None and ping.poll() is None:
+            ping.kill()
 
 
 def _node(prefix: str) -> str:
