@@ -11,7 +11,8 @@ from redis import Redis
 from renderfarm import keys
 from renderfarm.errors import JobNotFound
 from renderfarm.records import Records
-from renderfarm.schema import JobRequest, JobState
+from renderfarm.schema import JobState
+from tests.fair_fixtures import add_batch, take
 
 QUEUE = "renderfarm"  # Records.add_jobs' default queue
 
@@ -33,22 +34,6 @@ def records(own_redis_url) -> Records:
     redis = Redis.from_url(own_redis_url)
     redis.flushdb()
     return Records(redis)
-
-
-def add_batch(records: Records, batch_id: str, n: int) -> list[str]:
-    ids = [f"{batch_id}-{k}" for k in range(n)]
-    request = JobRequest(prompt="x", model="tiny", seed=1)
-    records.add_jobs(batch_id, [(i, request) for i in ids], compat=["c"] * n)
-    return ids
-
-
-def take(records: Records, n: int, via: str) -> list[str]:
-    out = []
-    for _ in range(n):
-        claim = records.claim_turn(via, "w", 30, 3)
-        assert claim.ok, claim
-        out.append(claim.job_id)
-    return out
 
 
 def test_a_retried_batch_takes_turns_with_the_batches_waiting(records):

@@ -17,6 +17,7 @@ from producer.enqueue import priority_lists
 from renderfarm import keys
 from renderfarm.records import Records
 from renderfarm.schema import JobRequest, JobState
+from tests.fair_fixtures import add_batch, take
 from tests.fault_fixtures import wait_for
 
 pytest_plugins = ["tests.fault_fixtures"]
@@ -29,26 +30,6 @@ def records(module_redis_url) -> Records:
     redis = Redis.from_url(module_redis_url)
     redis.flushdb()
     return Records(redis)
-
-
-def add_batch(records: Records, batch_id: str, n: int, priority: int = 5,
-              first: int = 0) -> list[str]:
-    """n jobs ``<batch_id>-<k>``, all of one micro-batch compat key."""
-    ids = [f"{batch_id}-{k}" for k in range(first, first + n)]
-    request = JobRequest(prompt="x", model="tiny", seed=1, priority=priority)
-    records.add_jobs(batch_id, [(i, request) for i in ids], compat=["c"] * n)
-    return ids
-
-
-def take(records: Records, n: int, via: str) -> list[str]:
-    """Run n deliveries of job ``via``'s message (each a turn of its queue, as a worker's) and
-    return the jobs they took."""
-    out = []
-    for _ in range(n):
-        claim = records.claim_turn(via, "w", 30, 3)
-        assert claim.ok, claim
-        out.append(claim.job_id)
-    return out
 
 
 def test_turns_go_round_robin_over_batches_priority_first(records):
