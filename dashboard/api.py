@@ -154,14 +154,27 @@ def progress_bar(batch: BatchRecord, steps: float) -> list[dict[str, Any]]:
              "width": round(100 * amounts[part] / total, 2)} for part in BAR_PARTS]
 
 
+def running_jobs() -> list[JobRecord]:
+    """The records of the jobs workers hold now, farm-wide; read once per request.
+
+    There is no index of a batch's running jobs: this reads the farm's lease set
+    (``rf:running``, which every claim and every release keeps in the same script as the move)
+    and those jobs' records, in two round trips. Its cost follows the farm's running jobs (a
+    few per worker), never a batch's size: a 100,000-job batch's page or event stream reads the
+    handful of jobs running, not its 100,000 records."""
+    if "running_jobs" not in g:
+        c = client()
+        ids = [i.decode() for i in c.redis.zrange(keys.RUNNING, 0, -1)]
+        g.running_jobs = [r for r in c.records.jobs(ids) if not r.terminal] if ids else []
+    return g.running_jobs
+
+
 def _running_steps() -> dict[str, float]:
     """Batch id -> sum of step/steps_total of its running jobs; read once per request."""
     if "running_steps" not in g:
-        c = client()
-        ids = [i.decode() for i in c.redis.zrange(keys.RUNNING, 0, -1)]
         out: dict[str, float] = {}
-        for r in c.records.jobs(ids) if ids else []:
-            if r.steps_total and not r.terminal:
+        for r in running_jobs():
+            if r.steps_total:
                 out[r.batch_id] = out.get(r.batch_id, 0.0) + r.step / r.steps_total
         g.running_steps = out
     return g.running_steps
@@ -462,7 +475,8 @@ def get_job(job_id: str):
 @bp.get("/jobs/<job_id>/preview")
 def job_preview(job_id: str):
     """The latest live preview of a rendering job: a small JPEG from its latents
-    (worker/previews.py), kept a few seconds after its last write; 404 when there is none."""
+    (worker/previews.py), kept a few seconds after its last write and deleted as the job leaves
+    running; 404 when there is none."""
     data = client().redis.get(keys.preview(job_id))
     if data is None:
         from dashboard import error_response

@@ -12,7 +12,7 @@ stream misses nothing and orders everything. Each SSE event's ``id`` is its stre
 - ``preview``: a rendering job has a new live preview (worker/previews.py): ``job_id``,
   ``image`` (a ``data:image/jpeg;base64,...`` URL, or null when it has expired since: a client
   replaying old events) and ``url`` (``GET /api/v1/jobs/<id>/preview``); after the
-  ``snapshot``, one for each job that has a preview at that moment;
+  ``snapshot``, one for each running job that has a preview at that moment;
 - ``end``: the batch has ended (every job terminal); the stream then closes.
 
 ``?job=<job id>`` keeps the ``job``, ``step`` and ``preview`` events of that one job of the batch
@@ -131,19 +131,20 @@ def _follow(c: FarmClient, batch_id: str, last_id: str | None,
 
 def _current_previews(c: FarmClient, batch_id: str,
                       job_id: str | None) -> Iterator[dict[str, Any]]:
-    """``preview`` events of the batch's jobs (or of job ``job_id``) that have a live preview
-    now: a client that connects mid-render sees it at once, not after the next one. Read
-    :data:`READ_COUNT` jobs at a time."""
-    offset = 0
-    while True:
-        ids = [job_id] if job_id else c.records.batch_job_ids(batch_id, offset, READ_COUNT)
-        pictures = c.redis.mget([keys.preview(i) for i in ids]) if ids else []
-        for one, picture in zip(ids, pictures, strict=True):
-            if picture:
-                yield _preview(one, picture)
-        if job_id or len(ids) < READ_COUNT:
-            return
-        offset += READ_COUNT
+    """``preview`` events of the batch's running jobs (or of job ``job_id``) that have a live
+    preview now: a client that connects mid-render sees it at once, not after the next one.
+
+    Only running jobs have one (a job's preview is deleted as it leaves running: renderfarm/
+    records.py ``move``), and the running ones come from the farm's lease set, already read
+    for the snapshot's progress bar (dashboard/api.py ``running_jobs``): one MGET of a few
+    keys, whatever the batch's size, never a read of each of its jobs."""
+    from dashboard.api import running_jobs
+
+    ids = [job_id] if job_id else [r.id for r in running_jobs() if r.batch_id == batch_id]
+    pictures = c.redis.mget([keys.preview(i) for i in ids]) if ids else []
+    for one, picture in zip(ids, pictures, strict=True):
+        if picture:
+            yield _preview(one, picture)
 
 
 def _preview(job_id: str, picture: bytes | None) -> dict[str, Any]:

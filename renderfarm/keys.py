@@ -37,7 +37,7 @@ def batch_events(batch_id: str) -> str:
 
 def preview(job_id: str) -> str:
     """A running job's latest live preview (a small JPEG), expiring soon after its last write
-    (worker/previews.py)."""
+    (worker/previews.py), deleted as the job leaves running (records.py ``move``)."""
     return f"rf:preview:{job_id}"
 
 

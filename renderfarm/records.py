@@ -156,6 +156,11 @@ local function move(job, batch, from, to, t)
       end
     end
     event(batch, 'job', redis.call('HGET', job, 'id') or '', 'state', to, 'from', from, 't', t)
+    -- A live preview (worker/previews.py) is its running attempt's: gone as the job leaves
+    -- running (ended, or queued again) and as an attempt starts, never served past its end.
+    if to ~= 'rendering' and to ~= 'uploading' then
+      redis.call('DEL', 'rf:preview:' .. (redis.call('HGET', job, 'id') or ''))
+    end
     local queue = redis.call('HGET', job, 'queue')
     if queue then
       local id = redis.call('HGET', job, 'id')

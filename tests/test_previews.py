@@ -180,6 +180,127 @@ def test_without_taesd_weights_previews_are_linear_said_once(tmp_path, preview_r
         Previews(preview_redis, every=1.0, method="vae")
 
 
+# -- previews and job records (no worker: the records moved by hand) --------------------------
+def _queued_jobs(records, batch_id: str, n: int) -> list[str]:
+    """``n`` queued jobs of batch ``batch_id``, on a queue no worker reads."""
+    from producer.client import new_id
+    from renderfarm.schema import JobRequest
+
+    request = JobRequest(prompt="a queued one", model="tiny", width=64, height=64, steps=2)
+    return records.add_jobs(batch_id, [(new_id(), request) for _ in range(n)],
+                            queues=["nobody"] * n)
+
+
+def test_a_picture_is_written_only_while_its_attempt_runs(preview_redis):
+    """A worker's picture of a job (PreviewWriter.put with its Attempt) is written while that
+    attempt runs; the job's end deletes it (records.py ``move``), and a picture of the ended
+    attempt, queued in the preview thread, is dropped: never written after the end, nor during
+    the job's next attempt (retried, taken by the same worker)."""
+    from renderfarm.records import Records
+    from worker.previews import Attempt, PreviewWriter
+
+    records = Records(preview_redis)
+    [job_id] = _queued_jobs(records, "attempts", 1)
+    key = keys.preview(job_id)
+    writer = PreviewWriter(preview_redis)
+    pixels = torch.zeros(8, 8, 3, dtype=torch.uint8)
+
+    def put(attempt: Attempt) -> bytes | None:
+        writer.put(job_id, pixels, "attempts", attempt=attempt)
+        assert writer.flush(30)
+        return preview_redis.get(key)
+
+    def claim() -> Attempt:
+        assert records.claim(job_id, "worker-a", 60, 3).ok
+        return Attempt.of("worker-a", records.job(job_id))
+
+    first = claim()
+    assert put(Attempt("worker-b", first.attempts, first.started)) is None  # not its owner
+    assert put(first) is not None
+    assert records.fail(job_id, "worker-a", "boom") == "ok"
+    assert preview_redis.get(key) is None  # deleted with the move to failed
+    assert put(first) is None  # a late picture of the ended attempt
+    assert records.retry(job_id)
+    second = claim()  # a retry counts attempts afresh: this one is number 1 again
+    assert second.attempts == first.attempts and second.started != first.started
+    assert put(first) is None  # the first attempt's, during the second
+    assert put(second) is not None
+    assert records.update(job_id, "worker-a", JobState.succeeded)[0] == "ok"
+    assert preview_redis.get(key) is None
+
+
+class Monitor:
+    """Every command a real redis-server runs while this is open (Redis' MONITOR)."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self.commands: list[str] = []
+        self._stop = f"monitor-stop-{uuid.uuid4().hex}"
+
+    def __enter__(self) -> Monitor:
+        self.client.ping()  # connected before: the stop marker's connection is not counted
+        own = redis.Redis(connection_pool=redis.ConnectionPool(
+            **self.client.connection_pool.connection_kwargs))
+        self._own = own
+        self._monitor = own.monitor().__enter__()  # MONITOR is on when this returns
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        while True:
+            command = self._monitor.next_command()["command"]
+            if self._stop in command:
+                return
+            self.commands.append(command)
+
+    def __exit__(self, *exc) -> None:
+        self.client.echo(self._stop)
+        self._thread.join(30)
+        self._monitor.__exit__(*exc)
+        self._own.close()
+        assert not self._thread.is_alive(), "MONITOR never saw the stop marker"
+
+
+def test_a_streams_snapshot_reads_the_running_jobs_previews_not_every_jobs(tmp_path,
+                                                                            preview_redis):
+    """The snapshot of a batch's event stream sends its running jobs' previews, and costs the
+    same Redis commands for a batch of 3,001 jobs as for one of 2 (each with one running):
+    it reads the running jobs, never every job of the batch (dashboard/events.py)."""
+    from dashboard import create_app
+    from renderfarm.records import Records
+
+    records = Records(preview_redis)
+    big, small = _queued_jobs(records, "big", 3001), _queued_jobs(records, "small", 2)
+    running = {"big": big[1234], "small": small[1]}
+    for job_id in running.values():
+        assert records.claim(job_id, "worker-a", 60, 3).ok
+        preview_redis.set(keys.preview(job_id), f"picture of {job_id}", ex=60)
+    address = preview_redis.connection_pool.connection_kwargs
+    url = f"redis://:{address['password']}@{address['host']}:{address['port']}/0"
+    settings = Settings(redis_url=url,
+                        data_dir=tmp_path / "data", storage_url=(tmp_path / "images").as_uri())
+    api = create_app({"TESTING": True, "SETTINGS": settings}).test_client()
+    commands = {}
+    api.get("/api/v1/batches/small").close()  # the app's connection and rate limits, set up
+    for batch_id, job_id in running.items():
+        with Monitor(preview_redis) as monitor:
+            stream = api.get(f"/api/v1/batches/{batch_id}/events", buffered=False)
+            try:
+                events = _sse_events(stream, "preview")
+            finally:
+                stream.close()
+        assert [e for e, _ in events] == ["snapshot", "preview"], events
+        assert events[0][1]["total"] == {"big": 3001, "small": 2}[batch_id]
+        assert events[1][1]["job_id"] == job_id
+        assert base64.b64decode(events[1][1]["image"].partition(",")[2]) == (
+            f"picture of {job_id}".encode())
+        commands[batch_id] = monitor.commands
+    queued = set(big) - {running["big"]}
+    assert not [c for c in commands["big"] if any(i in c for i in queued)], commands["big"]
+    assert len(commands["big"]) == len(commands["small"]), commands
+
+
 # -- a real worker ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def held_farm(tmp_path_factory, models_dir, s3_endpoint):
@@ -236,6 +357,7 @@ def test_a_preview_appears_mid_render_at_the_expected_size(held_farm, api):
     finally:
         held_farm.release(hold)
     held_farm.wait_state(job_id, {JobState.succeeded})
+    assert _preview(api, job_id) is None  # deleted as it ended, not left to expire
 
 
 def test_a_job_without_a_preview_is_404(api):
@@ -290,6 +412,11 @@ def test_each_job_of_a_micro_batch_gets_its_own_preview(held_farm, api):
 def _sse_events(response, event: str, timeout: float = 60) -> list[tuple[str, dict]]:
     """Read a served SSE body until the first ``event``: the (event, data) pairs up to it. The
     body sends a keep-alive at least every 5 s, so the deadline is checked that often."""
+    return [(name, data) for name, data, _ in _sse_with_ids(response, event, timeout)]
+
+
+def _sse_with_ids(response, event: str, timeout: float = 60) -> list[tuple[str, dict, str]]:
+    """:func:`_sse_events` with each event's id: (event, data, id) triples."""
     deadline = time.monotonic() + timeout
     text = ""
     for chunk in response.response:
@@ -298,7 +425,7 @@ def _sse_events(response, event: str, timeout: float = 60) -> list[tuple[str, di
         for block in text.split("\n\n")[:-1]:
             lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
             if "event" in lines:
-                events.append((lines["event"], json.loads(lines["data"])))
+                events.append((lines["event"], json.loads(lines["data"]), lines.get("id", "")))
             if lines.get("event") == event:
                 return events
         if time.monotonic() > deadline:
@@ -332,6 +459,33 @@ def test_a_preview_is_pushed_on_the_batch_event_stream(held_farm, api):
     finally:
         held_farm.release(hold)
     held_farm.wait_state(job_id, {JobState.succeeded})
+
+
+def test_a_streams_snapshot_sends_the_preview_of_a_job_mid_render(held_farm, api):
+    """A client connecting (no Last-Event-ID) to a batch whose job is held mid-render gets the
+    snapshot, then at once that job's current preview, as of the snapshot (same event id: not a
+    newer picture's marker); once the job has ended, it has no preview."""
+    prompt = f"a preview in a snapshot {uuid.uuid4().hex[:6]}"
+    hold = held_farm.hold_step(prompt, 3)
+    batch = held_farm.client.submit_batch([_job(prompt, 5)])
+    [job_id] = batch.job_ids
+    try:
+        assert held_farm.wait_held()[1] == job_id
+        wait_for(lambda: _preview(api, job_id), 30, "a preview of the held job")
+        live = api.get(f"/api/v1/batches/{batch.id}/events", buffered=False)
+        try:
+            events = _sse_with_ids(live, "preview")
+        finally:
+            live.close()
+        (first, _, snapshot_id), (kind, data, preview_id) = events
+        assert (first, kind, data["job_id"]) == ("snapshot", "preview", job_id), events
+        assert preview_id == snapshot_id
+        image = PIL.Image.open(io.BytesIO(base64.b64decode(data["image"].partition(",")[2])))
+        assert image.format == "JPEG" and image.size == (16, 8)
+    finally:
+        held_farm.release(hold)
+    held_farm.wait_state(job_id, {JobState.succeeded})
+    assert _preview(api, job_id) is None
 
 
 CHROMIUM = "/usr/bin/chromium"

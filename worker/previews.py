@@ -9,11 +9,18 @@ keeps only the newest picture of each job when it falls behind, so a slow Redis 
 render.
 
 The latest preview of a job is one small JPEG in Redis (``keys.preview``), expiring after
-:data:`TTL` seconds, so only running jobs have one; the dashboard serves it at
+:data:`TTL` seconds; the dashboard serves it at
 ``GET /api/v1/jobs/<id>/preview``. Each write also appends a small ``preview`` marker (the job's
 id, no image) to the job's batch event stream, which the batch's Server-Sent Events turn into a
 ``preview`` event carrying the picture (dashboard/events.py): the stream stays small, and a
-client is told the moment a new picture is there. ``RENDERFARM_PREVIEW_SECONDS`` sets how often
+client is told the moment a new picture is there.
+
+Only a running attempt has a preview. The record scripts delete it in the same step as the job
+leaves running (succeeded, failed, cancelled, queued again) and as an attempt starts
+(renderfarm/records.py ``move``); and a worker's write is one script (:data:`_PUT`) that
+checks first that the job is still running, held by that worker, in the attempt the picture
+was made for: a picture still queued in the preview thread when its job ends (or ends and is
+retried) is dropped, never written after the delete. ``RENDERFARM_PREVIEW_SECONDS`` sets how often
 (per group of jobs rendered together; the first comes after the first step); 0 turns previews
 off.
 
@@ -33,6 +40,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -104,6 +112,42 @@ def encode_jpeg(pixels: torch.Tensor) -> bytes:
 #: Makes a job's (H, W, 3) uint8 picture, in the preview thread.
 MakePixels = Callable[[], torch.Tensor]
 
+# KEYS: job, preview, its batch's event stream. ARGV: owner, attempts, start time, JPEG, ttl,
+# job id, whether to append the marker (1|0), the stream's cap. Writes the picture (then its
+# marker: a reader of the marker finds it) only while the job is running, held by ``owner``, in
+# the attempt the picture was made in; returns 1 if written, 0 if not. An attempt is its count
+# and its start time together: a retry resets the count (records.py ``_RETRY``), and a job
+# claimed again in ``started`` keeps its start time.
+_PUT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (state ~= 'started' and state ~= 'rendering' and state ~= 'uploading')
+    or redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[1]
+    or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
+    or tonumber(redis.call('HGET', KEYS[1], 't:started') or '') ~= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+if ARGV[7] == '1' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*', 'job', ARGV[6], 'preview', 1)
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The attempt of a job a picture is of: the worker holding it (its lease owner), and the
+    job's ``attempts`` and ``timestamps["started"]`` as that worker claimed it."""
+
+    owner: str
+    attempts: int
+    started: float
+
+    @classmethod
+    def of(cls, owner: str, record) -> Attempt:
+        """The attempt of ``record`` (a JobRecord read after ``owner`` claimed it)."""
+        return cls(owner, record.attempts, record.timestamps.get("started", -1.0))
+
 
 class PreviewWriter:
     """Makes, encodes and stores previews in a background thread. :meth:`put` never blocks: a
@@ -112,18 +156,22 @@ class PreviewWriter:
 
     def __init__(self, redis: Redis):
         self.redis = redis
-        self._pending: dict[str, tuple[torch.Tensor | MakePixels, str, int]] = {}
+        self._pending: dict[str, tuple[torch.Tensor | MakePixels, str, int,
+                                       Attempt | None]] = {}
+        self._put = redis.register_script(_PUT)
         self._ready = threading.Condition()
         self._busy = False  # a picture is being made or written
         self._thread = threading.Thread(target=self._loop, name="previews", daemon=True)
         self._thread.start()
 
     def put(self, job_id: str, pixels: torch.Tensor | MakePixels, batch_id: str = "",
-            ttl: int = TTL) -> None:
+            ttl: int = TTL, attempt: Attempt | None = None) -> None:
         """Queue a job's picture (or what makes it, called in the preview thread); with
-        ``batch_id``, a marker goes on that batch's stream."""
+        ``batch_id``, a marker goes on that batch's stream. With ``attempt`` (a worker's
+        renders) it is written only while the job runs that attempt under that owner; without
+        (benchmarks, tests of the pictures alone, jobs with no record) it is written as is."""
         with self._ready:
-            self._pending[job_id] = (pixels, batch_id, ttl)
+            self._pending[job_id] = (pixels, batch_id, ttl, attempt)
             self._ready.notify()
 
     def flush(self, timeout: float) -> bool:
@@ -144,15 +192,23 @@ class PreviewWriter:
                 self._ready.notify_all()
                 while not self._pending:
                     self._ready.wait()
-                job_id, (pixels, batch_id, ttl) = self._pending.popitem()
+                job_id, (pixels, batch_id, ttl, attempt) = self._pending.popitem()
                 self._busy = True
             try:
                 if callable(pixels):
                     pixels = pixels()
-                self.redis.set(keys.preview(job_id), encode_jpeg(pixels), ex=ttl)
-                if batch_id:  # after the picture: a reader of the marker finds it
-                    self.redis.xadd(keys.batch_events(batch_id), {"job": job_id, "preview": 1},
-                                    maxlen=EVENTS_KEPT, approximate=True)
+                jpeg = encode_jpeg(pixels)
+                if attempt is not None:  # written only while that attempt runs
+                    self._put(keys=[keys.job(job_id), keys.preview(job_id),
+                                    keys.batch_events(batch_id or "_")],
+                              args=[attempt.owner, attempt.attempts, repr(attempt.started),
+                                    jpeg, ttl, job_id, 1 if batch_id else 0, EVENTS_KEPT])
+                else:
+                    self.redis.set(keys.preview(job_id), jpeg, ex=ttl)
+                    if batch_id:  # after the picture: a reader of the marker finds it
+                        self.redis.xadd(keys.batch_events(batch_id),
+                                        {"job": job_id, "preview": 1},
+                                        maxlen=EVENTS_KEPT, approximate=True)
             except Exception as exc:  # a preview is never worth a job: log and go on
                 log.warning("preview of %s not written: %s", job_id, exc)
 
@@ -211,11 +267,13 @@ class Previews:
         return decoder
 
     def hook(self, job_ids: Sequence[str], family, width: int, height: int,
-             batch_ids: Sequence[str] = ()) -> OnLatents | None:
+             batch_ids: Sequence[str] = (),
+             attempts: Sequence[Attempt] = ()) -> OnLatents | None:
         """``on_latents`` for the jobs ``job_ids`` (of batches ``batch_ids``, for the event
-        streams) rendered together at ``width`` x ``height`` with a model of ``family``: a
-        preview of each job's first image after the first step, then every ``every`` seconds.
-        None when previews are off or the family has neither factors nor a TAESD."""
+        streams; in attempts ``attempts``, see :meth:`PreviewWriter.put`) rendered together at
+        ``width`` x ``height`` with a model of ``family``: a preview of each job's first image
+        after the first step, then every ``every`` seconds. None when previews are off or the
+        family has neither factors nor a TAESD."""
         writer = self.writer
         if writer is None:
             return None
@@ -256,6 +314,7 @@ class Previews:
             ttl = TTL if spacing < TTL else TTL + math.ceil(spacing)
             for owner, picture in zip(rows, pictures, strict=True):
                 writer.put(job_ids[owner], picture,
-                           batch_ids[owner] if owner < len(batch_ids) else "", ttl)
+                           batch_ids[owner] if owner < len(batch_ids) else "", ttl,
+                           attempts[owner] if owner < len(attempts) else None)
 
         return on_latents

@@ -62,7 +62,7 @@ from worker.hashes import hash_cache
 from worker.lorafiles import list_loras, loras_with_family
 from worker.memory import device_memory
 from worker.modelfiles import list_models
-from worker.previews import Previews
+from worker.previews import Attempt, Previews
 from worker.testhooks import from_env as test_holds
 
 log = logging.getLogger("renderfarm.worker")
@@ -561,8 +561,9 @@ class WorkerService:
                 if cancel:
                     raise Cancelled(job_id)
             first = group[0].request
-            on_latents = self.previews.hook(ids, self.cache.family(first.model), first.width,
-                                            first.height, [r.batch_id for r in group])
+            on_latents = self.previews.hook(
+                ids, self.cache.family(first.model), first.width, first.height,
+                [r.batch_id for r in group], [Attempt.of(self.owner, r) for r in group])
             started = time.monotonic()
             if len(group) == 1:
                 rendered = [render(self.cache, group[0].request, on_step, on_latents)]
