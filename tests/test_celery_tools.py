@@ -104,7 +104,9 @@ def test_ping_answered_between_jobs_of_a_batch(tools_farm):
     jobs for up to 120 s and a ping waited for all five). The first job is held in its render
     until the ping's broadcast is on Redis (seen by a subscriber of the control channel, as the
     worker sees it), so the ping meets the batch with four jobs left whatever the speed of the
-    machine or of the CLI's start."""
+    machine or of the CLI's start. The four others render 50 steps each, so the batch outlasts
+    the worker's next turn of its event loop by seconds (at 6 steps, a clean-clone CI run once
+    saw all four end before the pong: under a second of work)."""
     client = FarmClient(tools_farm.settings)
     holds = HoldControl(client.redis)
     holds.hold_step("p0", 1)
@@ -113,8 +115,9 @@ def test_ping_answered_between_jobs_of_a_batch(tools_farm):
     ping = None
     try:
         # different sizes: no micro-batch joins them, each is one render
-        batch = client.submit_batch([{**SMALL, "steps": 6, "height": 64 + 8 * k,
-                                      "prompt": f"p{k}"} for k in range(5)])
+        batch = client.submit_batch([{**SMALL, "steps": 6 if k == 0 else 50,
+                                      "height": 64 + 8 * k, "prompt": f"p{k}"}
+                                     for k in range(5)])
         holds.wait_held(120)
         hostname = f"w0-{os.getpid()}@"  # EmbeddedFarm names its workers w<index>-<its pid>
         ping = subprocess.Popen(**_cli(tools_farm, "inspect", "ping", "--timeout", "300",
