@@ -55,12 +55,14 @@ def picture(client, record) -> Image.Image:
 
 
 # Four prompts, no two with the same shape colour or background: a job given another job's
-# prompt (or picture) draws colours its own prompt did not ask for.
+# prompt (or picture) draws colours its own prompt did not ask for. Large shapes, which the
+# shipped weights draw as asked (the benchmark's 100 prompts: shape right in 65 %, most misses
+# small squares drawn round): each job's shape is checked too.
 MICRO_BATCH = [
     (Scene("circle", "red", "blue", size="large"), 11),
     (Scene("square", "yellow", "black", size="large"), 12),
-    (Scene("square", "green", "white", size="large"), 15),
-    (Scene("triangle", "black", "red", size="large"), 16),
+    (Scene("triangle", "green", "white", size="large"), 15),
+    (Scene("triangle", "blue", "yellow", size="large"), 16),
 ]
 
 
@@ -77,8 +79,8 @@ def test_a_micro_batch_gives_each_job_its_own_prompts_picture(client):
     # The idle worker took the four in one pipeline call (CPU profile: max_batch 4).
     assert all(partners[i] == set(ids) - {i} for i in ids), partners
     seen = [judge(picture(client, r)) for r in records]
-    wanted = [(scene.color, scene.background) for scene, _ in MICRO_BATCH]
-    assert [(v.color, v.background) for v in seen] == wanted, seen
+    wanted = [(scene.color, scene.background, scene.shape) for scene, _ in MICRO_BATCH]
+    assert [(v.color, v.background, v.shape) for v in seen] == wanted, seen
 
 
 def test_img2img_at_low_strength_keeps_the_init_images_colours(client):
@@ -109,11 +111,11 @@ def test_a_negative_prompt_moves_away_from_what_it_names(client):
     base = {**JOB, "prompt": "a large yellow circle"}
     plain = client.submit_batch([{**base, "seed": s} for s in NEGATIVE_SEEDS])
     negative = client.submit_batch([
-        {**base, "seed": s, "negative_prompt": "a large yellow circle on a green background"}
+        {**base, "seed": s, "negative_prompt": "a large yellow circle on a black background"}
         for s in NEGATIVE_SEEDS])
     plain.wait(timeout=300)
     negative.wait(timeout=300)
     without = [judge(picture(client, r)).background for r in plain.records()]
     with_negative = [judge(picture(client, r)).background for r in negative.records()]
-    assert without.count("green") >= 2, without
-    assert with_negative.count("green") == 0, with_negative
+    assert without.count("black") >= 2, without
+    assert with_negative.count("black") == 0, with_negative

@@ -1,24 +1,32 @@
 """Train the ``shapes`` model: a small Stable Diffusion pipeline that draws renderfarm.shapes.
 
-Reproducible from ``--seed`` (same seed, same steps, same thread count: same weights). Three
-phases, each checkpointed in ``--work`` so an interrupted run resumes where it stopped:
+Reproducible from ``--seed`` (same seed, same steps, same thread count: same weights;
+tests/test_train_shapes.py checks it at a toy length). Three phases, each checkpointed in
+``--work`` so an interrupted run resumes where it stopped:
 
 1. ``vae``: a small AutoencoderKL (64x64x3 <-> 4x16x16), trained on 32x32 crops of drawn
    scenes (it is fully convolutional; crops cost a quarter), then refined on whole pictures.
 2. ``encode``: a fixed set of scenes is drawn and encoded once (the posterior's mean).
-3. ``unet``: the UNet and a small CLIP text encoder (own word-level vocabulary) learn v
-   (``prediction_type`` v_prediction; loss weight 1 where noise dominates, capped where it
-   is fine detail) from the cached latents; captions leave parts out at random and are
-   dropped entirely 10% of the time (classifier-free guidance). EMA weights.
+3. ``unet``: the UNet (three levels, 16x16/8x8/4x4, cross-attention below the top one, the
+   pooled caption added to the time embedding) and a small CLIP text encoder (own word-level
+   vocabulary) learn v (``prediction_type`` v_prediction; loss weight 1 where noise dominates,
+   capped where it is fine detail) from the cached latents; captions leave parts out at random
+   and are dropped entirely 10% of the time (classifier-free guidance). EMA weights. From step
+   ``--low-t-from`` on, half of each batch's timesteps come from the low-noise end, where
+   outlines are decided (colours and layout are learnt first, from the noisy end).
    (``--prediction epsilon`` is the first recipe, noise with min-SNR-5 weights: its weight on
    the picture's error is the SNR, ~0 at the noisy end where the colours are decided, and at
    900 steps its UNet drew the same from any caption.)
    The learning rate is constant after a warm-up, so ``--unet-steps N`` on a work folder whose
    checkpoint is at step N just exports it: the same weights as a run asked for N steps.
 
-The result is a diffusers folder (``--out``), fp16 safetensors. Run on 2 CPU cores:
+The result is a diffusers folder (``--out``), fp16 safetensors. The shipped weights
+(renderfarm/data/shapes) are this script's defaults, run on the 2-core CPU VM as written in
+docs/BENCHMARKS.md ("The shapes model against the pixel judge"): one thread to UNet step 6500,
+then two (resumed from the checkpoint):
 
-    nice -n 10 python tools/train_shapes.py --threads 1 --out renderfarm/data/shapes
+    python tools/train_shapes.py --threads 1 --work W --unet-steps 6500 --out /tmp/unused
+    python tools/train_shapes.py --threads 2 --work W --out renderfarm/data/shapes
 """
 
 from __future__ import annotations
@@ -93,6 +101,11 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
     "timestep_spacing": "trailing",
     "steps_offset": 1,
+    # As SD's own scheduler config: a DDIM (or another scheduler that reads these) made from
+    # this config must not clip its x0 to [-1, 1], which is a pixel range, not a latent one
+    # (this model's latents have deviation 1: clipped, DDIM drew 20 % of the colours right).
+    "clip_sample": False,
+    "set_alpha_to_one": False,
 }
 
 
@@ -118,7 +131,7 @@ def rng_state() -> dict:
 def train_vae(args, work: Path) -> AutoencoderKL:
     path = work / "vae.pt"
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**vae_config(args))
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     rng = random.Random(args.seed)
     step = 0
@@ -134,22 +147,43 @@ def train_vae(args, work: Path) -> AutoencoderKL:
     while step < total:
         refine = step >= args.vae_steps  # whole pictures, constant lr: the mid-block attention
         batch = args.vae_batch // 2 if refine else args.vae_batch  # sees the real 16x16 grid
-        images = [shapes.draw(scene, rng) for scene in
-                  (shapes.random_scene(rng) for _ in range(batch))]
+        scenes, images = [], []
+        for _ in range(batch):  # one scene, then its picture: the order the rng is drawn in
+            scenes.append(shapes.random_scene(rng))
+            images.append(shapes.draw(scenes[-1], rng))
         x = to_tensor(images)
+        code = shape_code(scenes, images) if args.vae_shape_code else None
         crop = shapes.SIZE if refine else args.vae_crop
         if crop < shapes.SIZE:
             ox, oy = rng.randrange(0, shapes.SIZE - crop + 1, 4), rng.randrange(
                 0, shapes.SIZE - crop + 1, 4)
             x = x[:, :, oy:oy + crop, ox:ox + crop]
+            if code is not None:
+                code = code[:, :, oy:oy + crop, ox:ox + crop]
         for group in opt.param_groups:
             group["lr"] = 2e-4 if refine else 1e-3 * min(1.0, (step + 1) / 50) * (
                 0.1 + 0.9 * (1 + math.cos(math.pi * step / args.vae_steps)) / 2)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        z = posterior.sample()
+        if args.vae_latent_noise:
+            # The decoder also learns from latents with noise added (up to --vae-latent-noise
+            # times each channel's spread): what a UNet makes is near the encoder's latents,
+            # not on them, and the decoder learns to draw the clean picture from it.
+            spread = posterior.mean.detach().std(dim=(0, 2, 3), keepdim=True)
+            level = args.vae_latent_noise * torch.rand(len(x), 1, 1, 1)
+            z = z + level * spread * torch.randn_like(z)
+        recon = vae.decode(z).sample
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         kl = posterior.kl().mean() / (4 * x.shape[2] * x.shape[3] / 16)
         loss = rec + 1e-5 * kl
+        if code is not None:
+            # Latent channels 1 and 2 say which shape covers each cell (SHAPE_CODES): the UNet
+            # then fills in a per-cell value for the shape word, as it does for a colour, and the
+            # decoder draws the outline; left free, the shape is only in the outline.
+            factor = x.shape[2] // posterior.mean.shape[2]
+            target = F.avg_pool2d(code, factor)
+            aux = F.mse_loss(posterior.mean[:, 1:3], target)
+            loss = loss + args.vae_shape_code * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -157,11 +191,28 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         if step % 20 == 0 or step == total:
             rate = (time.monotonic() - started) / max(1, step)
             log(f"vae step {step}/{total} rec {rec.item():.4f} kl {kl.item():.2f} "
-                f"({rate:.2f}s/step)")
+                + (f"code {aux.item():.4f} " if code is not None else "")
+                + f"({rate:.2f}s/step)")
         if step % 100 == 0 or step == total:
             save_ckpt(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                              "rng": rng, **rng_state()})
     return vae
+
+
+# Which shape covers a pixel, as two numbers (a point each, equally far from the background's
+# (0, 0) and about as far from each other): the target of latent channels 1 and 2.
+SHAPE_CODES = {"circle": (2.0, 0.0), "square": (-1.0, 1.7), "triangle": (-1.0, -1.7)}
+
+
+def shape_code(scenes: list, images: list) -> torch.Tensor:
+    """(B, 2, H, W): SHAPE_CODES of each picture's shape on its shape's pixels, 0 elsewhere."""
+    out = torch.zeros(len(scenes), 2, shapes.SIZE, shapes.SIZE)
+    for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
+        mask = torch.from_numpy(
+            (shapes.to_array(image) == shapes.COLORS[scene.color]).all(axis=-1))
+        for c, value in enumerate(SHAPE_CODES[scene.shape]):
+            out[i, c][mask] = value
+    return out
 
 
 @torch.no_grad()
@@ -214,14 +265,29 @@ def normalize_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor
     return (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+def vae_config(args) -> dict:
+    """VAE_CONFIG, with ``--vae-width`` levels: 3 give a 16x16 latent, 4 an 8x8 (SD's 8x)."""
+    config = dict(VAE_CONFIG)
+    levels = len(args.vae_width)
+    config["block_out_channels"] = tuple(args.vae_width)
+    config["down_block_types"] = ("DownEncoderBlock2D",) * levels
+    config["up_block_types"] = ("UpDecoderBlock2D",) * levels
+    return config
+
+
 def unet_config(args) -> dict:
     config = dict(UNET_CONFIG)
+    config["sample_size"] = shapes.SIZE // 2 ** (len(args.vae_width) - 1)
     config["attention_head_dim"] = args.heads
     config["block_out_channels"] = tuple(args.width)
-    if args.plain_top:
-        # No attention at the 16x16 level (256 tokens: ~40% of a step's time), only at 8x8.
-        config["down_block_types"] = ("DownBlock2D", "CrossAttnDownBlock2D")
-        config["up_block_types"] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    # Cross-attention at every level but the top one with --plain-top (at 16x16: 256 tokens,
+    # ~40% of a step's time); the mid block always has it.
+    attn = [not (args.plain_top and level == 0) for level in range(len(args.width))]
+    config["down_block_types"] = tuple(
+        "CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    config["up_block_types"] = tuple(
+        "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    config["layers_per_block"] = args.layers
     if args.text_time:
         # The caption, pooled by attention, is added to the time embedding: every ResNet block
         # gets it as a bias (a colour is a global property; cross-attention alone learns it
@@ -267,6 +333,13 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
         x0 = latents[idx]
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (len(idx),))
+        if args.low_t and step >= args.low_t_from:
+            # Once colours and layout are learnt (--low-t-from), a share of the batch comes
+            # from the low-noise end (t < 400, SNR > ~0.2), where outlines are decided: from
+            # t ~ 500 up the picture is noise (uniform t spends 60 % of the steps there). At
+            # 6000 steps: shape 57 % with it from step 4500, 43 % without (docs/BENCHMARKS.md).
+            low = torch.rand(len(idx)) < args.low_t
+            t = torch.where(low, torch.randint(0, 400, (len(idx),)), t)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         # Warm-up, then constant (EMA does the averaging): a run stopped at step N has the
@@ -333,7 +406,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-width", type=int, nargs="+", default=[32, 48, 64],
+                        help="channels of each VAE level: 3 levels, a 16x16 latent; 4, 8x8")
     parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-latent-noise", type=float, default=0.0,
+                        help="the decoder learns from latents with up to this much noise "
+                        "(times each channel's spread) too")
+    parser.add_argument("--vae-shape-code", type=float, default=0.0,
+                        help="weight of the loss that puts the shape's code in latent "
+                        "channels 1 and 2 (0: off)")
     parser.add_argument("--vae-crop", type=int, default=32)
     parser.add_argument("--vae-refine-steps", type=int, default=300,
                         help="then this many on whole 64x64 pictures, half the batch")
@@ -344,16 +425,22 @@ def main() -> None:
     parser.add_argument("--drop", type=float, default=0.15, help="chance to leave a part out")
     parser.add_argument("--uncond", type=float, default=0.1, help="chance of an empty caption")
     parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--low-t", type=float, default=0.5,
+                        help="share of the batch whose timestep is drawn from t < 400")
+    parser.add_argument("--low-t-from", type=int, default=4500,
+                        help="the UNet step --low-t starts at")
     parser.add_argument("--prediction", choices=["v_prediction", "epsilon"],
                         default="v_prediction", help="what the UNet predicts (the scheduler's "
                         "prediction_type)")
     parser.add_argument("--heads", type=int, default=4,
                         help="attention heads per transformer block (attention_head_dim)")
-    parser.add_argument("--width", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--text-time", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--width", type=int, nargs="+", default=[32, 64, 128],
+                        help="channels of each UNet level (one level per number)")
+    parser.add_argument("--layers", type=int, default=1, help="ResNet blocks per UNet level")
+    parser.add_argument("--text-time", action=argparse.BooleanOptionalAction, default=True,
                         help="add the pooled caption to the time embedding")
     parser.add_argument("--text-time-heads", type=int, default=4)
-    parser.add_argument("--plain-top", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--plain-top", action=argparse.BooleanOptionalAction, default=True,
                         help="no attention blocks at the UNet's top (16x16) level")
     parser.add_argument("--ckpt-every", type=int, default=100)
     args = parser.parse_args()
