@@ -89,6 +89,12 @@ class LostJob(Exception):
     """This worker no longer holds the job (its lease was taken over, or it ended)."""
 
 
+class SuccessUnrecorded(Exception):
+    """Every object of the job is stored, but recording its success failed (Redis away). The
+    record may have taken (the script ran, its reply was lost) or not: either way the objects
+    stay. If it did not, the lease runs out, the job runs again and writes the same keys."""
+
+
 class GivenBack(Exception):
     """The worker was told to stop now (``renderfarm up``'s second Ctrl-C, SIGUSR2): the job
     it renders goes back to the queue at once instead of finishing."""
@@ -627,6 +633,10 @@ class WorkerService:
                 self._ended(record.id, "cancelled", request=record.request)
             except LostJob as exc:
                 log.warning("job %s: lease lost while storing (%s)", record.id, exc)
+            except SuccessUnrecorded as exc:
+                log.warning("job %s: stored, but its success not recorded (%s); its objects "
+                            "stay, and it runs again if the record did not take",
+                            record.id, _describe(exc.__cause__ or exc))
             except Exception as exc:
                 log.exception("job %s: storing failed", record.id)
                 self._unstore(record)
@@ -695,7 +705,14 @@ class WorkerService:
         put(f"{record.batch_id}/{record.id}.json",
             self._sidecar(record, results, sha256, loras, shared), "application/json",
             object_metadata(record))
-        if self.records.succeed(record.id, self.owner, results) != "ok":
+        try:
+            answer = self.records.succeed(record.id, self.owner, results)
+        except Exception as exc:
+            # Never unstore from here: a Redis that went away as the script ran may have
+            # recorded the success (seen in test_outages: a job recorded succeeded whose
+            # objects the worker had deleted after the reply was lost).
+            raise SuccessUnrecorded(record.id) from exc
+        if answer != "ok":
             log.info("job %s ended elsewhere while uploading", record.id)
         else:
             self._ended(record.id, "succeeded", [r.key for r in results], request)
