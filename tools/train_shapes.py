@@ -147,43 +147,22 @@ def train_vae(args, work: Path) -> AutoencoderKL:
     while step < total:
         refine = step >= args.vae_steps  # whole pictures, constant lr: the mid-block attention
         batch = args.vae_batch // 2 if refine else args.vae_batch  # sees the real 16x16 grid
-        scenes, images = [], []
-        for _ in range(batch):  # one scene, then its picture: the order the rng is drawn in
-            scenes.append(shapes.random_scene(rng))
-            images.append(shapes.draw(scenes[-1], rng))
+        images = [shapes.draw(scene, rng) for scene in
+                  (shapes.random_scene(rng) for _ in range(batch))]
         x = to_tensor(images)
-        code = shape_code(scenes, images) if args.vae_shape_code else None
         crop = shapes.SIZE if refine else args.vae_crop
         if crop < shapes.SIZE:
             ox, oy = rng.randrange(0, shapes.SIZE - crop + 1, 4), rng.randrange(
                 0, shapes.SIZE - crop + 1, 4)
             x = x[:, :, oy:oy + crop, ox:ox + crop]
-            if code is not None:
-                code = code[:, :, oy:oy + crop, ox:ox + crop]
         for group in opt.param_groups:
             group["lr"] = 2e-4 if refine else 1e-3 * min(1.0, (step + 1) / 50) * (
                 0.1 + 0.9 * (1 + math.cos(math.pi * step / args.vae_steps)) / 2)
         posterior = vae.encode(x).latent_dist
-        z = posterior.sample()
-        if args.vae_latent_noise:
-            # The decoder also learns from latents with noise added (up to --vae-latent-noise
-            # times each channel's spread): what a UNet makes is near the encoder's latents,
-            # not on them, and the decoder learns to draw the clean picture from it.
-            spread = posterior.mean.detach().std(dim=(0, 2, 3), keepdim=True)
-            level = args.vae_latent_noise * torch.rand(len(x), 1, 1, 1)
-            z = z + level * spread * torch.randn_like(z)
-        recon = vae.decode(z).sample
+        recon = vae.decode(posterior.sample()).sample
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         kl = posterior.kl().mean() / (4 * x.shape[2] * x.shape[3] / 16)
         loss = rec + 1e-5 * kl
-        if code is not None:
-            # Latent channels 1 and 2 say which shape covers each cell (SHAPE_CODES): the UNet
-            # then fills in a per-cell value for the shape word, as it does for a colour, and the
-            # decoder draws the outline; left free, the shape is only in the outline.
-            factor = x.shape[2] // posterior.mean.shape[2]
-            target = F.avg_pool2d(code, factor)
-            aux = F.mse_loss(posterior.mean[:, 1:3], target)
-            loss = loss + args.vae_shape_code * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -191,28 +170,11 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         if step % 20 == 0 or step == total:
             rate = (time.monotonic() - started) / max(1, step)
             log(f"vae step {step}/{total} rec {rec.item():.4f} kl {kl.item():.2f} "
-                + (f"code {aux.item():.4f} " if code is not None else "")
                 + f"({rate:.2f}s/step)")
         if step % 100 == 0 or step == total:
             save_ckpt(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                              "rng": rng, **rng_state()})
     return vae
-
-
-# Which shape covers a pixel, as two numbers (a point each, equally far from the background's
-# (0, 0) and about as far from each other): the target of latent channels 1 and 2.
-SHAPE_CODES = {"circle": (2.0, 0.0), "square": (-1.0, 1.7), "triangle": (-1.0, -1.7)}
-
-
-def shape_code(scenes: list, images: list) -> torch.Tensor:
-    """(B, 2, H, W): SHAPE_CODES of each picture's shape on its shape's pixels, 0 elsewhere."""
-    out = torch.zeros(len(scenes), 2, shapes.SIZE, shapes.SIZE)
-    for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
-        mask = torch.from_numpy(
-            (shapes.to_array(image) == shapes.COLORS[scene.color]).all(axis=-1))
-        for c, value in enumerate(SHAPE_CODES[scene.shape]):
-            out[i, c][mask] = value
-    return out
 
 
 @torch.no_grad()
@@ -409,17 +371,11 @@ def main() -> None:
     parser.add_argument("--vae-width", type=int, nargs="+", default=[32, 48, 64],
                         help="channels of each VAE level: 3 levels, a 16x16 latent; 4, 8x8")
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-latent-noise", type=float, default=0.0,
-                        help="the decoder learns from latents with up to this much noise "
-                        "(times each channel's spread) too")
-    parser.add_argument("--vae-shape-code", type=float, default=0.0,
-                        help="weight of the loss that puts the shape's code in latent "
-                        "channels 1 and 2 (0: off)")
     parser.add_argument("--vae-crop", type=int, default=32)
     parser.add_argument("--vae-refine-steps", type=int, default=300,
                         help="then this many on whole 64x64 pictures, half the batch")
     parser.add_argument("--dataset", type=int, default=8192)
-    parser.add_argument("--unet-steps", type=int, default=1400)
+    parser.add_argument("--unet-steps", type=int, default=11000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--drop", type=float, default=0.15, help="chance to leave a part out")
