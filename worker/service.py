@@ -44,6 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from secrets import token_hex
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from producer.enqueue import publish_records, send_unsent, worker_queues
 from renderfarm import keys
 from renderfarm.connection import celery_app, connect
@@ -66,6 +69,13 @@ from worker.previews import Attempt, Previews
 from worker.testhooks import from_env as test_holds
 
 log = logging.getLogger("renderfarm.worker")
+
+#: Redis unreachable (stopped, restarting, still loading its data): never the job's fault. A
+#: job that meets it is left to its lease, which runs out; the reaper queues it again. Failing
+#: it instead would record a failure once Redis is back (seen in test_outages: a job failed
+#: with ``ConnectionError`` after a restart, its ``fail`` having waited out the outage in
+#: redis-py's retries).
+REDIS_AWAY = (RedisConnectionError, RedisTimeoutError)
 
 PROGRESS_INTERVAL = 0.25  # seconds between step-progress writes to the records
 RENEW_INTERVAL = 1.0  # seconds between lease renewals of the held jobs
@@ -469,6 +479,8 @@ class WorkerService:
                     rendered = self._render(group)
                 except GivenBack:
                     return {r.id: self._give_back(r) for r in group}
+                except REDIS_AWAY as exc:
+                    return {r.id: _left_to_lease(r.id, "rendering", exc) for r in group}
                 except Exception as exc:  # one bad partner must not fail the others
                     if _out_of_memory(exc):  # each job alone needs less: the smaller retry
                         log.warning("batch of %d (jobs %s) ran out of device memory; "
@@ -510,6 +522,8 @@ class WorkerService:
         except LostJob:
             log.warning("job %s: lease lost mid-run; left to its new owner", record.id)
             return "lost"
+        except REDIS_AWAY as exc:
+            return _left_to_lease(record.id, "rendering", exc)
         except Exception as exc:
             if retried or not _out_of_memory(exc):
                 log.exception("job %s failed", record.id)
@@ -623,34 +637,38 @@ class WorkerService:
         while True:
             record, images, shared = self._uploads.get()
             try:
-                begun = time.monotonic()
-                self._store(record, images, shared)
-                metrics.UPLOAD_SECONDS.labels(record.request.model).observe(
-                    time.monotonic() - begun)
-            except Cancelled:  # before its first object: cancelled, nothing stored
-                log.info("job %s cancelled before storing", record.id)
-                self.records.update(record.id, self.owner, JobState.cancelled, retrying="")
-                self._ended(record.id, "cancelled", request=record.request)
-            except LostJob as exc:
-                log.warning("job %s: lease lost while storing (%s)", record.id, exc)
-            except SuccessUnrecorded as exc:
-                log.warning("job %s: stored, but its success not recorded (%s); its objects "
-                            "stay, and it runs again if the record did not take",
-                            record.id, _describe(exc.__cause__ or exc))
-            except Exception as exc:
-                log.exception("job %s: storing failed", record.id)
-                self._unstore(record)
-                try:
-                    self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
-                    self._ended(record.id, "failed", f"storing failed: {_describe(exc)}",
-                                record.request)
-                except Exception:  # Redis is away too: the lease runs out and the job comes back
-                    log.exception("job %s: could not record the failure", record.id)
+                self._upload(record, images, shared)
+            except Exception:  # recording how it ended failed (Redis away): the thread lives on
+                log.exception("job %s: could not record how storing ended; left to its lease, "
+                              "which runs out (the job is queued again)", record.id)
             finally:
                 with self._lock:
                     self._held.discard(record.id)
                 self.jobs_done += 1
                 self._uploads.task_done()
+
+    def _upload(self, record: JobRecord, images: list, shared: list[str]) -> None:
+        try:
+            begun = time.monotonic()
+            self._store(record, images, shared)
+            metrics.UPLOAD_SECONDS.labels(record.request.model).observe(time.monotonic() - begun)
+        except Cancelled:  # before its first object: cancelled, nothing stored
+            log.info("job %s cancelled before storing", record.id)
+            self.records.update(record.id, self.owner, JobState.cancelled, retrying="")
+            self._ended(record.id, "cancelled", request=record.request)
+        except LostJob as exc:
+            log.warning("job %s: lease lost while storing (%s)", record.id, exc)
+        except REDIS_AWAY as exc:  # before its last object: the same keys are written again
+            _left_to_lease(record.id, "storing", exc)
+        except SuccessUnrecorded as exc:
+            log.warning("job %s: stored, but its success not recorded (%s); its objects "
+                        "stay, and it runs again if the record did not take",
+                        record.id, _describe(exc.__cause__ or exc))
+        except Exception as exc:
+            log.exception("job %s: storing failed", record.id)
+            self._unstore(record)
+            self.records.fail(record.id, self.owner, f"storing failed: {_describe(exc)}")
+            self._ended(record.id, "failed", f"storing failed: {_describe(exc)}", record.request)
 
     def _store(self, record: JobRecord, images: list,
                shared: list[str] | None = None) -> None:
@@ -801,6 +819,12 @@ def _out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
     return (isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
             or "out of memory" in text or "can't allocate memory" in text)
+
+
+def _left_to_lease(job_id: str, doing: str, exc: BaseException) -> str:
+    log.warning("job %s: Redis unreachable while %s (%s); left to its lease, which runs out: "
+                "the job is queued again", job_id, doing, _describe(exc))
+    return "lost"
 
 
 def _describe(exc: BaseException) -> str:
