@@ -23,7 +23,7 @@ tests/test_train_shapes.py checks it at a toy length). Three phases, each checkp
 The result is a diffusers folder (``--out``), fp16 safetensors. The shipped weights
 (renderfarm/data/shapes) are this script's defaults, run on the 2-core CPU VM as written in
 docs/BENCHMARKS.md ("The shapes model against the pixel judge"): one thread to UNet step 6500,
-then two (resumed from the checkpoint):
+then two (resumed from the checkpoint) to 20,500, the default of ``--unet-steps``:
 
     python tools/train_shapes.py --threads 1 --work W --unet-steps 6500 --out /tmp/unused
     python tools/train_shapes.py --threads 2 --work W --out renderfarm/data/shapes
@@ -375,7 +375,7 @@ def main() -> None:
     parser.add_argument("--vae-refine-steps", type=int, default=300,
                         help="then this many on whole 64x64 pictures, half the batch")
     parser.add_argument("--dataset", type=int, default=8192)
-    parser.add_argument("--unet-steps", type=int, default=11000)
+    parser.add_argument("--unet-steps", type=int, default=20500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--drop", type=float, default=0.15, help="chance to leave a part out")
