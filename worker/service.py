@@ -502,6 +502,8 @@ class WorkerService:
                         record, images, [i for i in ids if i != record.id])
                 except LostJob:
                     outcomes[record.id] = "lost"
+                except REDIS_AWAY as exc:
+                    outcomes[record.id] = _left_to_lease(record.id, "handing over", exc)
             return outcomes
         finally:
             with self._lock:
