@@ -1,9 +1,10 @@
 """A Redis error in the middle of a job is never the job's fault: the worker leaves the job to its
 lease (which runs out, and the reaper queues it again); it never records it failed.
 
-test_outages' restart test met the race this guards by chance (a clean-clone CI run: one job of
-20 recorded ``failed`` after the restart). The worker's Redis call failed at one instant, and
-the ``fail`` it then sent found Redis back the next. Here it is staged deterministically: the
+test_outages' restart test most likely met the race this guards by chance (a clean-clone CI
+run: one job of 20 recorded ``failed`` after the restart; its error was not printed, the test
+prints it now): the worker's Redis call fails at one instant, and the ``fail`` it then sends
+finds Redis back the next. Here it is staged deterministically: the
 worker service runs in this process on a real Redis, and the error comes from a real redis-py
 client whose server is gone (its test holds' connection, worker/testhooks.py), while the
 farm's own Redis stays up, so a ``fail`` would land."""
