@@ -170,7 +170,7 @@ def train_vae(args, work: Path) -> AutoencoderKL:
         if step % 20 == 0 or step == total:
             rate = (time.monotonic() - started) / max(1, step)
             log(f"vae step {step}/{total} rec {rec.item():.4f} kl {kl.item():.2f} "
-                + f"({rate:.2f}s/step)")
+                f"({rate:.2f}s/step)")
         if step % 100 == 0 or step == total:
             save_ckpt(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                              "rng": rng, **rng_state()})
