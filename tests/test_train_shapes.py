@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps of each phase: what is checked is the script's plumbing, not the model's quality.
 TOY = ["--vae-steps", "2", "--vae-refine-steps", "2", "--vae-batch", "4", "--dataset", "64",
-       "--unet-steps", "3", "--batch", "4", "--ckpt-every", "2"]
+       "--unet-steps", "3", "--batch", "4", "--ckpt-every", "2", "--decay-from", "1"]
 
 
 def train(work: Path, out: Path, *extra: str) -> None:
@@ -58,3 +58,22 @@ def test_train_shapes_writes_a_pipeline_reproducible_from_its_seed(tmp_path):
     image = pipe("a red circle on a blue background", height=64, width=64,
                  num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_learning_rate_warms_up_holds_then_falls_to_zero_at_the_last_step():
+    import argparse
+    import importlib.util
+
+    path = ROOT / "tools" / "train_shapes.py"
+    spec = importlib.util.spec_from_file_location("train_shapes", path)
+    train_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_shapes)
+    factor = train_shapes.lr_factor
+
+    decayed = argparse.Namespace(unet_steps=1000, decay_from=600)
+    assert factor(decayed, 0) == pytest.approx(0.01)  # warm-up over the first 100 steps
+    assert factor(decayed, 99) == factor(decayed, 599) == 1.0
+    assert factor(decayed, 800) == pytest.approx(0.5)
+    assert factor(decayed, 999) == pytest.approx(1 / 400)  # the last step's update is tiny
+    constant = argparse.Namespace(unet_steps=1000, decay_from=None)
+    assert factor(constant, 999) == 1.0

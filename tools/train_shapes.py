@@ -259,6 +259,20 @@ def unet_config(args) -> dict:
     return config
 
 
+def lr_factor(args, step: int) -> float:
+    """Warm-up, then constant (EMA does the averaging); with ``--decay-from``, from that step a
+    straight line to 0 at the last step.
+
+    Constant (the default), a run stopped at step N has the weights of a run asked for N steps,
+    so a checkpoint can be exported as it is; the decay ties the weights to ``--unet-steps``.
+    It did not help (docs/BENCHMARKS.md: at 9500 steps, shape 54 % with a decay from step 5500).
+    """
+    factor = min(1.0, (step + 1) / 100)
+    if args.decay_from is not None and step >= args.decay_from:
+        factor *= (args.unet_steps - step) / max(1, args.unet_steps - args.decay_from)
+    return factor
+
+
 def train_unet(args, work: Path, scenes, latents, tokenizer):
     path = work / "unet.pt"
     torch.manual_seed(args.seed + 2)
@@ -304,9 +318,7 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
             t = torch.where(low, torch.randint(0, 400, (len(idx),)), t)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        # Warm-up, then constant (EMA does the averaging): a run stopped at step N has the
-        # weights of a run asked for N steps, so a checkpoint can be exported as it is.
-        lr = args.lr * min(1.0, (step + 1) / 100)
+        lr = args.lr * lr_factor(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
         hidden = text(ids)[0]
@@ -398,6 +410,9 @@ def main() -> None:
     parser.add_argument("--text-time-heads", type=int, default=4)
     parser.add_argument("--plain-top", action=argparse.BooleanOptionalAction, default=True,
                         help="no attention blocks at the UNet's top (16x16) level")
+    parser.add_argument("--decay-from", type=int, default=None,
+                        help="the UNet step the learning rate starts a linear decay to 0 at "
+                        "(default: constant to the end)")
     parser.add_argument("--ckpt-every", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
