@@ -17,7 +17,8 @@ pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps of each phase: what is checked is the script's plumbing, not the model's quality.
 TOY = ["--vae-steps", "2", "--vae-refine-steps", "2", "--vae-batch", "4", "--dataset", "64",
-       "--unet-steps", "3", "--batch", "4", "--ckpt-every", "2", "--decay-from", "1"]
+       "--unet-steps", "3", "--batch", "4", "--ckpt-every", "2", "--decay-from", "1",
+       "--focus", "2"]
 
 
 def train(work: Path, out: Path, *extra: str) -> None:
