@@ -424,6 +424,11 @@ def main() -> None:
                         "often in the UNet's batches")
     parser.add_argument("--ckpt-every", type=int, default=100)
     args = parser.parse_args()
+    if args.decay_from is not None and not 0 <= args.decay_from < args.unet_steps:
+        parser.error(f"--decay-from {args.decay_from}: must be a step in 0..{args.unet_steps - 1} "
+                     "(below --unet-steps)")
+    if args.focus <= 0:
+        parser.error(f"--focus {args.focus}: must be above 0")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
