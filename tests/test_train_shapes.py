@@ -17,8 +17,7 @@ pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps of each phase: what is checked is the script's plumbing, not the model's quality.
 TOY = ["--vae-steps", "2", "--vae-refine-steps", "2", "--vae-batch", "4", "--dataset", "64",
-       "--unet-steps", "3", "--batch", "4", "--ckpt-every", "2", "--decay-from", "1",
-       "--focus", "2"]
+       "--unet-steps", "3", "--batch", "4", "--ckpt-every", "2"]
 
 
 def train(work: Path, out: Path, *extra: str) -> None:
@@ -48,6 +47,13 @@ def test_train_shapes_writes_a_pipeline_reproducible_from_its_seed(tmp_path):
     assert digest(tmp_path / "b") == first  # same seed: the same weights, file for file
     other = digest(tmp_path / "c")
     assert all(other[name] != first[name] for name in first)
+    # The schedule and sampling options are reproducible too, and change the weights.
+    options = ("--decay-from", "1", "--focus", "2")
+    train(tmp_path / "w4", tmp_path / "d", *options)
+    train(tmp_path / "w5", tmp_path / "e", *options)
+    assert digest(tmp_path / "d") == digest(tmp_path / "e")
+    assert digest(tmp_path / "d")["unet/diffusion_pytorch_model.safetensors"] != first[
+        "unet/diffusion_pytorch_model.safetensors"]
 
     pipe = StableDiffusionPipeline.from_pretrained(
         tmp_path / "a", dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
