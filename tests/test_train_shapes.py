@@ -48,12 +48,12 @@ def test_train_shapes_writes_a_pipeline_reproducible_from_its_seed(tmp_path):
     other = digest(tmp_path / "c")
     assert all(other[name] != first[name] for name in first)
     # The schedule and sampling options are reproducible too, and change the weights.
-    options = ("--decay-from", "1", "--focus", "2")
+    options = ("--decay-from", "1", "--focus", "2", "--vae-schedule", "cosine")
     train(tmp_path / "w4", tmp_path / "d", *options)
     train(tmp_path / "w5", tmp_path / "e", *options)
     assert digest(tmp_path / "d") == digest(tmp_path / "e")
-    assert digest(tmp_path / "d")["unet/diffusion_pytorch_model.safetensors"] != first[
-        "unet/diffusion_pytorch_model.safetensors"]
+    assert all(digest(tmp_path / "d")[name] != first[name] for name in (
+        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"))
 
     pipe = StableDiffusionPipeline.from_pretrained(
         tmp_path / "a", dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
@@ -67,15 +67,20 @@ def test_train_shapes_writes_a_pipeline_reproducible_from_its_seed(tmp_path):
     assert image.shape == (64, 64, 3)
 
 
-def test_learning_rate_warms_up_holds_then_falls_to_zero_at_the_last_step():
-    import argparse
+def load_script():
     import importlib.util
 
     path = ROOT / "tools" / "train_shapes.py"
     spec = importlib.util.spec_from_file_location("train_shapes", path)
     train_shapes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_shapes)
-    factor = train_shapes.lr_factor
+    return train_shapes
+
+
+def test_learning_rate_warms_up_holds_then_falls_to_zero_at_the_last_step():
+    import argparse
+
+    factor = load_script().lr_factor
 
     decayed = argparse.Namespace(unet_steps=1000, decay_from=600)
     assert factor(decayed, 0) == pytest.approx(0.01)  # warm-up over the first 100 steps
@@ -84,3 +89,17 @@ def test_learning_rate_warms_up_holds_then_falls_to_zero_at_the_last_step():
     assert factor(decayed, 999) == pytest.approx(1 / 400)  # the last step's update is tiny
     constant = argparse.Namespace(unet_steps=1000, decay_from=None)
     assert factor(constant, 999) == 1.0
+
+
+def test_vae_learning_rate_falls_to_zero_on_whole_pictures_unless_constant():
+    import argparse
+
+    vae_lr = load_script().vae_lr
+    cosine = argparse.Namespace(vae_steps=1200, vae_refine_steps=600, vae_schedule="cosine")
+    assert vae_lr(cosine, 0) == pytest.approx(1e-3 / 50)  # warm-up on crops
+    assert vae_lr(cosine, 1199) == pytest.approx(1e-4, rel=1e-3)  # crops end at a tenth
+    assert vae_lr(cosine, 1200) == pytest.approx(2e-4)  # whole pictures start at 2e-4
+    assert vae_lr(cosine, 1500) == pytest.approx(1e-4)
+    assert vae_lr(cosine, 1799) < 1e-8  # and end at (almost) nothing: no last-step spike
+    constant = argparse.Namespace(vae_steps=1200, vae_refine_steps=600, vae_schedule="constant")
+    assert vae_lr(constant, 1799) == 2e-4  # the shipped recipe: held to the end
