@@ -48,7 +48,9 @@ def test_train_shapes_writes_a_pipeline_reproducible_from_its_seed(tmp_path):
     other = digest(tmp_path / "c")
     assert all(other[name] != first[name] for name in first)
     # The schedule and sampling options are reproducible too, and change the weights.
-    options = ("--decay-from", "1", "--focus", "2", "--vae-schedule", "cosine")
+    options = ("--decay-from", "1", "--focus", "2", "--vae-schedule", "cosine",
+               "--caption-tokens", "16", "--fused-adam", "--low-t-from", "1",
+               "--low-t-range", "50", "450")
     train(tmp_path / "w4", tmp_path / "d", *options)
     train(tmp_path / "w5", tmp_path / "e", *options)
     assert digest(tmp_path / "d") == digest(tmp_path / "e")
@@ -64,6 +66,20 @@ def test_train_shapes_writes_a_pipeline_reproducible_from_its_seed(tmp_path):
     assert DDIMScheduler.from_config(pipe.scheduler.config).config.clip_sample is False
     image = pipe("a red circle on a blue background", height=64, width=64,
                  num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    # --caption-tokens is the exported tokenizer's length: the pipeline pads prompts to what
+    # the text encoder was trained on (77 by default, as CLIP's).
+    assert pipe.tokenizer.model_max_length == 77
+    short = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "d", dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
+        local_files_only=True)
+    assert short.tokenizer.model_max_length == 16
+    ids = short.tokenizer("a small white circle at the bottom right on a yellow background",
+                          padding="max_length", max_length=short.tokenizer.model_max_length,
+                          truncation=True).input_ids
+    assert len(ids) == 16 and ids[13] == short.tokenizer.eos_token_id  # 14 tokens fit
+    image = short("a red circle on a blue background", height=64, width=64,
+                  num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
 
 
@@ -103,3 +119,35 @@ def test_vae_learning_rate_falls_to_zero_on_whole_pictures_unless_constant():
     assert vae_lr(cosine, 1799) < 1e-8  # and end at (almost) nothing: no last-step spike
     constant = argparse.Namespace(vae_steps=1200, vae_refine_steps=600, vae_schedule="constant")
     assert vae_lr(constant, 1799) == 2e-4  # the shipped recipe: held to the end
+
+
+@pytest.mark.parametrize(("option", "says"), [
+    (["--caption-tokens", "13"], "--caption-tokens 13: the world's longest caption has 14 tokens"),
+    (["--low-t-range", "400", "100"], "--low-t-range 400 100: must be two timesteps"),
+    (["--low-t-range", "0", "1001"], "--low-t-range 0 1001: must be two timesteps"),
+])
+def test_options_out_of_range_are_refused_before_training(tmp_path, option, says):
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "train_shapes.py"),
+                           "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"), *TOY,
+                           *option],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]  # argparse's usage error
+    assert says in done.stderr
+    assert not (tmp_path / "w" / "vae.pt").exists() and not (tmp_path / "out").exists()
+
+
+def test_timesteps_come_from_the_low_range_from_the_step_it_starts_at():
+    import argparse
+
+    import torch
+
+    timesteps = load_script().timesteps
+    args = argparse.Namespace(low_t=0.8, low_t_range=[50, 450], low_t_from=100)
+    torch.manual_seed(0)
+    before = timesteps(args, 99, 4000)
+    assert before.min() < 50 and before.max() >= 450  # uniform over 0..999
+    assert 0.35 < ((before >= 50) & (before < 450)).float().mean() < 0.45
+    after = timesteps(args, 100, 4000)
+    inside = ((after >= 50) & (after < 450)).float().mean()
+    assert 0.85 < inside < 0.91  # 80 % from the range, and 40 % of the uniform 20 %
+    assert after.max() >= 450  # the rest still uniform

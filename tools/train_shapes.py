@@ -23,6 +23,9 @@ tests/test_train_shapes.py checks it at a toy length). Three phases, each checkp
    900 steps its UNet drew the same from any caption.)
    The learning rate is constant after a warm-up, so ``--unet-steps N`` on a work folder whose
    checkpoint is at step N just exports it: the same weights as a run asked for N steps.
+   ``--caption-tokens 16 --fused-adam`` make a step ~28 % cheaper (0.27 against 0.38 s, two
+   threads; the exported tokenizer pads to 16), but such runs drew the shape worse at the same
+   step (docs/BENCHMARKS.md, session 10), so the defaults stay CLIP's 77 and plain AdamW.
 
 The result is a diffusers folder (``--out``), fp16 safetensors. The shipped weights
 (renderfarm/data/shapes) are this script's defaults, run on the 2-core CPU VM as written in
@@ -292,13 +295,28 @@ def lr_factor(args, step: int) -> float:
     return factor
 
 
+def timesteps(args, step: int, count: int) -> torch.Tensor:
+    """The batch's timesteps: uniform over 0..999; from step ``--low-t-from`` on, a share
+    ``--low-t`` of them drawn from ``--low-t-range`` (t < 400 by default) instead.
+
+    Once colours and layout are learnt, that is where outlines are decided: from t ~ 500 up the
+    picture is noise (uniform t spends 60 % of the steps there). At 6000 steps: shape 57 % with
+    it from step 4500, 43 % without (docs/BENCHMARKS.md).
+    """
+    t = torch.randint(0, 1000, (count,))
+    if args.low_t and step >= args.low_t_from:
+        low = torch.rand(count) < args.low_t
+        t = torch.where(low, torch.randint(*args.low_t_range, (count,)), t)
+    return t
+
+
 def train_unet(args, work: Path, scenes, latents, tokenizer):
     path = work / "unet.pt"
     torch.manual_seed(args.seed + 2)
     unet = UNet2DConditionModel(**unet_config(args))
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=args.fused_adam or None)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
     rng = random.Random(args.seed + 3)
     step = 0
@@ -333,14 +351,7 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
                         truncation=True, return_tensors="pt").input_ids
         x0 = latents[idx]
         noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (len(idx),))
-        if args.low_t and step >= args.low_t_from:
-            # Once colours and layout are learnt (--low-t-from), a share of the batch comes
-            # from the low-noise end (t < 400, SNR > ~0.2), where outlines are decided: from
-            # t ~ 500 up the picture is noise (uniform t spends 60 % of the steps there). At
-            # 6000 steps: shape 57 % with it from step 4500, 43 % without (docs/BENCHMARKS.md).
-            low = torch.rand(len(idx)) < args.low_t
-            t = torch.where(low, torch.randint(0, 400, (len(idx),)), t)
+        t = timesteps(args, step, len(idx))
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         lr = args.lr * lr_factor(args, step)
@@ -368,8 +379,9 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, model in ((ema_unet, unet), (ema_text, text)):
-                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                    pe.mul_(decay).add_(pm, alpha=1 - decay)
+                averaged = list(ema.parameters())
+                torch._foreach_mul_(averaged, decay)
+                torch._foreach_add_(averaged, list(model.parameters()), alpha=1 - decay)
         if step % 20 == 0:
             rate = (time.monotonic() - started) / max(1, step - first)
             log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.2e} "
@@ -380,6 +392,16 @@ def train_unet(args, work: Path, scenes, latents, tokenizer):
                              "opt": opt.state_dict(), "step": step, "rng": rng,
                              "prediction": args.prediction, **rng_state()})
     return ema_unet, ema_text
+
+
+def longest_caption(tokenizer) -> int:
+    """Tokens (the start and end ones included) of the longest full caption of the world."""
+    scenes = (shapes.Scene(shape, color, background, size, position, count)
+              for shape in shapes.SHAPES for color in shapes.COLORS for background in shapes.COLORS
+              for size in shapes.SIZES for position in (*shapes.POSITIONS, None)
+              for count in shapes.COUNTS)
+    captions = sorted({shapes.caption(scene) for scene in scenes})
+    return max(len(ids) for ids in tokenizer(captions).input_ids)
 
 
 def export(out: Path, vae, unet, text, tokenizer, prediction: str) -> None:
@@ -422,6 +444,8 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--low-t", type=float, default=0.5,
                         help="share of the batch whose timestep is drawn from t < 400")
+    parser.add_argument("--low-t-range", type=int, nargs=2, default=[0, 400],
+                        metavar=("FROM", "TO"), help="the timesteps --low-t draws from")
     parser.add_argument("--low-t-from", type=int, default=4500,
                         help="the UNet step --low-t starts at")
     parser.add_argument("--prediction", choices=["v_prediction", "epsilon"],
@@ -443,11 +467,19 @@ def main() -> None:
     parser.add_argument("--focus", type=float, default=1.0,
                         help="draw scenes of small squares and triangles this many times as "
                         "often in the UNet's batches")
+    parser.add_argument("--caption-tokens", type=int, default=77,
+                        help="the tokenizer's model_max_length: captions are padded to it in "
+                        "training and by the pipeline (the longest caption of the world is 14)")
+    parser.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=False,
+                        help="PyTorch's fused AdamW (the same update, ~5 %% faster a step)")
     parser.add_argument("--ckpt-every", type=int, default=100)
     args = parser.parse_args()
     if args.decay_from is not None and not 0 <= args.decay_from < args.unet_steps:
         parser.error(f"--decay-from {args.decay_from}: must be a step in 0..{args.unet_steps - 1} "
                      "(below --unet-steps)")
+    low, high = args.low_t_range
+    if not 0 <= low < high <= 1000:
+        parser.error(f"--low-t-range {low} {high}: must be two timesteps 0 <= FROM < TO <= 1000")
     if args.focus <= 0:
         parser.error(f"--focus {args.focus}: must be above 0")
     torch.set_num_threads(args.threads)
@@ -455,6 +487,11 @@ def main() -> None:
     (args.work / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
     tokenizer_dir = args.work / "tokenizer"
     tokenizer = make_tokenizer(tokenizer_dir, vocab_size=100_000, words=shapes.WORDS)
+    longest = longest_caption(tokenizer)
+    if args.caption_tokens < longest:
+        parser.error(f"--caption-tokens {args.caption_tokens}: the world's longest caption has "
+                     f"{longest} tokens; it must fit")
+    tokenizer.model_max_length = args.caption_tokens
     vae = train_vae(args, args.work)
     scenes, latents, _ = encode_dataset(args, args.work, vae)
     latents = normalize_latents(vae, latents)
