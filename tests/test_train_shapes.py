@@ -123,6 +123,7 @@ def test_vae_learning_rate_falls_to_zero_on_whole_pictures_unless_constant():
 
 @pytest.mark.parametrize(("option", "says"), [
     (["--caption-tokens", "13"], "--caption-tokens 13: the world's longest caption has 14 tokens"),
+    (["--caption-tokens", "78"], "the text encoder 77 positions; it must be between them"),
     (["--low-t-range", "400", "100"], "--low-t-range 400 100: must be two timesteps"),
     (["--low-t-range", "0", "1001"], "--low-t-range 0 1001: must be two timesteps"),
 ])
@@ -134,6 +135,7 @@ def test_options_out_of_range_are_refused_before_training(tmp_path, option, says
     assert done.returncode == 2, done.stderr[-2000:]  # argparse's usage error
     assert says in done.stderr
     assert not (tmp_path / "w" / "vae.pt").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "w" / "args.json").exists()  # nothing recorded for a refused run
 
 
 def test_timesteps_come_from_the_low_range_from_the_step_it_starts_at():

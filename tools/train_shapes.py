@@ -443,7 +443,7 @@ def main() -> None:
     parser.add_argument("--uncond", type=float, default=0.1, help="chance of an empty caption")
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--low-t", type=float, default=0.5,
-                        help="share of the batch whose timestep is drawn from t < 400")
+                        help="share of the batch whose timestep is drawn from --low-t-range")
     parser.add_argument("--low-t-range", type=int, nargs=2, default=[0, 400],
                         metavar=("FROM", "TO"), help="the timesteps --low-t draws from")
     parser.add_argument("--low-t-from", type=int, default=4500,
@@ -484,14 +484,16 @@ def main() -> None:
         parser.error(f"--focus {args.focus}: must be above 0")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
     tokenizer_dir = args.work / "tokenizer"
     tokenizer = make_tokenizer(tokenizer_dir, vocab_size=100_000, words=shapes.WORDS)
-    longest = longest_caption(tokenizer)
-    if args.caption_tokens < longest:
+    longest, positions = longest_caption(tokenizer), TEXT_CONFIG["max_position_embeddings"]
+    if not longest <= args.caption_tokens <= positions:
         parser.error(f"--caption-tokens {args.caption_tokens}: the world's longest caption has "
-                     f"{longest} tokens; it must fit")
+                     f"{longest} tokens and the text encoder {positions} positions; it must "
+                     "be between them")
     tokenizer.model_max_length = args.caption_tokens
+    # Written once the options are checked: a refused command leaves a resumed folder's record.
+    (args.work / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
     vae = train_vae(args, args.work)
     scenes, latents, _ = encode_dataset(args, args.work, vae)
     latents = normalize_latents(vae, latents)
